@@ -1,0 +1,1 @@
+"""Cluster placement (issue 5)."""

@@ -1,0 +1,1 @@
+"""kvstore: KV-cache-centric tiered storage for disaggregated LLM serving."""

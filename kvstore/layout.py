@@ -1,0 +1,71 @@
+"""Payload checks at the store's edge: a block's bytes must match its namespace's layout.
+
+A typed array (numpy or a CPU torch tensor) must have the namespace's dtype and block shape;
+raw bytes (bytes, bytearray, memoryview, a 1-D uint8 array) must have its byte length. What
+passes is returned as a flat uint8 view, so nothing downstream reinterprets anything.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from kvstore.errors import InvalidArgumentError, LayoutMismatchError, PayloadSizeError
+from kvstore.types import Namespace
+
+
+def payload_bytes(payload: Any, namespace: Namespace, what: str) -> npt.NDArray[np.uint8]:
+    """A flat uint8 view of `payload`, or LayoutMismatchError / PayloadSizeError."""
+    if _is_torch_tensor(payload):
+        return _tensor_bytes(payload, namespace, what)
+    if isinstance(payload, np.ndarray):
+        if payload.dtype == np.uint8 and payload.ndim == 1:
+            return _sized(payload, namespace, what)
+        _check_typed(payload.dtype.name, tuple(payload.shape), namespace, what)
+        if not payload.flags.c_contiguous:
+            raise InvalidArgumentError(f"{what} must be C-contiguous")
+        return payload.reshape(-1).view(np.uint8)
+    if isinstance(payload, bytes | bytearray | memoryview):
+        return _sized(np.frombuffer(payload, dtype=np.uint8), namespace, what)
+    raise InvalidArgumentError(
+        f"{what} must be bytes, a numpy array or a CPU torch tensor, got {type(payload).__name__}"
+    )
+
+
+def _sized(flat: npt.NDArray[np.uint8], namespace: Namespace, what: str) -> npt.NDArray[np.uint8]:
+    if flat.nbytes != namespace.block_bytes:
+        raise PayloadSizeError(
+            f"{what} has {flat.nbytes} bytes; namespace {namespace.model_id!r} blocks are {namespace.block_bytes}"
+        )
+    return flat
+
+
+def _check_typed(dtype: str, shape: tuple[int, ...], namespace: Namespace, what: str) -> None:
+    if dtype != namespace.dtype.value:
+        raise LayoutMismatchError(
+            f"{what} has dtype {dtype}; namespace {namespace.model_id!r} stores {namespace.dtype}"
+        )
+    if shape != namespace.block_shape:
+        raise LayoutMismatchError(
+            f"{what} has shape {shape}; namespace {namespace.model_id!r} blocks are {namespace.block_shape}"
+        )
+
+
+def _is_torch_tensor(payload: Any) -> bool:
+    return type(payload).__module__.startswith("torch") and hasattr(payload, "untyped_storage")
+
+
+def _tensor_bytes(tensor: Any, namespace: Namespace, what: str) -> npt.NDArray[np.uint8]:
+    import torch  # noqa: PLC0415 - only when a tensor is passed
+
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    dtype = {"float8_e4m3fn": "float8_e4m3", "float8_e5m2": "float8_e5m2"}.get(dtype, dtype)
+    _check_typed(dtype, tuple(tensor.shape), namespace, what)
+    if tensor.device.type != "cpu":
+        raise InvalidArgumentError(f"{what} is on {tensor.device}; host payloads only (device copies use the kernels)")
+    if not tensor.is_contiguous():
+        raise InvalidArgumentError(f"{what} must be contiguous")
+    flat: npt.NDArray[np.uint8] = tensor.reshape(-1).view(torch.uint8).numpy()
+    return flat

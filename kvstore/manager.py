@@ -1,0 +1,662 @@
+"""The tier manager: the store's mechanism. Index, reservations, leases, eviction, movement.
+
+Data path (DESIGN.md 3): a writer `reserve`s slots (invisible), copies its payloads into them,
+then `commit`s (visible) or `abort`s (freed); a reader `acquire`s a lease (blocks pinned
+against eviction, NVMe hits promoted to DRAM), copies out, then `release`s. `lookup` answers
+"how much of this prefix is here, and where". When a tier fills, the policy names victims and
+the manager demotes them one tier down (HBM -> DRAM -> NVMe, write-back) or drops them.
+
+Every public method validates its arguments before changing anything, so a call that raises
+leaves the store as it was. Payload copies into reserved and out of leased slots happen outside
+the lock (the `Store` facade does them); moves between tiers (demotion, promotion) happen under
+it, which keeps the invariants simple at the cost of stalling other callers during the I/O.
+
+Owner: one `Store`. Thread-safe: every public method takes `self._lock`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvstore.clock import Clock
+from kvstore.config import StoreConfig, WritePolicy
+from kvstore.errors import (
+    DuplicateCommitError,
+    InvalidArgumentError,
+    NamespaceMismatchError,
+    StoreFullError,
+    UnknownLeaseError,
+    UnknownNamespaceError,
+    UnknownReservationError,
+)
+from kvstore.expiry import ExpiringRegistry, Outcome
+from kvstore.hashing import checksum as payload_checksum
+from kvstore.policy.base import EvictionPolicy
+from kvstore.stats import StoreStats, TierCounters
+from kvstore.table import ABSENT, BlockTable
+from kvstore.tiers.base import Tier
+from kvstore.tiers.nvme import NvmeTier
+from kvstore.tiers.nvme_index import NvmeRecord
+from kvstore.types import KEY_BYTES, BlockKey, BlockRef, LookupResult, Namespace, NamespaceId, Slot, TierKind
+
+_MAX_LEASES_PER_BLOCK = np.iinfo(np.uint16).max
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """Slots handed to a writer. Only `keys` need writing: the others were already stored."""
+
+    reservation_id: int
+    namespace_id: NamespaceId
+    tier: TierKind
+    size_bytes: int
+    keys: tuple[BlockKey, ...]
+    slots: tuple[Slot, ...]
+    parents: tuple[BlockKey | None, ...]
+    num_present: int
+    expires_at_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """Blocks pinned for a reader: the longest leading run of the requested keys."""
+
+    lease_id: int
+    blocks: tuple[BlockRef, ...]
+    expires_at_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveResult:
+    num_removed: int
+    num_busy: int  # leased, so kept
+
+
+@dataclass(slots=True)
+class _LeaseRows:
+    lease_id: int
+    rows: list[int]
+
+
+class TierManager:
+    def __init__(
+        self,
+        config: StoreConfig,
+        tiers: dict[TierKind, Tier],
+        policy: EvictionPolicy,
+        clock: Clock,
+        initial_rows: int = 1024,
+    ) -> None:
+        if not tiers:
+            raise InvalidArgumentError("a store needs at least one tier")
+        self._config = config
+        self._tiers = dict(sorted(tiers.items()))
+        self._policy = policy
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._table = BlockTable(initial_rows)
+        self._policy.resize(self._table.capacity)
+        self._namespaces: list[Namespace] = []
+        self._namespace_index: dict[NamespaceId, int] = {}
+        self._reservations: ExpiringRegistry[Reservation] = ExpiringRegistry()
+        self._leases: ExpiringRegistry[_LeaseRows] = ExpiringRegistry()
+        self._reserving: dict[BlockKey, int] = {}
+        self._counters = {kind: TierCounters() for kind in self._tiers}
+        self._nvme = tiers.get(TierKind.NVME)
+        if isinstance(self._nvme, NvmeTier):
+            self._load_nvme(self._nvme)
+
+    # -- namespaces ---------------------------------------------------------------------------
+
+    def register_namespace(self, namespace: Namespace) -> NamespaceId:
+        """Idempotent. Refuses a block size no tier can hold."""
+        if not isinstance(namespace, Namespace):
+            raise InvalidArgumentError(f"expected a Namespace, got {type(namespace).__name__}")
+        for tier in self._tiers.values():
+            tier.allocator.slot_bytes(namespace.block_bytes)  # raises when a block exceeds a slab
+        with self._lock:
+            namespace_id = namespace.namespace_id
+            if namespace_id not in self._namespace_index:
+                if len(self._namespaces) > np.iinfo(np.uint16).max:
+                    raise InvalidArgumentError("too many namespaces (65536)")
+                if isinstance(self._nvme, NvmeTier):
+                    self._nvme.put_namespace(namespace_id, namespace.canonical_bytes())
+                self._namespace_index[namespace_id] = len(self._namespaces)
+                self._namespaces.append(namespace)
+            return namespace_id
+
+    def namespace(self, namespace_id: NamespaceId) -> Namespace:
+        with self._lock:
+            return self._namespaces[self._namespace_of(namespace_id)]
+
+    # -- writes -------------------------------------------------------------------------------
+
+    def reserve(
+        self,
+        namespace_id: NamespaceId,
+        keys: Sequence[BlockKey],
+        *,
+        parent: BlockKey | None = None,
+        tier: TierKind = TierKind.DRAM,
+    ) -> Reservation:
+        """Slots for the chain `keys` (whose first key's parent is `parent`) in `tier`.
+
+        Keys already stored, or being written by another reservation, are left out. Raises
+        StoreFullError (nothing changed) when eviction cannot make room.
+        """
+        _check_keys(keys)
+        if parent is not None:
+            _check_keys([parent])
+        if len(set(keys)) != len(keys):
+            raise InvalidArgumentError("keys repeat within one reservation")
+        with self._lock:
+            self._expire()
+            namespace_index = self._namespace_of(namespace_id)
+            target = self._tier(tier)
+            size = self._namespaces[namespace_index].block_bytes
+            todo: list[tuple[BlockKey, BlockKey | None]] = []
+            previous = parent
+            for key in keys:
+                row = self._table.ids.get(key)
+                present = row is not None and self._table.is_resident(row)
+                if present and self._table.namespace[row] != namespace_index:
+                    raise NamespaceMismatchError(f"block {key.hex()} is stored under another namespace")
+                if not present and key not in self._reserving:
+                    todo.append((key, previous))
+                previous = key
+            slots = self._allocate(target, size, len(todo)) if todo else []
+            now = self._clock.now()
+            expires = now + self._config.reservation_ttl_s
+            reservation = self._reservations.add(
+                lambda reservation_id: Reservation(
+                    reservation_id,
+                    namespace_id,
+                    tier,
+                    size,
+                    tuple(key for key, _ in todo),
+                    tuple(slots),
+                    tuple(p for _, p in todo),
+                    len(keys) - len(todo),
+                    expires,
+                ),
+                expires,
+            )
+            for key in reservation.keys:
+                self._reserving[key] = reservation.reservation_id
+            return reservation
+
+    def commit(self, reservation_id: int, checksums: Sequence[int] | None = None) -> None:
+        """Make a reservation's blocks visible. `checksums` (xxh3_64 per written key) may come
+        from the writer, which computed them while copying; otherwise they are computed here."""
+        with self._lock:
+            self._expire()
+            reservation = self._live_reservation(reservation_id)
+            count = len(reservation.keys)
+            if checksums is not None and len(checksums) != count:
+                raise InvalidArgumentError(f"{len(checksums)} checksums for {count} reserved blocks")
+            if checksums is None:
+                if reservation.tier is TierKind.NVME:
+                    raise InvalidArgumentError("a commit to the NVMe tier needs the checksums write() returned")
+                checksums = self._checksums_of(reservation)
+            if reservation.tier is TierKind.NVME and isinstance(self._nvme, NvmeTier):
+                self._nvme.commit_records(
+                    [
+                        NvmeRecord(key, reservation.namespace_id, parent, slot, reservation.size_bytes, value)
+                        for key, parent, slot, value in zip(
+                            reservation.keys, reservation.parents, reservation.slots, checksums, strict=True
+                        )
+                    ]
+                )
+            self._reservations.finish(reservation_id, Outcome.COMMITTED)
+            rows = self._insert_rows(reservation, checksums)
+            for key in reservation.keys:
+                del self._reserving[key]
+            self._policy.on_access(rows)
+            self._policy.on_insert(rows, reservation.tier)
+            if self._config.write_policy is WritePolicy.WRITE_THROUGH and reservation.tier < TierKind.NVME:
+                self._copy_down(rows, reservation.tier, TierKind.NVME)
+            self._enforce_watermark(reservation.tier)
+
+    def abort(self, reservation_id: int) -> None:
+        with self._lock:
+            self._expire()
+            reservation = self._live_reservation(reservation_id)
+            self._reservations.finish(reservation_id, Outcome.ABORTED)
+            self._drop_reservation(reservation)
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def lookup(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> LookupResult:
+        """The longest run of leading keys stored in this namespace and each one's fastest tier.
+        Side-effect free: recency is not touched."""
+        _check_keys(keys)
+        with self._lock:
+            namespace_index = self._namespace_of(namespace_id)
+            rows = self._rows_in_namespace(keys, namespace_index)
+            if not rows:
+                return LookupResult(0, ())
+            fastest = (self._table.slot[rows] != ABSENT).argmax(axis=1)
+            return LookupResult(len(rows), tuple(map(_TIERS.__getitem__, fastest.tolist())))
+
+    def acquire(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> Lease:
+        """Lease the longest leading run of `keys`; NVMe hits are promoted to DRAM when the
+        policy agrees and room can be made. The run ends early at a block that fails its
+        checksum during promotion (that block is dropped)."""
+        _check_keys(keys)
+        with self._lock:
+            self._expire()
+            namespace_index = self._namespace_of(namespace_id)
+            rows = self._rows_in_namespace(keys, namespace_index)
+            table = self._table
+            if rows and (table.leases[rows] >= _MAX_LEASES_PER_BLOCK).any():
+                rows = rows[: int((table.leases[rows] >= _MAX_LEASES_PER_BLOCK).argmax())]
+            table.leases[rows] += 1
+            rows = self._promote(rows)
+            self._policy.on_access(rows)
+            blocks = []
+            for row in rows:
+                tier = _TIERS[int((table.slot[row] != ABSENT).argmax())]
+                self._counters[tier].hits += 1
+                key = table.keys[row]
+                assert key is not None
+                blocks.append(
+                    BlockRef(
+                        key,
+                        tier,
+                        Slot(int(table.slot[row, tier])),
+                        int(table.size_bytes[row]),
+                        int(table.checksum[row]),
+                    )
+                )
+            now = self._clock.now()
+            expires = now + self._config.lease_ttl_s
+            held = self._leases.add(lambda lease_id: _LeaseRows(lease_id, rows), expires)
+            return Lease(held.lease_id, tuple(blocks), expires)
+
+    def release(self, lease_id: int) -> None:
+        with self._lock:
+            self._expire()
+            if self._leases.get(lease_id) is None:
+                outcome = self._leases.outcome(lease_id)
+                reason = f"already {outcome.value}" if outcome else "never issued"
+                raise UnknownLeaseError(f"lease {lease_id} is not held ({reason})")
+            held = self._leases.finish(lease_id, Outcome.RELEASED)
+            self._table.leases[held.rows] -= 1
+
+    def report_corrupt(self, lease: Lease, keys: Sequence[BlockKey]) -> None:
+        """A reader found leased blocks failing their checksum: drop every copy of them."""
+        with self._lock:
+            held = self._leases.get(lease.lease_id)
+            if held is None:
+                return
+            for key in keys:
+                row = self._table.ids.get(key)
+                if row is not None and row in held.rows:
+                    tier = self._table.fastest_tier(row)
+                    if tier is not None:
+                        self._counters[tier].checksum_failures += 1
+                    self._drop_everywhere(row)
+
+    # -- administration -----------------------------------------------------------------------
+
+    def remove(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> RemoveResult:
+        """Remove the given blocks from every tier; leased ones are kept and counted busy."""
+        _check_keys(keys)
+        with self._lock:
+            self._expire()
+            namespace_index = self._namespace_of(namespace_id)
+            removed = busy = 0
+            for key in keys:
+                row = self._table.ids.get(key)
+                if row is None or not self._table.is_resident(row) or self._table.namespace[row] != namespace_index:
+                    continue
+                if self._table.leases[row]:
+                    busy += 1
+                    continue
+                self._drop_everywhere(row)
+                removed += 1
+            return RemoveResult(removed, busy)
+
+    def set_pinned(self, namespace_id: NamespaceId, keys: Sequence[BlockKey], pinned: bool) -> int:
+        """Pin (never evicted) or unpin the present blocks among `keys`; returns how many."""
+        _check_keys(keys)
+        with self._lock:
+            namespace_index = self._namespace_of(namespace_id)
+            count = 0
+            for key in keys:
+                row = self._table.ids.get(key)
+                if row is not None and self._table.is_resident(row) and self._table.namespace[row] == namespace_index:
+                    self._table.pinned[row] = pinned
+                    count += 1
+            return count
+
+    def expire(self) -> None:
+        """Free expired reservations and leases now (also done at the start of every call)."""
+        with self._lock:
+            self._expire()
+
+    def stats(self) -> StoreStats:
+        with self._lock:
+            resident = {kind: int(self._table.resident_mask(kind).sum()) for kind in self._tiers}
+            return StoreStats.build(
+                self._tiers,
+                self._counters,
+                resident=resident,
+                num_blocks=len(self._table),
+                num_reservations=len(self._reservations),
+                num_leases=len(self._leases),
+            )
+
+    def block_ref(self, key: BlockKey) -> BlockRef | None:
+        """The fastest copy of a stored block (for inspection; takes no lease)."""
+        with self._lock:
+            row = self._table.ids.get(key)
+            tier = self._table.fastest_tier(row) if row is not None else None
+            if row is None or tier is None:
+                return None
+            slot = Slot(int(self._table.slot[row, tier]))
+            return BlockRef(key, tier, slot, int(self._table.size_bytes[row]), int(self._table.checksum[row]))
+
+    # -- internals: validation ----------------------------------------------------------------
+
+    def _namespace_of(self, namespace_id: NamespaceId) -> int:
+        index = self._namespace_index.get(namespace_id)
+        if index is None:
+            shown = namespace_id.hex() if isinstance(namespace_id, bytes) else repr(namespace_id)
+            raise UnknownNamespaceError(f"namespace {shown} is not registered")
+        return index
+
+    def _tier(self, kind: TierKind) -> Tier:
+        tier = self._tiers.get(kind)
+        if tier is None:
+            raise InvalidArgumentError(f"tier {kind.label} is not configured on this store")
+        return tier
+
+    def _live_reservation(self, reservation_id: int) -> Reservation:
+        reservation = self._reservations.get(reservation_id)
+        if reservation is not None:
+            return reservation
+        outcome = self._reservations.outcome(reservation_id)
+        if outcome in (Outcome.COMMITTED, Outcome.ABORTED):
+            raise DuplicateCommitError(f"reservation {reservation_id} was already {outcome.value}")
+        reason = "expired" if outcome is Outcome.EXPIRED else "never issued"
+        raise UnknownReservationError(f"reservation {reservation_id} is not open ({reason})")
+
+    def _rows_in_namespace(self, keys: Sequence[BlockKey], namespace_index: int) -> list[int]:
+        rows = self._table.rows_of(keys)
+        if rows:
+            foreign = self._table.namespace[rows] != namespace_index
+            if foreign.any():
+                rows = rows[: int(foreign.argmax())]  # on doubt, miss
+        return rows
+
+    # -- internals: state changes (lock held) -------------------------------------------------
+
+    def _expire(self) -> None:
+        now = self._clock.now()
+        for reservation in self._reservations.expired(now):
+            self._drop_reservation(reservation)
+        for held in self._leases.expired(now):
+            self._table.leases[held.rows] -= 1
+
+    def _drop_reservation(self, reservation: Reservation) -> None:
+        for key in reservation.keys:
+            del self._reserving[key]
+        if reservation.slots:
+            self._tiers[reservation.tier].free(reservation.size_bytes, reservation.slots)
+
+    def _checksums_of(self, reservation: Reservation) -> list[int]:
+        tier = self._tiers[reservation.tier]
+        views = [tier.host_view(slot, reservation.size_bytes) for slot in reservation.slots]
+        if any(view is None for view in views):
+            buffer = np.empty(reservation.size_bytes, dtype=np.uint8)
+            values = []
+            for slot in reservation.slots:
+                tier.read_into([slot], reservation.size_bytes, [buffer])
+                values.append(payload_checksum(buffer))
+            return values
+        return [payload_checksum(view) for view in views if view is not None]
+
+    def _insert_rows(self, reservation: Reservation, checksums: Sequence[int]) -> list[int]:
+        table = self._table
+        namespace_index = self._namespace_index[reservation.namespace_id]
+        rows = []
+        for key, parent, slot, value in zip(
+            reservation.keys, reservation.parents, reservation.slots, checksums, strict=True
+        ):
+            row = table.ids.get(key)
+            if row is None:
+                row = table.add(key, parent, namespace_index, reservation.size_bytes, value)
+            else:  # a tombstone kept for its children comes back
+                table.namespace[row] = namespace_index
+                table.size_bytes[row] = reservation.size_bytes
+                table.checksum[row] = value
+            table.set_resident(row, reservation.tier, slot)
+            rows.append(row)
+        self._policy.resize(table.capacity)
+        return rows
+
+    def _allocate(self, tier: Tier, size_bytes: int, count: int) -> list[Slot]:
+        """Slots, evicting the policy's victims when needed; all or nothing."""
+        try:
+            return tier.allocate(size_bytes, count)
+        except StoreFullError:
+            pass
+        victims = self._plan_room(tier, size_bytes, count)
+        self._evict(tier.kind, victims)
+        return tier.allocate(size_bytes, count)
+
+    def _plan_room(self, tier: Tier, size_bytes: int, count: int) -> list[int]:
+        """Victims whose eviction frees `count` slots of this size, or StoreFullError."""
+        allocator = tier.allocator
+        slot_bytes = allocator.slot_bytes(size_bytes)
+        have = allocator.num_available(size_bytes)
+        freed_in_slab: dict[int, int] = {}
+        victims: list[int] = []
+        if have >= count:
+            return victims
+        for row in self._policy.victims(tier.kind, self._table):
+            victims.append(row)
+            victim_slot = Slot(int(self._table.slot[row, tier.kind]))
+            if allocator.slot_bytes(int(self._table.size_bytes[row])) == slot_bytes:
+                have += 1
+            else:
+                slab = allocator.slab_of(victim_slot)
+                freed_in_slab[slab] = freed_in_slab.get(slab, 0) + 1
+                if freed_in_slab[slab] == allocator.slab_used(slab):
+                    have += allocator.slots_per_slab(size_bytes)
+            if have >= count:
+                return victims
+        raise StoreFullError(
+            f"{tier.kind.label} tier is full: {count} blocks of {size_bytes} bytes requested, "
+            f"{allocator.used_bytes} of {allocator.capacity_bytes} bytes in use and nothing more is evictable "
+            "(leased, pinned or reserved)"
+        )
+
+    def _enforce_watermark(self, kind: TierKind) -> None:
+        tier = self._tiers[kind]
+        allocator = tier.allocator
+        if allocator.used_bytes <= self._config.high_watermark_fraction * allocator.capacity_bytes:
+            return
+        excess = allocator.used_bytes - self._config.low_watermark_fraction * allocator.capacity_bytes
+        victims: list[int] = []
+        for row in self._policy.victims(kind, self._table):
+            victims.append(row)
+            excess -= allocator.slot_bytes(int(self._table.size_bytes[row]))
+            if excess <= 0:
+                break
+        self._evict(kind, victims)
+
+    def _evict(self, kind: TierKind, rows: list[int]) -> None:
+        """Take `rows` out of tier `kind`: demote the dirty ones one tier down when the policy
+        admits them there and room can be made, drop the rest."""
+        if not rows:
+            return
+        self._counters[kind].evictions += len(rows)
+        lower = [tier for tier in self._tiers if tier > kind]
+        if lower:
+            dirty = [row for row in rows if not any(self._table.slot[row, t] != ABSENT for t in lower)]
+            admitted = [row for row, ok in zip(dirty, self._policy.admit(dirty, lower[0]), strict=True) if ok]
+            if admitted:
+                self._copy_down(admitted, kind, lower[0])
+        if kind is TierKind.NVME and isinstance(self._nvme, NvmeTier):
+            self._nvme.remove_records([self._key(row) for row in rows])  # before the slots are reused
+        self._release_copies(rows, kind)
+
+    def _copy_down(self, rows: list[int], source: TierKind, target: TierKind) -> None:
+        """Copy rows from `source` into `target` (best effort: rows that find no room stay
+        where they are). A copy whose bytes no longer match the block's checksum is dropped."""
+        by_size: dict[int, list[int]] = {}
+        for row in rows:
+            by_size.setdefault(int(self._table.size_bytes[row]), []).append(row)
+        for size, group in by_size.items():
+            try:
+                slots = self._allocate(self._tiers[target], size, len(group))
+            except StoreFullError:
+                continue
+            matches = self._copy_rows(group, size, source, target, slots)
+            good = [(row, slot) for row, slot, ok in zip(group, slots, matches, strict=True) if ok]
+            bad = [(row, slot) for row, slot, ok in zip(group, slots, matches, strict=True) if not ok]
+            if bad:
+                self._tiers[target].free(size, [slot for _, slot in bad])
+                self._counters[source].checksum_failures += len(bad)
+            if target is TierKind.NVME and isinstance(self._nvme, NvmeTier) and good:
+                self._nvme.commit_records([self._record(row, slot) for row, slot in good])
+            for row, slot in good:
+                self._table.set_resident(row, target, slot)
+            self._policy.on_insert([row for row, _ in good], target)
+            self._counters[target].demotions_in += len(good)
+            for row, _ in bad:
+                self._drop_everywhere(row)
+
+    def _copy_rows(
+        self, rows: list[int], size: int, source: TierKind, target: TierKind, slots: list[Slot]
+    ) -> list[bool]:
+        """Move bytes between tiers; True per block whose bytes still match its checksum."""
+        src, dst = self._tiers[source], self._tiers[target]
+        expected = [int(self._table.checksum[row]) for row in rows]
+        src_slots = [Slot(int(self._table.slot[row, source])) for row in rows]
+        dst_views = [dst.host_view(slot, size) for slot in slots]
+        if all(view is not None for view in dst_views):
+            return src.read_into(src_slots, size, [v for v in dst_views if v is not None], expected)
+        src_views = [src.host_view(slot, size) for slot in src_slots]
+        if any(view is None for view in src_views):  # neither side host-addressable: bounce
+            bounce = [np.empty(size, dtype=np.uint8) for _ in rows]
+            src.read_into(src_slots, size, bounce)
+            written = dst.write(slots, size, bounce)
+        else:
+            written = dst.write(slots, size, [v for v in src_views if v is not None])
+        return [got == want for got, want in zip(written, expected, strict=True)]
+
+    def _promote(self, rows: list[int]) -> list[int]:
+        """Copy NVMe-only rows of a leased run up to DRAM; truncate the run at a corrupt block."""
+        dram = self._tiers.get(TierKind.DRAM)
+        if not self._config.promote_on_hit or dram is None or not isinstance(self._nvme, NvmeTier):
+            return rows
+        table = self._table
+        candidates = [row for row in rows if table.fastest_tier(row) is TierKind.NVME]
+        admitted = [
+            row for row, ok in zip(candidates, self._policy.admit(candidates, TierKind.DRAM), strict=True) if ok
+        ]
+        corrupt: set[int] = set()
+        by_size: dict[int, list[int]] = {}
+        for row in admitted:
+            by_size.setdefault(int(table.size_bytes[row]), []).append(row)
+        for size, group in by_size.items():
+            try:
+                slots = self._allocate(dram, size, len(group))
+            except StoreFullError:
+                continue
+            matches = self._copy_rows(group, size, TierKind.NVME, TierKind.DRAM, slots)
+            for row, slot, ok in zip(group, slots, matches, strict=True):
+                if ok:
+                    table.set_resident(row, TierKind.DRAM, slot)
+                else:
+                    dram.free(size, [slot])
+                    corrupt.add(row)
+            promoted = [row for row in group if row not in corrupt]
+            self._policy.on_insert(promoted, TierKind.DRAM)
+            self._counters[TierKind.DRAM].promotions_in += len(promoted)
+        if not corrupt:
+            return rows
+        cut = min(rows.index(row) for row in corrupt)
+        table.leases[rows[cut:]] -= 1
+        self._counters[TierKind.NVME].checksum_failures += len(corrupt)
+        for row in corrupt:
+            self._drop_everywhere(row)
+        return rows[:cut]
+
+    def _drop_everywhere(self, row: int) -> None:
+        for kind in reversed(list(self._tiers)):
+            if self._table.slot[row, kind] != ABSENT:
+                if kind is TierKind.NVME and isinstance(self._nvme, NvmeTier):
+                    self._nvme.remove_records([self._key(row)])
+                self._release_copies([row], kind)
+
+    def _release_copies(self, rows: list[int], kind: TierKind) -> None:
+        """Free the slots of `rows` in tier `kind` and forget those copies."""
+        tier = self._tiers[kind]
+        self._policy.on_evict(rows, kind)
+        for row in rows:
+            slot = self._table.slot[row, kind]
+            if slot == ABSENT:
+                continue
+            tier.free(int(self._table.size_bytes[row]), [Slot(int(slot))])
+            self._table.clear_resident(row, kind)
+
+    def _key(self, row: int) -> BlockKey:
+        key = self._table.keys[row]
+        assert key is not None, f"row {row} is free"  # callers pass rows of stored blocks only
+        return key
+
+    def _record(self, row: int, slot: Slot) -> NvmeRecord:
+        namespace = self._namespaces[int(self._table.namespace[row])]
+        return NvmeRecord(
+            self._key(row),
+            namespace.namespace_id,
+            self._table.parents[row],
+            slot,
+            int(self._table.size_bytes[row]),
+            int(self._table.checksum[row]),
+        )
+
+    def _load_nvme(self, nvme: NvmeTier) -> None:
+        """Rebuild the index from the NVMe tier's LMDB records after a restart."""
+        for namespace_id, encoded in nvme.namespaces().items():
+            namespace = Namespace.from_canonical_bytes(encoded)
+            self._namespace_index[namespace_id] = len(self._namespaces)
+            self._namespaces.append(namespace)
+        records = nvme.records()
+        orphans = [record for record in records if record.namespace_id not in self._namespace_index]
+        if orphans:
+            nvme.remove_records([record.key for record in orphans])
+            for record in orphans:
+                nvme.free(record.size_bytes, [record.slot])
+        known = [record for record in records if record.namespace_id in self._namespace_index]
+        rows = [
+            self._table.add(
+                record.key,
+                record.parent,
+                self._namespace_index[record.namespace_id],
+                record.size_bytes,
+                record.checksum,
+            )
+            for record in known
+        ]
+        for row, record in zip(rows, known, strict=True):  # parents exist now: children are counted
+            self._table.set_resident(row, TierKind.NVME, record.slot)
+        self._policy.resize(self._table.capacity)
+        self._policy.on_access(rows)
+
+
+_TIERS = tuple(TierKind)
+
+
+def _check_keys(keys: Iterable[BlockKey]) -> None:
+    for key in keys:
+        if not isinstance(key, bytes) or len(key) != KEY_BYTES:
+            raise InvalidArgumentError(f"a block key must be {KEY_BYTES} bytes, got {key!r}")

@@ -1,0 +1,181 @@
+"""`Store`: the tiers, the tier manager and the policy assembled from a `StoreConfig`, with the
+batched in-process data calls (`put_blocks`, `get_into`, `get_blocks`).
+
+This is what the node daemon (issue 3) serves and what `kvstore tour` drives. Payloads are
+checked against their namespace's layout before anything is reserved; copies into reserved
+slots and out of leased slots run outside the manager's lock, so readers and writers of
+different blocks proceed in parallel.
+
+Owner: the process that opens it; close it (or use it as a context manager) to unlink the
+shared-memory segment and close the NVMe files. Thread-safe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from kvstore.clock import Clock, MonotonicClock
+from kvstore.config import StoreConfig
+from kvstore.errors import InvalidArgumentError
+from kvstore.layout import payload_bytes
+from kvstore.manager import Lease, RemoveResult, TierManager
+from kvstore.policy import EvictionPolicy, LeafFirstLRU
+from kvstore.stats import StoreStats
+from kvstore.tiers.base import Tier, as_bytes_array
+from kvstore.tiers.dram import DramTier
+from kvstore.tiers.hbm import HbmTier
+from kvstore.tiers.nvme import NvmeTier
+from kvstore.types import BlockKey, LookupResult, Namespace, NamespaceId, TierKind
+
+_MAX_INITIAL_ROWS = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class PutResult:
+    num_written: int
+    num_present: int  # already stored (or being stored by another writer): not written again
+
+
+class Store:
+    def __init__(self, config: StoreConfig, *, clock: Clock | None = None, policy: EvictionPolicy | None = None):
+        tiers: dict[TierKind, Tier] = {}
+        try:
+            if config.hbm.capacity_bytes:
+                tiers[TierKind.HBM] = HbmTier(config.hbm)
+            tiers[TierKind.DRAM] = DramTier(config.dram)
+            if config.nvme.directory is not None:
+                tiers[TierKind.NVME] = NvmeTier(config.nvme)
+            total = sum(tier.allocator.capacity_bytes for tier in tiers.values())
+            rows = min(_MAX_INITIAL_ROWS, max(1024, total // 65536))
+            self.manager = TierManager(config, tiers, policy or LeafFirstLRU(), clock or MonotonicClock(), rows)
+        except BaseException:
+            for tier in tiers.values():
+                tier.close()
+            raise
+        self.config = config
+        self.tiers = tiers
+        self._closed = False
+
+    # -- context -------------------------------------------------------------------------------
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            for tier in self.tiers.values():
+                tier.close()
+
+    @property
+    def dram(self) -> DramTier:
+        tier = self.tiers[TierKind.DRAM]
+        assert isinstance(tier, DramTier)
+        return tier
+
+    # -- namespaces and index ------------------------------------------------------------------
+
+    def register_namespace(self, namespace: Namespace) -> NamespaceId:
+        return self.manager.register_namespace(namespace)
+
+    def lookup(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> LookupResult:
+        return self.manager.lookup(namespace_id, keys)
+
+    def remove(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> RemoveResult:
+        return self.manager.remove(namespace_id, keys)
+
+    def pin(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> int:
+        return self.manager.set_pinned(namespace_id, keys, True)
+
+    def unpin(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> int:
+        return self.manager.set_pinned(namespace_id, keys, False)
+
+    def stats(self) -> StoreStats:
+        return self.manager.stats()
+
+    # -- data ----------------------------------------------------------------------------------
+
+    def put_blocks(
+        self,
+        namespace_id: NamespaceId,
+        keys: Sequence[BlockKey],
+        payloads: Sequence[Any],
+        *,
+        parent: BlockKey | None = None,
+        tier: TierKind = TierKind.DRAM,
+    ) -> PutResult:
+        """Store a chain of blocks (`parent` precedes `keys[0]`): reserve, copy, commit.
+
+        Payloads are numpy arrays or CPU tensors of the namespace's dtype and block shape, or
+        raw bytes of its block size; anything else is refused before the store changes.
+        """
+        namespace = self.manager.namespace(namespace_id)
+        if len(keys) != len(payloads):
+            raise InvalidArgumentError(f"{len(keys)} keys but {len(payloads)} payloads")
+        flats = [payload_bytes(payload, namespace, f"payload {i}") for i, payload in enumerate(payloads)]
+        reservation = self.manager.reserve(namespace_id, keys, parent=parent, tier=tier)
+        if reservation.num_present:
+            position = {key: i for i, key in enumerate(keys)}
+            flats = [flats[position[key]] for key in reservation.keys]
+        try:
+            checksums = self.tiers[tier].write(reservation.slots, reservation.size_bytes, flats)
+        except BaseException:
+            self.manager.abort(reservation.reservation_id)
+            raise
+        self.manager.commit(reservation.reservation_id, checksums)
+        return PutResult(len(reservation.keys), reservation.num_present)
+
+    def get_into(
+        self, namespace_id: NamespaceId, keys: Sequence[BlockKey], dests: Sequence[Any], *, verify: bool = False
+    ) -> int:
+        """Copy the longest stored leading run of `keys` into `dests`; returns its length.
+
+        NVMe reads are always verified against the block's checksum; `verify` also checks
+        memory-tier copies. A block that fails ends the run (and is dropped from the store);
+        destinations past the run are left unspecified.
+        """
+        namespace = self.manager.namespace(namespace_id)
+        if len(keys) != len(dests):
+            raise InvalidArgumentError(f"{len(keys)} keys but {len(dests)} destinations")
+        size = namespace.block_bytes
+        targets = [as_bytes_array(dest, size, f"destination {i}") for i, dest in enumerate(dests)]
+        lease = self.manager.acquire(namespace_id, keys)
+        try:
+            return self._read_lease(lease, size, targets, verify)
+        finally:
+            self.manager.release(lease.lease_id)
+
+    def get_blocks(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> list[npt.NDArray[np.uint8]]:
+        """The longest stored leading run of `keys`, as new flat uint8 arrays."""
+        size = self.manager.namespace(namespace_id).block_bytes
+        lease = self.manager.acquire(namespace_id, keys)
+        try:
+            targets = [np.empty(size, dtype=np.uint8) for _ in lease.blocks]
+            count = self._read_lease(lease, size, targets, verify=False)
+            return targets[:count]
+        finally:
+            self.manager.release(lease.lease_id)
+
+    def _read_lease(self, lease: Lease, size: int, targets: list[npt.NDArray[np.uint8]], verify: bool) -> int:
+        by_tier: dict[TierKind, list[int]] = {}
+        for index, block in enumerate(lease.blocks):
+            by_tier.setdefault(block.tier, []).append(index)
+        failed: list[int] = []
+        for kind, indexes in by_tier.items():
+            blocks = [lease.blocks[i] for i in indexes]
+            checks = [b.checksum for b in blocks] if verify or kind is TierKind.NVME else None
+            matches = self.tiers[kind].read_into([b.slot for b in blocks], size, [targets[i] for i in indexes], checks)
+            failed.extend(i for i, ok in zip(indexes, matches, strict=True) if not ok)
+        if not failed:
+            return len(lease.blocks)
+        self.manager.report_corrupt(lease, [lease.blocks[i].key for i in failed])
+        return min(failed)

@@ -1,0 +1,242 @@
+"""Value types shared by every layer: namespaces, block keys, ids and tier names.
+
+Ids are `NewType`s over bytes or ints and are built only where bytes come in from the hash
+function or the wire (`kvstore.hashing`, later the gRPC servicer). Value objects are frozen,
+slotted dataclasses; enums that cross the wire or config are `StrEnum`s.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum, StrEnum
+from typing import NewType
+
+import xxhash
+
+from kvstore.errors import InvalidArgumentError
+
+BlockKey = NewType("BlockKey", bytes)
+"""16 bytes: xxh3_128 of the parent key, the block's tokens and its extra keys (DESIGN.md 2)."""
+
+NamespaceId = NewType("NamespaceId", bytes)
+"""16 bytes: xxh3_128 of a namespace's canonical encoding."""
+
+LeaseId = NewType("LeaseId", int)
+ReservationId = NewType("ReservationId", int)
+Slot = NewType("Slot", int)
+"""Byte offset of a block's slot inside one tier's address space."""
+
+KEY_BYTES = 16
+_NAMESPACE_ENCODING_VERSION = 1
+
+
+class TierKind(IntEnum):
+    """The tiers, fastest first. The value orders them and indexes per-tier arrays."""
+
+    HBM = 0
+    DRAM = 1
+    NVME = 2
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+class DType(StrEnum):
+    """Element types a KV cache is stored in; the value is the canonical name."""
+
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+    FLOAT8_E4M3 = "float8_e4m3"
+    FLOAT8_E5M2 = "float8_e5m2"
+    INT8 = "int8"
+
+    @property
+    def itemsize(self) -> int:
+        return _ITEMSIZE[self]
+
+
+_ITEMSIZE = {
+    DType.FLOAT32: 4,
+    DType.FLOAT16: 2,
+    DType.BFLOAT16: 2,
+    DType.FLOAT8_E4M3: 1,
+    DType.FLOAT8_E5M2: 1,
+    DType.INT8: 1,
+}
+
+
+class KVPacking(StrEnum):
+    """How one block's K and V are laid out in its payload.
+
+    SEPARATE:     per layer, K then V: shape (layers, 2, block_tokens, kv_heads, head_size).
+    INTERLEAVED:  per layer, K and V side by side on the last axis, as vLLM's CPU backend keeps
+                  them: shape (layers, kv_heads, block_tokens, 2 * head_size).
+    LATENT:       one latent vector per token (MLA): shape (layers, block_tokens, head_size).
+    """
+
+    SEPARATE = "separate"
+    INTERLEAVED = "interleaved"
+    LATENT = "latent"
+
+
+@dataclass(frozen=True, slots=True)
+class KVLayout:
+    """The shape of one block's KV payload; everything a reader needs to interpret its bytes."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_size: int
+    packing: KVPacking = KVPacking.SEPARATE
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_kv_heads", "head_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise InvalidArgumentError(f"KVLayout.{name} must be a positive int, got {value!r}")
+        if not isinstance(self.packing, KVPacking):
+            raise InvalidArgumentError(f"KVLayout.packing must be a KVPacking, got {self.packing!r}")
+
+    def block_shape(self, block_tokens: int) -> tuple[int, ...]:
+        if self.packing is KVPacking.SEPARATE:
+            return (self.num_layers, 2, block_tokens, self.num_kv_heads, self.head_size)
+        if self.packing is KVPacking.INTERLEAVED:
+            return (self.num_layers, self.num_kv_heads, block_tokens, 2 * self.head_size)
+        return (self.num_layers, block_tokens, self.head_size)
+
+
+@dataclass(frozen=True, slots=True)
+class Namespace:
+    """Everything that makes KV blocks non-interchangeable (DESIGN.md 2).
+
+    Two engines share blocks exactly when their namespaces are equal. `namespace_id` hashes the
+    canonical encoding, which is stable across processes, machines and Python versions.
+    """
+
+    model_id: str
+    dtype: DType
+    layout: KVLayout
+    block_tokens: int
+    model_revision: str = ""
+    tp_rank: int = 0
+    tp_size: int = 1
+    tenant_salt: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model_id, str) or not self.model_id:
+            raise InvalidArgumentError(f"Namespace.model_id must be a non-empty str, got {self.model_id!r}")
+        if not isinstance(self.dtype, DType):
+            raise InvalidArgumentError(f"Namespace.dtype must be a DType, got {self.dtype!r}")
+        if not isinstance(self.layout, KVLayout):
+            raise InvalidArgumentError(f"Namespace.layout must be a KVLayout, got {self.layout!r}")
+        if not _is_positive_int(self.block_tokens):
+            raise InvalidArgumentError(f"Namespace.block_tokens must be a positive int, got {self.block_tokens!r}")
+        if not _is_positive_int(self.tp_size):
+            raise InvalidArgumentError(f"Namespace.tp_size must be a positive int, got {self.tp_size!r}")
+        if not isinstance(self.tp_rank, int) or not 0 <= self.tp_rank < self.tp_size:
+            raise InvalidArgumentError(
+                f"Namespace.tp_rank must be in [0, tp_size={self.tp_size}), got {self.tp_rank!r}"
+            )
+        for name in ("model_revision", "tenant_salt"):
+            if not isinstance(getattr(self, name), str):
+                raise InvalidArgumentError(f"Namespace.{name} must be a str, got {getattr(self, name)!r}")
+
+    @property
+    def block_shape(self) -> tuple[int, ...]:
+        return self.layout.block_shape(self.block_tokens)
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block's payload in this namespace."""
+        size = self.dtype.itemsize
+        for dim in self.block_shape:
+            size *= dim
+        return size
+
+    def canonical_bytes(self) -> bytes:
+        """A byte encoding that is equal exactly when the namespaces are equal.
+
+        Version byte, then each field in declaration order: strings as little-endian uint32
+        length plus UTF-8, ints as little-endian uint32. Never reorder; add fields at the end
+        and bump the version.
+        """
+        parts = [struct.pack("<B", _NAMESPACE_ENCODING_VERSION)]
+        for text in (self.model_id, self.model_revision, self.dtype.value, self.layout.packing.value):
+            raw = text.encode("utf-8")
+            parts.append(struct.pack("<I", len(raw)) + raw)
+        parts.append(
+            struct.pack(
+                "<IIIIII",
+                self.layout.num_layers,
+                self.layout.num_kv_heads,
+                self.layout.head_size,
+                self.block_tokens,
+                self.tp_rank,
+                self.tp_size,
+            )
+        )
+        salt = self.tenant_salt.encode("utf-8")
+        parts.append(struct.pack("<I", len(salt)) + salt)
+        return b"".join(parts)
+
+    @classmethod
+    def from_canonical_bytes(cls, data: bytes) -> Namespace:
+        """Inverse of `canonical_bytes` (for namespaces persisted by the NVMe tier)."""
+        try:
+            (version,) = struct.unpack_from("<B", data, 0)
+            if version != _NAMESPACE_ENCODING_VERSION:
+                raise InvalidArgumentError(f"namespace encoding version {version} is not supported")
+            offset = 1
+            texts = []
+            for _ in range(4):
+                (length,) = struct.unpack_from("<I", data, offset)
+                texts.append(data[offset + 4 : offset + 4 + length].decode("utf-8"))
+                offset += 4 + length
+            layers, heads, head_size, block_tokens, tp_rank, tp_size = struct.unpack_from("<IIIIII", data, offset)
+            offset += 24
+            (length,) = struct.unpack_from("<I", data, offset)
+            salt = data[offset + 4 : offset + 4 + length].decode("utf-8")
+            if offset + 4 + length != len(data):
+                raise InvalidArgumentError("trailing bytes after the namespace encoding")
+            model_id, revision, dtype, packing = texts
+            return cls(
+                model_id=model_id,
+                model_revision=revision,
+                dtype=DType(dtype),
+                layout=KVLayout(layers, heads, head_size, KVPacking(packing)),
+                block_tokens=block_tokens,
+                tp_rank=tp_rank,
+                tp_size=tp_size,
+                tenant_salt=salt,
+            )
+        except (struct.error, UnicodeDecodeError, ValueError) as error:
+            raise InvalidArgumentError(f"malformed namespace encoding: {error}") from None
+
+    @property
+    def namespace_id(self) -> NamespaceId:
+        return NamespaceId(xxhash.xxh3_128_digest(self.canonical_bytes()))
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRef:
+    """Where one READY block lives, as handed to a reader under a lease."""
+
+    key: BlockKey
+    tier: TierKind
+    slot: Slot
+    size_bytes: int
+    checksum: int
+
+
+@dataclass(frozen=True, slots=True)
+class LookupResult:
+    """`lookup(keys)`: how many leading keys are present, and the fastest tier of each."""
+
+    num_hits: int
+    tiers: tuple[TierKind, ...]
