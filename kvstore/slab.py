@@ -35,6 +35,9 @@ class SlabAllocator:
         self._slab_used = [0] * self.num_slabs
         self._free_slabs = list(range(self.num_slabs - 1, -1, -1))  # a stack: low addresses first
         self._free_slots: dict[int, list[int]] = {}  # slot bytes -> stack of free offsets
+        # One byte per alignment unit (0.02% of the capacity at 4 KiB) marks slot starts that
+        # are handed out, so a double free or a foreign offset is refused, not absorbed.
+        self._in_use = bytearray(self.capacity_bytes // alignment_bytes)
         self._used_bytes = 0
 
     # -- queries -----------------------------------------------------------------------------
@@ -81,6 +84,11 @@ class SlabAllocator:
         if count < 0:
             raise InvalidArgumentError(f"count must be >= 0, got {count}")
         free = self._free_slots.setdefault(slot, [])
+        if len(free) < count and self.num_available(size_bytes) < count:
+            raise StoreFullError(
+                f"no room for {count} slots of {slot} bytes: {self.num_available(size_bytes)} available, "
+                f"{self._used_bytes} of {self.capacity_bytes} bytes in use"
+            )
         while len(free) < count:
             slab = self._take_slab(exclude_class=slot)
             if slab is None:
@@ -92,52 +100,68 @@ class SlabAllocator:
         taken = free[len(free) - count :]
         del free[len(free) - count :]
         taken.reverse()
+        unit = self.alignment_bytes
         for offset in taken:
             self._slab_used[offset // self.slab_bytes] += 1
+            self._in_use[offset // unit] = 1
         self._used_bytes += slot * count
         return [Slot(offset) for offset in taken]
 
     def free(self, size_bytes: int, slots: Sequence[Slot]) -> None:
         """Return slots; double frees and foreign offsets are refused before anything changes."""
         slot = self.slot_bytes(size_bytes)
+        unit = self.alignment_bytes
         for offset in slots:
             slab = offset // self.slab_bytes
-            if not 0 <= slab < self.num_slabs or self._slab_class[slab] != slot or (offset % self.slab_bytes) % slot:
+            if not 0 <= slab < self.num_slabs or self._slab_class[slab] != slot or not self._fits(offset, slot):
                 raise InvalidArgumentError(f"offset {offset} is not a slot of {slot} bytes in this allocator")
+            if not self._in_use[offset // unit]:
+                raise InvalidArgumentError(f"slot at offset {offset} is not allocated (double free?)")
+        if len(set(slots)) != len(slots):
+            twice = next(offset for offset in slots if slots.count(offset) > 1)
+            raise InvalidArgumentError(f"slot at offset {twice} appears twice in one free()")
         free = self._free_slots.setdefault(slot, [])
         for offset in slots:
             self._slab_used[offset // self.slab_bytes] -= 1
+            self._in_use[offset // unit] = 0
             free.append(offset)
         self._used_bytes -= slot * len(slots)
 
     def restore(self, used: Iterable[tuple[Slot, int]]) -> None:
-        """Mark (offset, size_bytes) slots as allocated; only on a fresh allocator (restart recovery)."""
+        """Mark (offset, size_bytes) slots as allocated; only on a fresh allocator (restart recovery).
+        Every record is checked before anything changes."""
         if self._used_bytes or self._free_slots:
             raise InvalidArgumentError("restore() needs a fresh allocator")
+        slab_class: dict[int, int] = {}
         by_slab: dict[int, set[int]] = {}
         for offset, size_bytes in used:
             slot = self.slot_bytes(size_bytes)
             slab = offset // self.slab_bytes
-            if not 0 <= slab < self.num_slabs or (offset % self.slab_bytes) % slot:
+            if not 0 <= slab < self.num_slabs or not self._fits(offset, slot):
                 raise StorageFormatError(f"recorded slot at offset {offset} ({size_bytes} bytes) is out of place")
-            if self._slab_class[slab] not in (0, slot):
-                raise StorageFormatError(f"slab {slab} holds blocks of two sizes ({self._slab_class[slab]} and {slot})")
+            if slab_class.setdefault(slab, slot) != slot:
+                raise StorageFormatError(f"slab {slab} holds blocks of two sizes ({slab_class[slab]} and {slot})")
             if offset in by_slab.setdefault(slab, set()):
                 raise StorageFormatError(f"two blocks recorded at offset {offset}")
-            self._slab_class[slab] = slot
             by_slab[slab].add(offset)
         self._free_slabs = [slab for slab in range(self.num_slabs - 1, -1, -1) if slab not in by_slab]
         for slab, offsets in by_slab.items():
-            slot = self._slab_class[slab]
-            free = self._free_slots.setdefault(slot, [])
+            slot = slab_class[slab]
+            self._slab_class[slab] = slot
             base = slab * self.slab_bytes
-            free.extend(
-                o for o in range(base + self.slab_bytes // slot * slot - slot, base - 1, -slot) if o not in offsets
-            )
+            top = base + (self.slab_bytes // slot - 1) * slot
+            self._free_slots.setdefault(slot, []).extend(o for o in range(top, base - 1, -slot) if o not in offsets)
+            for used_offset in offsets:
+                self._in_use[used_offset // self.alignment_bytes] = 1
             self._slab_used[slab] = len(offsets)
             self._used_bytes += slot * len(offsets)
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _fits(self, offset: int, slot: int) -> bool:
+        """Is `offset` the start of a whole slot of this size inside its slab?"""
+        within = offset % self.slab_bytes
+        return within % slot == 0 and within + slot <= self.slab_bytes
 
     def _take_slab(self, exclude_class: int) -> int | None:
         if self._free_slabs:

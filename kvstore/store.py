@@ -147,7 +147,7 @@ class Store:
         if len(keys) != len(dests):
             raise InvalidArgumentError(f"{len(keys)} keys but {len(dests)} destinations")
         size = namespace.block_bytes
-        targets = [as_bytes_array(dest, size, f"destination {i}") for i, dest in enumerate(dests)]
+        targets = [as_bytes_array(dest, size, f"destination {i}", writable=True) for i, dest in enumerate(dests)]
         lease = self.manager.acquire(namespace_id, keys)
         try:
             return self._read_lease(lease, size, targets, verify)

@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 import xxhash
 
-from kvstore.errors import InvalidArgumentError, PayloadSizeError
+from kvstore.errors import InvalidArgumentError, PayloadSizeError, StoreClosedError
 from kvstore.slab import SlabAllocator
 from kvstore.types import Slot, TierKind
 
@@ -79,12 +79,19 @@ class SlabTier:
 
     def __init__(self, allocator: SlabAllocator) -> None:
         self.allocator = allocator
+        self._closed = False
 
     def allocate(self, size_bytes: int, count: int) -> list[Slot]:
+        self._check_open()
         return self.allocator.allocate(size_bytes, count)
 
     def free(self, size_bytes: int, slots: Sequence[Slot]) -> None:
+        self._check_open()
         self.allocator.free(size_bytes, slots)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosedError(f"the {self.kind.label} tier is closed")
 
     def usage(self) -> TierUsage:
         return TierUsage(self.kind, self.allocator.capacity_bytes, self.allocator.used_bytes)
@@ -93,8 +100,9 @@ class SlabTier:
         return None
 
 
-def as_bytes_array(buffer: Buffer, size_bytes: int, what: str) -> npt.NDArray[np.uint8]:
-    """A flat uint8 view of `buffer`, refused unless it is exactly `size_bytes` long."""
+def as_bytes_array(buffer: Buffer, size_bytes: int, what: str, *, writable: bool = False) -> npt.NDArray[np.uint8]:
+    """A flat uint8 view of `buffer`, refused unless it is exactly `size_bytes` long (and
+    writable, for a destination)."""
     if isinstance(buffer, np.ndarray):
         if not buffer.flags.c_contiguous:
             raise InvalidArgumentError(f"{what} must be C-contiguous")
@@ -105,12 +113,18 @@ def as_bytes_array(buffer: Buffer, size_bytes: int, what: str) -> npt.NDArray[np
         raise InvalidArgumentError(f"{what} must be bytes, bytearray, memoryview or a numpy array, got {type(buffer)}")
     if flat.nbytes != size_bytes:
         raise PayloadSizeError(f"{what} has {flat.nbytes} bytes, the block size is {size_bytes}")
+    if writable and not flat.flags.writeable:
+        raise InvalidArgumentError(f"{what} is read-only")
     return flat
 
 
-def check_batch(slots: Sequence[Slot], buffers: Sequence[Buffer], size_bytes: int, what: str) -> None:
+def check_batch(
+    slots: Sequence[Slot], buffers: Sequence[Buffer], size_bytes: int, what: str, checksums: Sequence[int] | None = None
+) -> None:
     if len(slots) != len(buffers):
         raise InvalidArgumentError(f"{len(slots)} slots but {len(buffers)} {what}")
+    if checksums is not None and len(checksums) != len(slots):
+        raise InvalidArgumentError(f"{len(slots)} slots but {len(checksums)} checksums")
     if size_bytes <= 0:
         raise InvalidArgumentError(f"block size must be positive, got {size_bytes}")
 

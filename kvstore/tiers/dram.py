@@ -100,7 +100,6 @@ class DramTier(SlabTier):
         allocator = SlabAllocator(config.capacity_bytes, config.slab_bytes, ALIGNMENT_BYTES)
         super().__init__(allocator)
         self.segment = SharedSegment.create(name, allocator.capacity_bytes)
-        self._closed = False
 
     def write(self, slots: Sequence[Slot], size_bytes: int, payloads: Sequence[Buffer]) -> list[int]:
         check_batch(slots, payloads, size_bytes, "payloads")
@@ -118,8 +117,8 @@ class DramTier(SlabTier):
         dests: Sequence[Buffer],
         checksums: Sequence[int] | None = None,
     ) -> list[bool]:
-        check_batch(slots, dests, size_bytes, "destinations")
-        targets = [as_bytes_array(d, size_bytes, f"destination {i}") for i, d in enumerate(dests)]
+        check_batch(slots, dests, size_bytes, "destinations", checksums)
+        targets = [as_bytes_array(d, size_bytes, f"destination {i}", writable=True) for i, d in enumerate(dests)]
         memory = self._memory()
         for slot, target in zip(slots, targets, strict=True):
             np.copyto(target, memory[slot : slot + size_bytes])

@@ -61,8 +61,8 @@ class HbmTier(SlabTier):
         dests: Sequence[Buffer],
         checksums: Sequence[int] | None = None,
     ) -> list[bool]:
-        check_batch(slots, dests, size_bytes, "destinations")
-        targets = [as_bytes_array(d, size_bytes, f"destination {i}") for i, d in enumerate(dests)]
+        check_batch(slots, dests, size_bytes, "destinations", checksums)
+        targets = [as_bytes_array(d, size_bytes, f"destination {i}", writable=True) for i, d in enumerate(dests)]
         slab = self._memory()
         for slot, target in zip(slots, targets, strict=True):
             torch.from_numpy(target).copy_(slab[slot : slot + size_bytes])
@@ -80,6 +80,7 @@ class HbmTier(SlabTier):
         return self._memory()[slot : slot + size_bytes]
 
     def close(self) -> None:
+        self._closed = True
         self._slab = None
 
     def _memory(self) -> torch.Tensor:

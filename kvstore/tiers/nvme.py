@@ -79,7 +79,6 @@ class NvmeTier(SlabTier):
         self.file_bytes = config.file_bytes
         self.direct_io = False
         self.num_checksum_failures = 0
-        self._closed = False
         self._fds: list[int] = []
         self._stage_lock = threading.Lock()
         self._stats_lock = threading.Lock()
