@@ -1,0 +1,1 @@
+"""Benchmarks: each tool measures against references taken in the same run (DESIGN.md)."""
