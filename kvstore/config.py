@@ -86,6 +86,7 @@ class StoreConfig:
     reservation_ttl_s: float = 30.0  # an uncommitted reservation is freed after this
     lease_ttl_s: float = 30.0  # a read lease not released is dropped after this
     promote_on_hit: bool = True  # an NVMe hit is copied up to DRAM (when the policy agrees)
+    checksum_in_background: bool = True  # memory commits without a writer checksum are hashed off the commit path
 
     def __post_init__(self) -> None:
         if not isinstance(self.write_policy, WritePolicy):

@@ -17,17 +17,21 @@ Owner: one `Store`. Thread-safe: every public method takes `self._lock`.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
+from kvstore.checksums import ChecksumBook
 from kvstore.clock import Clock
 from kvstore.config import StoreConfig, WritePolicy
 from kvstore.errors import (
     DuplicateCommitError,
     InvalidArgumentError,
     NamespaceMismatchError,
+    StorageFormatError,
     UnknownLeaseError,
     UnknownNamespaceError,
     UnknownReservationError,
@@ -37,13 +41,11 @@ from kvstore.hashing import checksum as payload_checksum
 from kvstore.movement import TierMover
 from kvstore.policy.base import EvictionPolicy
 from kvstore.stats import StoreStats, TierCounters
-from kvstore.table import ABSENT, BlockTable
+from kvstore.table import BlockTable
 from kvstore.tiers.base import Tier
 from kvstore.tiers.nvme import NvmeTier
 from kvstore.tiers.nvme_index import NvmeRecord
 from kvstore.types import KEY_BYTES, BlockKey, BlockRef, LookupResult, Namespace, NamespaceId, Slot, TierKind
-
-_MAX_LEASES_PER_BLOCK = np.iinfo(np.uint16).max
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,11 +65,28 @@ class Reservation:
 
 @dataclass(frozen=True, slots=True)
 class Lease:
-    """Blocks pinned for a reader: the longest leading run of the requested keys."""
+    """Blocks pinned for a reader: the longest leading run of the requested keys, as columns
+    (a batch of reads is one object, not one per block). All blocks share the namespace, so
+    they share `size_bytes`."""
 
     lease_id: int
-    blocks: tuple[BlockRef, ...]
+    keys: tuple[BlockKey, ...]
+    tiers: tuple[TierKind, ...]
+    slots: tuple[Slot, ...]
+    checksums: tuple[int, ...]
+    size_bytes: int
     expires_at_s: float
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def blocks(self) -> tuple[BlockRef, ...]:
+        """The same blocks, one value per block."""
+        return tuple(
+            BlockRef(key, tier, slot, self.size_bytes, value)
+            for key, tier, slot, value in zip(self.keys, self.tiers, self.slots, self.checksums, strict=True)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +99,11 @@ class RemoveResult:
 class _LeaseRows:
     lease_id: int
     rows: list[int]
+    index: npt.NDArray[np.intp]  # the same rows, ready for numpy
+
+    def drop(self, row: int) -> None:
+        self.rows.remove(row)
+        self.index = np.array(self.rows, dtype=np.intp)
 
 
 class TierManager:
@@ -107,9 +131,11 @@ class TierManager:
         self._reserving: dict[BlockKey, int] = {}
         self._counters = {kind: TierCounters() for kind in self._tiers}
         self._nvme = tiers.get(TierKind.NVME)
+        self._checksums = ChecksumBook(self._table, self._tiers, self._lock, background=config.checksum_in_background)
         self._mover = TierMover(
             config,
             self._tiers,
+            checksums=self._checksums,
             table=self._table,
             policy=policy,
             counters=self._counters,
@@ -133,8 +159,7 @@ class TierManager:
                     raise InvalidArgumentError("too many namespaces (65536)")
                 if isinstance(self._nvme, NvmeTier):
                     self._nvme.put_namespace(namespace_id, namespace.canonical_bytes())
-                self._namespace_index[namespace_id] = len(self._namespaces)
-                self._namespaces.append(namespace)
+                self._add_namespace(namespace)
             return namespace_id
 
     def namespace(self, namespace_id: NamespaceId) -> Namespace:
@@ -199,17 +224,19 @@ class TierManager:
 
     def commit(self, reservation_id: int, checksums: Sequence[int] | None = None) -> None:
         """Make a reservation's blocks visible. `checksums` (xxh3_64 per written key) may come
-        from the writer, which computed them while copying; otherwise they are computed here."""
+        from the writer, which computed them while copying; otherwise they are computed here,
+        in the background (`checksum_in_background`) or before this returns."""
         with self._lock:
             self._expire()
             reservation = self._live_reservation(reservation_id)
             count = len(reservation.keys)
             if checksums is not None and len(checksums) != count:
                 raise InvalidArgumentError(f"{len(checksums)} checksums for {count} reserved blocks")
+            unhashed = checksums is None and self._checksums.background
             if checksums is None:
                 if reservation.tier is TierKind.NVME:
                     raise InvalidArgumentError("a commit to the NVMe tier needs the checksums write() returned")
-                checksums = self._checksums_of(reservation)
+                checksums = [0] * count if unhashed else self._checksums_of(reservation)
             if reservation.tier is TierKind.NVME and isinstance(self._nvme, NvmeTier):
                 self._nvme.commit_records(
                     [
@@ -221,6 +248,8 @@ class TierManager:
                 )
             self._reservations.finish(reservation_id, Outcome.COMMITTED)
             rows = self._insert_rows(reservation, checksums)
+            if unhashed:
+                self._checksums.mark(rows)
             for key in reservation.keys:
                 del self._reserving[key]
             self._policy.on_access(rows)
@@ -244,46 +273,41 @@ class TierManager:
         _check_keys(keys)
         with self._lock:
             namespace_index = self._namespace_of(namespace_id)
-            rows = self._rows_in_namespace(keys, namespace_index)
-            if not rows:
-                return LookupResult(0, ())
-            fastest = (self._table.slot[rows] != ABSENT).argmax(axis=1)
-            return LookupResult(len(rows), tuple(map(_TIERS.__getitem__, fastest.tolist())))
+            rows, _, fastest = self._table.leading_run(keys, namespace_index)
+            return LookupResult(len(rows), _tier_tuple(fastest))
 
-    def acquire(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> Lease:
+    def acquire(self, namespace_id: NamespaceId, keys: Sequence[BlockKey], *, verify: bool = False) -> Lease:
         """Lease the longest leading run of `keys`; NVMe hits are promoted to DRAM when the
         policy agrees and room can be made. The run ends early at a block that fails its
-        checksum during promotion (that block is dropped)."""
+        checksum during promotion (that block is dropped). With `verify`, every checksum in
+        the lease is final (blocks still being hashed in the background are hashed now)."""
         _check_keys(keys)
         with self._lock:
             self._expire()
             namespace_index = self._namespace_of(namespace_id)
-            rows = self._rows_in_namespace(keys, namespace_index)
             table = self._table
-            if rows and (table.leases[rows] >= _MAX_LEASES_PER_BLOCK).any():
-                rows = rows[: int((table.leases[rows] >= _MAX_LEASES_PER_BLOCK).argmax())]
-            table.leases[rows] += 1
-            rows = self._mover.promote(rows)
-            self._policy.on_access(rows)
-            blocks = []
-            for row in rows:
-                tier = _TIERS[int((table.slot[row] != ABSENT).argmax())]
-                self._counters[tier].hits += 1
-                key = table.keys[row]
-                assert key is not None
-                blocks.append(
-                    BlockRef(
-                        key,
-                        tier,
-                        Slot(int(table.slot[row, tier])),
-                        int(table.size_bytes[row]),
-                        int(table.checksum[row]),
-                    )
-                )
-            now = self._clock.now()
-            expires = now + self._config.lease_ttl_s
-            held = self._leases.add(lambda lease_id: _LeaseRows(lease_id, rows), expires)
-            return Lease(held.lease_id, tuple(blocks), expires)
+            rows, index, fastest = table.leading_run(keys, namespace_index)
+            table.leases[index] += 1  # uint32: no block is leased 4 billion times at once
+            if rows and int(fastest.max()) == TierKind.NVME:
+                kept = self._mover.promote(rows, fastest.tolist())
+                rows, index = rows[: len(kept)], index[: len(kept)]
+                fastest = table.fastest[index]
+            self._policy.on_access(index)
+            if verify:
+                self._checksums.settle_now(rows)
+            expires = self._clock.now() + self._config.lease_ttl_s
+            held = self._leases.add(lambda lease_id: _LeaseRows(lease_id, rows, index), expires)
+            tiers = _tier_tuple(fastest)
+            self._count_hits(tiers)
+            return Lease(
+                held.lease_id,
+                tuple(keys[: len(rows)]),
+                tiers,
+                tuple(table.slots_of(index, fastest)),
+                tuple(table.checksum[index].tolist()),
+                table.namespace_bytes[namespace_index],
+                expires,
+            )
 
     def release(self, lease_id: int) -> None:
         with self._lock:
@@ -293,7 +317,7 @@ class TierManager:
                 reason = f"already {outcome.value}" if outcome else "never issued"
                 raise UnknownLeaseError(f"lease {lease_id} is not held ({reason})")
             held = self._leases.finish(lease_id, Outcome.RELEASED)
-            self._table.leases[held.rows] -= 1
+            self._table.leases[held.index] -= 1
 
     def report_corrupt(self, lease: Lease, keys: Sequence[BlockKey]) -> None:
         """A reader found leased blocks failing their checksum: drop every copy of them."""
@@ -303,11 +327,14 @@ class TierManager:
                 return
             for key in keys:
                 row = self._table.ids.get(key)
-                if row is not None and row in held.rows:
-                    tier = self._table.fastest_tier(row)
-                    if tier is not None:
-                        self._counters[tier].checksum_failures += 1
-                    self._mover.drop_everywhere(row)
+                if row is None or row not in held.rows:
+                    continue
+                held.drop(row)  # unleased first: the row may be reused once dropped
+                self._table.leases[row] -= 1
+                tier = self._table.fastest_tier(row)
+                if tier is not None:
+                    self._counters[tier].checksum_failures += 1
+                self._mover.drop_everywhere(row)
 
     # -- administration -----------------------------------------------------------------------
 
@@ -322,6 +349,7 @@ class TierManager:
                 row = self._table.ids.get(key)
                 if row is None or not self._table.is_resident(row) or self._table.namespace[row] != namespace_index:
                     continue
+                self._checksums.settle_now([row])  # its hashing pin is not a reader's lease
                 if self._table.leases[row]:
                     busy += 1
                     continue
@@ -342,6 +370,14 @@ class TierManager:
                     count += 1
             return count
 
+    def drain_checksums(self) -> None:
+        """Wait until the background thread has hashed every block committed so far."""
+        self._checksums.drain()
+
+    def close(self) -> None:
+        """Stop the background checksum thread (the tiers are closed by their owner)."""
+        self._checksums.close()
+
     def expire(self) -> None:
         """Free expired reservations and leases now (also done at the start of every call)."""
         with self._lock:
@@ -357,6 +393,7 @@ class TierManager:
                 num_blocks=len(self._table),
                 num_reservations=len(self._reservations),
                 num_leases=len(self._leases),
+                num_unhashed=len(self._checksums),
             )
 
     def block_ref(self, key: BlockKey) -> BlockRef | None:
@@ -366,8 +403,10 @@ class TierManager:
             tier = self._table.fastest_tier(row) if row is not None else None
             if row is None or tier is None:
                 return None
-            slot = Slot(int(self._table.slot[row, tier]))
-            return BlockRef(key, tier, slot, int(self._table.size_bytes[row]), int(self._table.checksum[row]))
+            self._checksums.settle_now([row])
+            slot = self._table.slot_of(row, tier)
+            assert slot is not None
+            return BlockRef(key, tier, slot, self._table.size_of(row), int(self._table.checksum[row]))
 
     # -- internals: validation ----------------------------------------------------------------
 
@@ -394,14 +433,6 @@ class TierManager:
         reason = "expired" if outcome is Outcome.EXPIRED else "never issued"
         raise UnknownReservationError(f"reservation {reservation_id} is not open ({reason})")
 
-    def _rows_in_namespace(self, keys: Sequence[BlockKey], namespace_index: int) -> list[int]:
-        rows = self._table.rows_of(keys)
-        if rows:
-            foreign = self._table.namespace[rows] != namespace_index
-            if foreign.any():
-                rows = rows[: int(foreign.argmax())]  # on doubt, miss
-        return rows
-
     # -- internals: state changes (lock held) -------------------------------------------------
 
     def _expire(self) -> None:
@@ -409,7 +440,14 @@ class TierManager:
         for reservation in self._reservations.expired(now):
             self._drop_reservation(reservation)
         for held in self._leases.expired(now):
-            self._table.leases[held.rows] -= 1
+            self._table.leases[held.index] -= 1
+
+    def _count_hits(self, tiers: tuple[TierKind, ...]) -> None:
+        if tiers and tiers[0] is tiers[-1] and len(set(tiers)) == 1:
+            self._counters[tiers[0]].hits += len(tiers)
+            return
+        for tier in tiers:
+            self._counters[tier].hits += 1
 
     def _drop_reservation(self, reservation: Reservation) -> None:
         for key in reservation.keys:
@@ -438,35 +476,40 @@ class TierManager:
         ):
             row = table.ids.get(key)
             if row is None:
-                row = table.add(key, parent, namespace_index, reservation.size_bytes, value)
+                row = table.add(key, parent, namespace_index, value)
             else:  # a tombstone kept for its children comes back
                 table.namespace[row] = namespace_index
-                table.size_bytes[row] = reservation.size_bytes
                 table.checksum[row] = value
             table.set_resident(row, reservation.tier, slot)
             rows.append(row)
         self._policy.resize(table.capacity)
         return rows
 
+    def _add_namespace(self, namespace: Namespace) -> None:
+        self._namespace_index[namespace.namespace_id] = len(self._namespaces)
+        self._namespaces.append(namespace)
+        self._table.namespace_bytes.append(namespace.block_bytes)
+
     def _load_nvme(self, nvme: NvmeTier) -> None:
         """Rebuild the index from the NVMe tier's LMDB records after a restart."""
         for namespace_id, encoded in nvme.namespaces().items():
             namespace = Namespace.from_canonical_bytes(encoded)
-            self._namespace_index[namespace_id] = len(self._namespaces)
-            self._namespaces.append(namespace)
+            if namespace.namespace_id != namespace_id:
+                raise StorageFormatError(f"namespace {namespace_id.hex()} is stored with another encoding")
+            self._add_namespace(namespace)
         records = nvme.records()
-        orphans = [record for record in records if record.namespace_id not in self._namespace_index]
-        if orphans:
+        sizes = {namespace.namespace_id: namespace.block_bytes for namespace in self._namespaces}
+        known = [record for record in records if sizes.get(record.namespace_id) == record.size_bytes]
+        if len(known) != len(records):  # a namespace or size we cannot vouch for: on doubt, drop
+            orphans = [record for record in records if sizes.get(record.namespace_id) != record.size_bytes]
             nvme.remove_records([record.key for record in orphans])
             for record in orphans:
                 nvme.free(record.size_bytes, [record.slot])
-        known = [record for record in records if record.namespace_id in self._namespace_index]
         rows = [
             self._table.add(
                 record.key,
                 record.parent,
                 self._namespace_index[record.namespace_id],
-                record.size_bytes,
                 record.checksum,
             )
             for record in known
@@ -480,7 +523,20 @@ class TierManager:
 _TIERS = tuple(TierKind)
 
 
-def _check_keys(keys: Iterable[BlockKey]) -> None:
-    for key in keys:
-        if not isinstance(key, bytes) or len(key) != KEY_BYTES:
-            raise InvalidArgumentError(f"a block key must be {KEY_BYTES} bytes, got {key!r}")
+def _tier_tuple(fastest: npt.NDArray[Any]) -> tuple[TierKind, ...]:
+    """Tier names of a run; one comparison when the whole run sits in one tier (the common case)."""
+    count = len(fastest)
+    if not count:
+        return ()
+    low, high = int(fastest.min()), int(fastest.max())
+    if low == high:
+        return (_TIERS[low],) * count
+    return tuple(map(_TIERS.__getitem__, fastest.tolist()))
+
+
+def _check_keys(keys: Sequence[BlockKey]) -> None:
+    # Two passes at C speed; the slow search for the culprit runs only when one is there.
+    if set(map(type, keys)) <= {bytes} and set(map(len, keys)) <= {KEY_BYTES}:
+        return
+    bad = next(key for key in keys if type(key) is not bytes or len(key) != KEY_BYTES)
+    raise InvalidArgumentError(f"a block key must be {KEY_BYTES} bytes, got {bad!r}")

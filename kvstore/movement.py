@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from kvstore.checksums import ChecksumBook
 from kvstore.config import StoreConfig
 from kvstore.errors import StoreFullError
 from kvstore.policy.base import EvictionPolicy
 from kvstore.stats import TierCounters
-from kvstore.table import ABSENT, BlockTable
+from kvstore.table import BlockTable
 from kvstore.tiers.base import Tier
 from kvstore.tiers.nvme import NvmeTier
 from kvstore.tiers.nvme_index import NvmeRecord
@@ -30,6 +31,7 @@ class TierMover:
         config: StoreConfig,
         tiers: dict[TierKind, Tier],
         *,
+        checksums: ChecksumBook,
         table: BlockTable,
         policy: EvictionPolicy,
         counters: dict[TierKind, TierCounters],
@@ -37,6 +39,7 @@ class TierMover:
     ) -> None:
         self._config = config
         self._tiers = tiers
+        self._checksums = checksums
         self._table = table
         self._policy = policy
         self._counters = counters
@@ -50,7 +53,14 @@ class TierMover:
             return tier.allocate(size_bytes, count)
         except StoreFullError:
             pass
-        victims = self._plan_room(tier, size_bytes, count)
+        try:
+            victims = self._plan_room(tier, size_bytes, count)
+        except StoreFullError:
+            unhashed = self._checksums.pending_in(tier.kind)
+            if not unhashed:
+                raise
+            self._checksums.settle_now(unhashed)  # their hashing pins may be what blocks eviction
+            victims = self._plan_room(tier, size_bytes, count)
         self._evict(tier.kind, victims)
         return tier.allocate(size_bytes, count)
 
@@ -65,8 +75,9 @@ class TierMover:
             return victims
         for row in self._policy.victims(tier.kind, self._table):
             victims.append(row)
-            victim_slot = Slot(int(self._table.slot[row, tier.kind]))
-            if allocator.slot_bytes(int(self._table.size_bytes[row])) == slot_bytes:
+            victim_slot = self._table.slot_of(row, tier.kind)
+            assert victim_slot is not None  # victims are resident in the tier
+            if allocator.slot_bytes(self._table.size_of(row)) == slot_bytes:
                 have += 1
             else:
                 slab = allocator.slab_of(victim_slot)
@@ -90,7 +101,7 @@ class TierMover:
         victims: list[int] = []
         for row in self._policy.victims(kind, self._table):
             victims.append(row)
-            excess -= allocator.slot_bytes(int(self._table.size_bytes[row]))
+            excess -= allocator.slot_bytes(self._table.size_of(row))
             if excess <= 0:
                 break
         self._evict(kind, victims)
@@ -103,7 +114,7 @@ class TierMover:
         self._counters[kind].evictions += len(rows)
         lower = [tier for tier in self._tiers if tier > kind]
         if lower:
-            dirty = [row for row in rows if not any(self._table.slot[row, t] != ABSENT for t in lower)]
+            dirty = [row for row in rows if all(self._table.slot_of(row, t) is None for t in lower)]
             admitted = [row for row, ok in zip(dirty, self._policy.admit(dirty, lower[0]), strict=True) if ok]
             if admitted:
                 self.copy_down(admitted, kind, lower[0])
@@ -116,7 +127,7 @@ class TierMover:
         where they are). A copy whose bytes no longer match the block's checksum is dropped."""
         by_size: dict[int, list[int]] = {}
         for row in rows:
-            by_size.setdefault(int(self._table.size_bytes[row]), []).append(row)
+            by_size.setdefault(self._table.size_of(row), []).append(row)
         for size, group in by_size.items():
             try:
                 slots = self.allocate(self._tiers[target], size, len(group))
@@ -142,8 +153,9 @@ class TierMover:
     ) -> list[bool]:
         """Move bytes between tiers; True per block whose bytes still match its checksum."""
         src, dst = self._tiers[source], self._tiers[target]
+        self._checksums.settle_now(rows)
         expected = [int(self._table.checksum[row]) for row in rows]
-        src_slots = [Slot(int(self._table.slot[row, source])) for row in rows]
+        src_slots = [self._slot(row, source) for row in rows]
         dst_views = [dst.host_view(slot, size) for slot in slots]
         if all(view is not None for view in dst_views):
             return src.read_into(src_slots, size, [v for v in dst_views if v is not None], expected)
@@ -156,20 +168,21 @@ class TierMover:
             written = dst.write(slots, size, [v for v in src_views if v is not None])
         return [got == want for got, want in zip(written, expected, strict=True)]
 
-    def promote(self, rows: list[int]) -> list[int]:
-        """Copy NVMe-only rows of a leased run up to DRAM; truncate the run at a corrupt block."""
+    def promote(self, rows: list[int], fastest: list[int]) -> list[int]:
+        """Copy NVMe-only rows of a leased run (`fastest`: each row's fastest tier) up to DRAM;
+        truncate the run at a corrupt block."""
         dram = self._tiers.get(TierKind.DRAM)
-        if not self._config.promote_on_hit or dram is None or not self._nvme is not None:
+        if not self._config.promote_on_hit or dram is None or self._nvme is None:
             return rows
         table = self._table
-        candidates = [row for row in rows if table.fastest_tier(row) is TierKind.NVME]
+        candidates = [row for row, tier in zip(rows, fastest, strict=True) if tier == TierKind.NVME]
         admitted = [
             row for row, ok in zip(candidates, self._policy.admit(candidates, TierKind.DRAM), strict=True) if ok
         ]
         corrupt: set[int] = set()
         by_size: dict[int, list[int]] = {}
         for row in admitted:
-            by_size.setdefault(int(table.size_bytes[row]), []).append(row)
+            by_size.setdefault(table.size_of(row), []).append(row)
         for size, group in by_size.items():
             try:
                 slots = self.allocate(dram, size, len(group))
@@ -196,7 +209,7 @@ class TierMover:
 
     def drop_everywhere(self, row: int) -> None:
         for kind in reversed(list(self._tiers)):
-            if self._table.slot[row, kind] != ABSENT:
+            if self._table.slot_of(row, kind) is not None:
                 if kind is TierKind.NVME and self._nvme is not None:
                     self._nvme.remove_records([self._key(row)])
                 self._release_copies([row], kind)
@@ -206,11 +219,16 @@ class TierMover:
         tier = self._tiers[kind]
         self._policy.on_evict(rows, kind)
         for row in rows:
-            slot = self._table.slot[row, kind]
-            if slot == ABSENT:
+            slot = self._table.slot_of(row, kind)
+            if slot is None:
                 continue
-            tier.free(int(self._table.size_bytes[row]), [Slot(int(slot))])
+            tier.free(self._table.size_of(row), [slot])
             self._table.clear_resident(row, kind)
+
+    def _slot(self, row: int, kind: TierKind) -> Slot:
+        slot = self._table.slot_of(row, kind)
+        assert slot is not None, f"row {row} has no copy in {kind.label}"  # callers pass resident rows
+        return slot
 
     def _key(self, row: int) -> BlockKey:
         key = self._table.keys[row]
@@ -224,6 +242,6 @@ class TierMover:
             namespace.namespace_id,
             self._table.parents[row],
             slot,
-            int(self._table.size_bytes[row]),
+            self._table.size_of(row),
             int(self._table.checksum[row]),
         )

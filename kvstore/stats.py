@@ -39,6 +39,7 @@ class StoreStats:
     num_blocks: int  # distinct stored blocks (a block in two tiers counts once)
     num_reservations: int
     num_leases: int
+    num_unhashed: int  # committed to memory, checksum still being computed in the background
 
     @classmethod
     def build(
@@ -50,6 +51,7 @@ class StoreStats:
         num_blocks: int,
         num_reservations: int,
         num_leases: int,
+        num_unhashed: int,
     ) -> StoreStats:
         rows = []
         for kind, tier in tiers.items():
@@ -67,7 +69,7 @@ class StoreStats:
                     count.checksum_failures,
                 )
             )
-        return cls(tuple(rows), num_blocks, num_reservations, num_leases)
+        return cls(tuple(rows), num_blocks, num_reservations, num_leases, num_unhashed)
 
     def tier(self, kind: TierKind) -> TierStats:
         for row in self.tiers:

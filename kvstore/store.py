@@ -27,7 +27,7 @@ from kvstore.layout import payload_bytes
 from kvstore.manager import Lease, RemoveResult, TierManager
 from kvstore.policy import EvictionPolicy, LeafFirstLRU
 from kvstore.stats import StoreStats
-from kvstore.tiers.base import Tier, as_bytes_array
+from kvstore.tiers.base import Tier, as_bytes_arrays
 from kvstore.tiers.dram import DramTier
 from kvstore.tiers.hbm import HbmTier
 from kvstore.tiers.nvme import NvmeTier
@@ -73,6 +73,7 @@ class Store:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self.manager.close()  # the checksum thread reads slots: stop it before the tiers go
             for tier in self.tiers.values():
                 tier.close()
 
@@ -126,12 +127,15 @@ class Store:
         if reservation.num_present:
             position = {key: i for i, key in enumerate(keys)}
             flats = [flats[position[key]] for key in reservation.keys]
+        hash_later = tier is not TierKind.NVME and self.config.checksum_in_background
         try:
-            checksums = self.tiers[tier].write(reservation.slots, reservation.size_bytes, flats)
+            checksums = self.tiers[tier].write(
+                reservation.slots, reservation.size_bytes, flats, with_checksums=not hash_later
+            )
         except BaseException:
             self.manager.abort(reservation.reservation_id)
             raise
-        self.manager.commit(reservation.reservation_id, checksums)
+        self.manager.commit(reservation.reservation_id, None if hash_later else checksums)
         return PutResult(len(reservation.keys), reservation.num_present)
 
     def get_into(
@@ -147,35 +151,44 @@ class Store:
         if len(keys) != len(dests):
             raise InvalidArgumentError(f"{len(keys)} keys but {len(dests)} destinations")
         size = namespace.block_bytes
-        targets = [as_bytes_array(dest, size, f"destination {i}", writable=True) for i, dest in enumerate(dests)]
-        lease = self.manager.acquire(namespace_id, keys)
+        targets = as_bytes_arrays(dests, size, "destination", writable=True)
+        lease = self.manager.acquire(namespace_id, keys, verify=verify)
         try:
-            return self._read_lease(lease, size, targets, verify)
+            return self._read_lease(lease, targets, verify)
         finally:
             self.manager.release(lease.lease_id)
 
     def get_blocks(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> list[npt.NDArray[np.uint8]]:
         """The longest stored leading run of `keys`, as new flat uint8 arrays."""
-        size = self.manager.namespace(namespace_id).block_bytes
         lease = self.manager.acquire(namespace_id, keys)
         try:
-            targets = [np.empty(size, dtype=np.uint8) for _ in lease.blocks]
-            count = self._read_lease(lease, size, targets, verify=False)
-            return targets[:count]
+            targets = [np.empty(lease.size_bytes, dtype=np.uint8) for _ in range(len(lease))]
+            return targets[: self._read_lease(lease, targets, verify=False)]
         finally:
             self.manager.release(lease.lease_id)
 
-    def _read_lease(self, lease: Lease, size: int, targets: list[npt.NDArray[np.uint8]], verify: bool) -> int:
-        by_tier: dict[TierKind, list[int]] = {}
-        for index, block in enumerate(lease.blocks):
-            by_tier.setdefault(block.tier, []).append(index)
+    def _read_lease(self, lease: Lease, targets: list[npt.NDArray[np.uint8]], verify: bool) -> int:
+        """Copy a lease's blocks into `targets`, one batch per tier; the length of the good run."""
+        count = len(lease)
+        if not count:
+            return 0
+        by_tier = [range(count)] if len(set(lease.tiers)) == 1 else _indexes_by_tier(lease.tiers)
         failed: list[int] = []
-        for kind, indexes in by_tier.items():
-            blocks = [lease.blocks[i] for i in indexes]
-            checks = [b.checksum for b in blocks] if verify or kind is TierKind.NVME else None
-            matches = self.tiers[kind].read_into([b.slot for b in blocks], size, [targets[i] for i in indexes], checks)
-            failed.extend(i for i, ok in zip(indexes, matches, strict=True) if not ok)
+        for indexes in by_tier:
+            kind = lease.tiers[indexes[0]]
+            checks = [lease.checksums[i] for i in indexes] if verify or kind is TierKind.NVME else None
+            slots = [lease.slots[i] for i in indexes]
+            matches = self.tiers[kind].read_flat(slots, lease.size_bytes, [targets[i] for i in indexes], checks)
+            if checks is not None:
+                failed.extend(i for i, ok in zip(indexes, matches, strict=True) if not ok)
         if not failed:
-            return len(lease.blocks)
-        self.manager.report_corrupt(lease, [lease.blocks[i].key for i in failed])
+            return count
+        self.manager.report_corrupt(lease, [lease.keys[i] for i in failed])
         return min(failed)
+
+
+def _indexes_by_tier(tiers: Sequence[TierKind]) -> list[list[int]]:
+    groups: dict[TierKind, list[int]] = {}
+    for index, tier in enumerate(tiers):
+        groups.setdefault(tier, []).append(index)
+    return list(groups.values())

@@ -1,15 +1,16 @@
 """The block table: key -> block id, and each block's metadata in compact columns.
 
-This is the prefix index of DESIGN.md 3. A Python object per block would cost ~400 bytes;
-here a block costs one dict entry plus a row in a few numpy arrays (about 180 bytes in all,
-measured by tools/bench/store.py), so a node can index tens of millions of blocks.
+This is the prefix index of DESIGN.md 3. A Python object per block would cost ~470 bytes;
+here a block costs one dict entry plus a row in a few numpy arrays (under 200 bytes in all,
+measured by tools/bench/store.py), so a node can index tens of millions of blocks. Nothing
+that can be derived is stored: a block's size comes from its namespace.
 
 A row exists while its block is resident in at least one tier, or while resident children
 still count it as their parent (a "tombstone": not visible to readers, kept so that the
 children's bookkeeping stays exact). Only committed blocks have rows; reservations live in the
 tier manager until commit.
 
-Owner: the tier manager, which calls it only under its lock.
+Owner: the tier manager, which calls it only under its lock. Policies read it.
 """
 
 from __future__ import annotations
@@ -20,11 +21,16 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from kvstore.config import ALIGNMENT_BYTES
 from kvstore.types import BlockKey, Slot, TierKind
 
 NUM_TIERS = len(TierKind)
-ABSENT = np.uint64(2**64 - 1)
-"""`slot[row, tier]` of a block that has no copy in that tier."""
+ABSENT = np.uint32(2**32 - 1)
+"""`slot[row, tier]` of a block that has no copy in that tier. Slots are stored in units of
+ALIGNMENT_BYTES, so a uint32 addresses 16 TiB per tier."""
+NO_TIER = np.uint8(255)
+"""`fastest[row]` of a tombstone."""
+_TIERS = tuple(TierKind)
 
 
 class BlockTable:
@@ -34,24 +40,23 @@ class BlockTable:
         self.ids: dict[BlockKey, int] = {}
         self.keys: list[BlockKey | None] = []
         self.parents: list[BlockKey | None] = []
+        self.namespace_bytes: list[int] = []  # block size per namespace index (the manager appends)
         self._free_rows: list[int] = []
         self.capacity = 0
-        self.slot: npt.NDArray[Any] = np.empty((0, NUM_TIERS), dtype=np.uint64)
+        self.slot: npt.NDArray[Any] = np.empty((0, NUM_TIERS), dtype=np.uint32)
+        self.fastest: npt.NDArray[Any] = np.empty(0, dtype=np.uint8)  # fastest resident tier, or NO_TIER
         self.children: npt.NDArray[Any] = np.empty((0, NUM_TIERS), dtype=np.uint32)  # resident children per tier
-        self.counted: npt.NDArray[Any] = np.empty(
-            0, dtype=np.uint8
-        )  # bit t: this block is counted in parent's children[t]
+        self.counted: npt.NDArray[Any] = np.empty(0, dtype=np.uint8)  # bit t: counted in parent's children[t]
         self.namespace: npt.NDArray[Any] = np.empty(0, dtype=np.uint16)
-        self.size_bytes: npt.NDArray[Any] = np.empty(0, dtype=np.uint32)
         self.checksum: npt.NDArray[Any] = np.empty(0, dtype=np.uint64)
-        self.leases: npt.NDArray[Any] = np.empty(0, dtype=np.uint16)
+        self.leases: npt.NDArray[Any] = np.empty(0, dtype=np.uint32)
         self.pinned: npt.NDArray[Any] = np.empty(0, dtype=np.bool_)
         self._grow(initial_rows)
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def add(self, key: BlockKey, parent: BlockKey | None, namespace: int, size_bytes: int, checksum: int) -> int:
+    def add(self, key: BlockKey, parent: BlockKey | None, namespace: int, checksum: int) -> int:
         """A new row with no residency yet; the caller then calls `set_resident`."""
         if not self._free_rows:
             self._grow(max(1024, self.capacity // 2))
@@ -60,53 +65,41 @@ class BlockTable:
         self.keys[row] = key
         self.parents[row] = parent
         self.slot[row] = ABSENT
+        self.fastest[row] = NO_TIER
         self.children[row] = 0
         self.counted[row] = 0
         self.namespace[row] = namespace
-        self.size_bytes[row] = size_bytes
         self.checksum[row] = checksum
         self.leases[row] = 0
         self.pinned[row] = False
         return row
 
-    def is_resident(self, row: int) -> bool:
-        return bool((self.slot[row] != ABSENT).any())
+    # -- reading ------------------------------------------------------------------------------
 
-    def tier_slot(self, row: int, tier: TierKind) -> Slot | None:
-        value = self.slot[row, tier]
-        return None if value == ABSENT else Slot(int(value))
+    def size_of(self, row: int) -> int:
+        return self.namespace_bytes[int(self.namespace[row])]
+
+    def is_resident(self, row: int) -> bool:
+        return bool(self.fastest[row] != NO_TIER)
 
     def fastest_tier(self, row: int) -> TierKind | None:
-        for tier in TierKind:
-            if self.slot[row, tier] != ABSENT:
-                return tier
-        return None
+        tier = int(self.fastest[row])
+        return None if tier == NO_TIER else _TIERS[tier]
 
-    def set_resident(self, row: int, tier: TierKind, slot: Slot) -> None:
-        """Record a copy in `tier`; counts it in the parent's children when the parent has a row."""
-        self.slot[row, tier] = slot
-        parent = self.parents[row]
-        parent_row = self.ids.get(parent) if parent is not None else None
-        if parent_row is not None:
-            self.children[parent_row, tier] += 1
-            self.counted[row] |= 1 << tier
+    def slot_of(self, row: int, tier: TierKind) -> Slot | None:
+        units = self.slot[row, tier]
+        return None if units == ABSENT else Slot(int(units) * ALIGNMENT_BYTES)
 
-    def clear_resident(self, row: int, tier: TierKind) -> list[int]:
-        """Drop the copy in `tier`. Returns the rows removed as a result (this one and tombstoned
-        ancestors that no longer have a reason to exist)."""
-        self.slot[row, tier] = ABSENT
-        if self.counted[row] & (1 << tier):
-            self.counted[row] &= ~np.uint8(1 << tier)
-            parent = self.parents[row]
-            assert parent is not None  # counted implies a parent row existed and still exists
-            parent_row = self.ids[parent]
-            self.children[parent_row, tier] -= 1
-            removed = self._remove_if_unused(row)
-            return removed + self._remove_if_unused(parent_row)
-        return self._remove_if_unused(row)
+    def slots_of(self, rows: npt.NDArray[np.intp], tiers: npt.NDArray[Any]) -> list[Slot]:
+        """Slots of many rows at once (each in the tier given for it; all must be resident)."""
+        return np.multiply(self.slot[rows, tiers], ALIGNMENT_BYTES, dtype=np.int64).tolist()  # type: ignore[no-any-return]
 
-    def rows_of(self, keys: Sequence[BlockKey]) -> list[int]:
-        """Rows of the longest run of leading keys that have a resident row."""
+    def leading_run(
+        self, keys: Sequence[BlockKey], namespace: int
+    ) -> tuple[list[int], npt.NDArray[np.intp], npt.NDArray[Any]]:
+        """Rows of the longest run of leading keys stored in `namespace` (as a list and as an
+        index array), and each one's fastest tier. A tombstone or a block of another namespace
+        ends the run (on doubt, miss)."""
         rows: list[int] = []
         get = self.ids.get
         for key in keys:
@@ -114,21 +107,48 @@ class BlockTable:
             if row is None:
                 break
             rows.append(row)
-        if rows:
-            resident = (self.slot[rows] != ABSENT).any(axis=1)
-            if not resident.all():
-                rows = rows[: int(resident.argmin())]
-        return rows
+        index = np.array(rows, dtype=np.intp)
+        fastest = self.fastest[index]
+        usable = (fastest != NO_TIER) & (self.namespace[index] == namespace)
+        if not usable.all():
+            cut = int(usable.argmin())
+            return rows[:cut], index[:cut], fastest[:cut]
+        return rows, index, fastest
 
     def resident_mask(self, tier: TierKind) -> npt.NDArray[np.bool_]:
         mask: npt.NDArray[np.bool_] = self.slot[:, tier] != ABSENT
         return mask
 
+    # -- residency ----------------------------------------------------------------------------
+
+    def set_resident(self, row: int, tier: TierKind, slot: Slot) -> None:
+        """Record a copy in `tier`; counts it in the parent's children when the parent has a row."""
+        self.slot[row, tier] = slot // ALIGNMENT_BYTES
+        self.fastest[row] = min(self.fastest[row], tier)
+        parent = self.parents[row]
+        parent_row = self.ids.get(parent) if parent is not None else None
+        if parent_row is not None:
+            self.children[parent_row, tier] += 1
+            self.counted[row] |= 1 << tier
+
+    def clear_resident(self, row: int, tier: TierKind) -> list[int]:
+        """Drop the copy in `tier`. Returns the rows removed as a result (this one, and its
+        parent when that was a tombstone kept only for this child)."""
+        self.slot[row, tier] = ABSENT
+        present = np.flatnonzero(self.slot[row] != ABSENT)
+        self.fastest[row] = present[0] if len(present) else NO_TIER
+        if not self.counted[row] & (1 << tier):
+            return self._remove_if_unused(row)
+        self.counted[row] &= ~np.uint8(1 << tier)
+        parent = self.parents[row]
+        assert parent is not None  # counted implies a parent row existed, and it cannot leave before us
+        parent_row = self.ids[parent]
+        self.children[parent_row, tier] -= 1
+        return self._remove_if_unused(row) + self._remove_if_unused(parent_row)
+
     def _remove_if_unused(self, row: int) -> list[int]:
-        if (self.slot[row] != ABSENT).any() or self.children[row].any():
-            return []
         key = self.keys[row]
-        if key is None:
+        if key is None or self.fastest[row] != NO_TIER or self.children[row].any():
             return []
         del self.ids[key]
         self.keys[row] = None
@@ -139,10 +159,10 @@ class BlockTable:
     def _grow(self, extra: int) -> None:
         old, new = self.capacity, self.capacity + extra
         self.slot = _resized(self.slot, new, ABSENT)
+        self.fastest = _resized(self.fastest, new, NO_TIER)
         self.children = _resized(self.children, new, 0)
         self.counted = _resized(self.counted, new, 0)
         self.namespace = _resized(self.namespace, new, 0)
-        self.size_bytes = _resized(self.size_bytes, new, 0)
         self.checksum = _resized(self.checksum, new, 0)
         self.leases = _resized(self.leases, new, 0)
         self.pinned = _resized(self.pinned, new, False)

@@ -7,8 +7,9 @@ slotted dataclasses; enums that cross the wire or config are `StrEnum`s.
 
 from __future__ import annotations
 
+import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from typing import NewType
 
@@ -123,6 +124,9 @@ class Namespace:
     tp_rank: int = 0
     tp_size: int = 1
     tenant_salt: str = ""
+    # Derived once (hot paths read them per block); not part of equality or the encoding.
+    _block_shape: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    _block_bytes: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_id, str) or not self.model_id:
@@ -142,18 +146,18 @@ class Namespace:
         for name in ("model_revision", "tenant_salt"):
             if not isinstance(getattr(self, name), str):
                 raise InvalidArgumentError(f"Namespace.{name} must be a str, got {getattr(self, name)!r}")
+        shape = self.layout.block_shape(self.block_tokens)
+        object.__setattr__(self, "_block_shape", shape)
+        object.__setattr__(self, "_block_bytes", self.dtype.itemsize * math.prod(shape))
 
     @property
     def block_shape(self) -> tuple[int, ...]:
-        return self.layout.block_shape(self.block_tokens)
+        return self._block_shape
 
     @property
     def block_bytes(self) -> int:
         """Bytes of one block's payload in this namespace."""
-        size = self.dtype.itemsize
-        for dim in self.block_shape:
-            size *= dim
-        return size
+        return self._block_bytes
 
     def canonical_bytes(self) -> bytes:
         """A byte encoding that is equal exactly when the namespaces are equal.

@@ -40,8 +40,10 @@ def config(
     high: float = 1.0,
     low: float = 1.0,
     promote_on_hit: bool = True,
+    checksum_in_background: bool = False,
 ) -> StoreConfig:
-    """Tiers sized in 8 KiB blocks; slabs of 64 KiB (8 blocks). Watermarks off by default."""
+    """Tiers sized in 8 KiB blocks; slabs of 64 KiB (8 blocks). Watermarks off by default;
+    checksums computed at commit by default, so eviction order does not depend on a thread."""
     slab = 64 * KiB
     return StoreConfig(
         dram=DramConfig(capacity_bytes=dram_blocks * 8 * KiB, slab_bytes=slab),
@@ -59,6 +61,7 @@ def config(
         reservation_ttl_s=10.0,
         lease_ttl_s=10.0,
         promote_on_hit=promote_on_hit,
+        checksum_in_background=checksum_in_background,
     )
 
 

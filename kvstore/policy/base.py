@@ -23,6 +23,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
+import numpy as np
+import numpy.typing as npt
+
 from kvstore.table import BlockTable
 from kvstore.types import TierKind
 
@@ -32,7 +35,7 @@ class EvictionPolicy(Protocol):
 
     def resize(self, num_rows: int) -> None: ...
 
-    def on_access(self, rows: Sequence[int]) -> None: ...
+    def on_access(self, rows: Sequence[int] | npt.NDArray[np.intp]) -> None: ...
 
     def on_insert(self, rows: Sequence[int], tier: TierKind) -> None: ...
 

@@ -17,6 +17,7 @@ import heapq
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 from kvstore.table import BlockTable
 from kvstore.types import TierKind
@@ -35,10 +36,10 @@ class LeafFirstLRU:
             grown[: len(self._stamp)] = self._stamp
             self._stamp = grown
 
-    def on_access(self, rows: Sequence[int]) -> None:
+    def on_access(self, rows: Sequence[int] | npt.NDArray[np.intp]) -> None:
         count = len(rows)
         if count:
-            self._stamp[list(rows)] = np.arange(self._tick + count, self._tick, -1, dtype=np.uint64)
+            self._stamp[rows] = np.arange(self._tick + count, self._tick, -1, dtype=np.uint64)
             self._tick += count + 1
 
     def on_insert(self, rows: Sequence[int], tier: TierKind) -> None:

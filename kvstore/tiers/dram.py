@@ -25,7 +25,7 @@ import numpy.typing as npt
 from kvstore.config import ALIGNMENT_BYTES, DramConfig
 from kvstore.errors import InvalidArgumentError, StoreClosedError
 from kvstore.slab import SlabAllocator
-from kvstore.tiers.base import Buffer, SlabTier, as_bytes_array, check_batch, copy_with_checksum, zero_and_verify
+from kvstore.tiers.base import Buffer, SlabTier, as_bytes_arrays, check_batch, copy_with_checksum, zero_and_verify
 from kvstore.types import Slot, TierKind
 
 SHM_DIR = Path("/dev/shm")
@@ -101,24 +101,28 @@ class DramTier(SlabTier):
         super().__init__(allocator)
         self.segment = SharedSegment.create(name, allocator.capacity_bytes)
 
-    def write(self, slots: Sequence[Slot], size_bytes: int, payloads: Sequence[Buffer]) -> list[int]:
+    def write(
+        self, slots: Sequence[Slot], size_bytes: int, payloads: Sequence[Buffer], *, with_checksums: bool = True
+    ) -> list[int]:
         check_batch(slots, payloads, size_bytes, "payloads")
-        sources = [as_bytes_array(p, size_bytes, f"payload {i}") for i, p in enumerate(payloads)]
+        sources = as_bytes_arrays(payloads, size_bytes, "payload")
         memory = self._memory()
+        if not with_checksums:
+            for slot, source in zip(slots, sources, strict=True):
+                np.copyto(memory[slot : slot + size_bytes], source)
+            return []
         return [
             copy_with_checksum(memory[slot : slot + size_bytes], source)
             for slot, source in zip(slots, sources, strict=True)
         ]
 
-    def read_into(
+    def read_flat(
         self,
         slots: Sequence[Slot],
         size_bytes: int,
-        dests: Sequence[Buffer],
+        targets: Sequence[npt.NDArray[np.uint8]],
         checksums: Sequence[int] | None = None,
     ) -> list[bool]:
-        check_batch(slots, dests, size_bytes, "destinations", checksums)
-        targets = [as_bytes_array(d, size_bytes, f"destination {i}", writable=True) for i, d in enumerate(dests)]
         memory = self._memory()
         for slot, target in zip(slots, targets, strict=True):
             np.copyto(target, memory[slot : slot + size_bytes])

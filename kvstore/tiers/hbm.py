@@ -13,13 +13,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from kvstore.config import ALIGNMENT_BYTES, HbmConfig
 from kvstore.errors import ConfigError, StoreClosedError
 from kvstore.hashing import checksum
 from kvstore.slab import SlabAllocator
-from kvstore.tiers.base import Buffer, SlabTier, as_bytes_array, check_batch, zero_and_verify
+from kvstore.tiers.base import Buffer, SlabTier, as_bytes_arrays, check_batch, zero_and_verify
 from kvstore.types import Slot, TierKind
 
 
@@ -44,25 +45,26 @@ class HbmTier(SlabTier):
         self.device = resolve_device(config.device)
         self._slab: torch.Tensor | None = torch.zeros(allocator.capacity_bytes, dtype=torch.uint8, device=self.device)
 
-    def write(self, slots: Sequence[Slot], size_bytes: int, payloads: Sequence[Buffer]) -> list[int]:
+    def write(
+        self, slots: Sequence[Slot], size_bytes: int, payloads: Sequence[Buffer], *, with_checksums: bool = True
+    ) -> list[int]:
         check_batch(slots, payloads, size_bytes, "payloads")
-        sources = [as_bytes_array(p, size_bytes, f"payload {i}") for i, p in enumerate(payloads)]
+        sources = as_bytes_arrays(payloads, size_bytes, "payload")
         slab = self._memory()
         sums = []
         for slot, source in zip(slots, sources, strict=True):
-            sums.append(checksum(source))
+            if with_checksums:
+                sums.append(checksum(source))
             slab[slot : slot + size_bytes].copy_(_as_tensor(source))
         return sums
 
-    def read_into(
+    def read_flat(
         self,
         slots: Sequence[Slot],
         size_bytes: int,
-        dests: Sequence[Buffer],
+        targets: Sequence[npt.NDArray[np.uint8]],
         checksums: Sequence[int] | None = None,
     ) -> list[bool]:
-        check_batch(slots, dests, size_bytes, "destinations", checksums)
-        targets = [as_bytes_array(d, size_bytes, f"destination {i}", writable=True) for i, d in enumerate(dests)]
         slab = self._memory()
         for slot, target in zip(slots, targets, strict=True):
             torch.from_numpy(target).copy_(slab[slot : slot + size_bytes])

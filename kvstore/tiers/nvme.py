@@ -39,7 +39,7 @@ import numpy.typing as npt
 from kvstore.config import ALIGNMENT_BYTES, NvmeConfig
 from kvstore.errors import ConfigError, InvalidArgumentError, StorageFormatError, StoreClosedError
 from kvstore.slab import SlabAllocator
-from kvstore.tiers.base import Buffer, SlabTier, as_bytes_array, check_batch, copy_with_checksum, zero_and_verify
+from kvstore.tiers.base import Buffer, SlabTier, as_bytes_arrays, check_batch, copy_with_checksum, zero_and_verify
 from kvstore.tiers.nvme_index import NvmeIndex, NvmeRecord
 from kvstore.types import BlockKey, NamespaceId, Slot, TierKind
 
@@ -111,10 +111,13 @@ class NvmeTier(SlabTier):
 
     # -- data ----------------------------------------------------------------------------------
 
-    def write(self, slots: Sequence[Slot], size_bytes: int, payloads: Sequence[Buffer]) -> list[int]:
-        """Write the payloads into their slots and return their checksums; durable on return."""
+    def write(
+        self, slots: Sequence[Slot], size_bytes: int, payloads: Sequence[Buffer], *, with_checksums: bool = True
+    ) -> list[int]:
+        """Write the payloads into their slots and return their checksums (always: the copy into
+        the stage computes them for free); durable on return."""
         check_batch(slots, payloads, size_bytes, "payloads")
-        sources = [as_bytes_array(payload, size_bytes, f"payload {i}") for i, payload in enumerate(payloads)]
+        sources = as_bytes_arrays(payloads, size_bytes, "payload")
         span = self._check_slots(slots, size_bytes)
         checksums = [0] * len(slots)
         touched: set[int] = set()
@@ -144,13 +147,18 @@ class NvmeTier(SlabTier):
         """Read the blocks into `dests` and verify each; a mismatch is zeroed and reported False."""
         if checksums is None:
             raise InvalidArgumentError("NVMe reads are always verified: pass the recorded checksums")
-        check_batch(slots, dests, size_bytes, "destinations")
-        if len(checksums) != len(slots):
-            raise InvalidArgumentError(f"{len(slots)} slots but {len(checksums)} checksums")
-        targets = [as_bytes_array(dest, size_bytes, f"destination {i}") for i, dest in enumerate(dests)]
-        for i, target in enumerate(targets):
-            if not target.flags.writeable:
-                raise InvalidArgumentError(f"destination {i} is read-only")
+        return super().read_into(slots, size_bytes, dests, checksums)
+
+    def read_flat(
+        self,
+        slots: Sequence[Slot],
+        size_bytes: int,
+        targets: Sequence[npt.NDArray[np.uint8]],
+        checksums: Sequence[int] | None = None,
+    ) -> list[bool]:
+        if checksums is None:
+            raise InvalidArgumentError("NVMe reads are always verified: pass the recorded checksums")
+        check_batch(slots, targets, size_bytes, "destinations", checksums)
         span = self._check_slots(slots, size_bytes)
         order = _address_order(slots)
         straight = [index for index in order if self._reads_straight_into(targets[index], size_bytes)]
@@ -253,7 +261,7 @@ class NvmeTier(SlabTier):
         slots: Sequence[Slot],
         size_bytes: int,
         span: int,
-        targets: list[npt.NDArray[np.uint8]],
+        targets: Sequence[npt.NDArray[np.uint8]],
     ) -> None:
         with self._stage_lock:
             stage = self._stage_memory()

@@ -18,6 +18,7 @@ def key(name: str) -> BlockKey:
 def build(policy: EvictionPolicy, chains: list[list[str]]) -> tuple[BlockTable, dict[str, int]]:
     """Commit each chain (root first) into DRAM, accessing them in order."""
     table = BlockTable(16)
+    table.namespace_bytes.append(4096)
     policy.resize(table.capacity)
     rows: dict[str, int] = {}
     for chain in chains:
@@ -25,7 +26,7 @@ def build(policy: EvictionPolicy, chains: list[list[str]]) -> tuple[BlockTable, 
         committed = []
         for name in chain:
             if name not in rows:
-                rows[name] = table.add(key(name), parent, 0, 4096, 0)
+                rows[name] = table.add(key(name), parent, 0, 0)
                 table.set_resident(rows[name], DRAM, Slot(4096 * rows[name]))
             committed.append(rows[name])
             parent = key(name)
