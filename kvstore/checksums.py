@@ -62,7 +62,7 @@ class ChecksumBook:
         for row in rows:
             if row in self._pending:
                 tier, slot, size = self._location(row)
-                self._settle(row, _hash_slot(self._tiers[tier], slot, size))
+                self._settle(row, hash_slot(self._tiers[tier], slot, size))
 
     def pending_in(self, tier: TierKind) -> list[int]:
         return [row for row in self._pending if self._table.slot_of(row, tier) is not None]
@@ -86,7 +86,7 @@ class ChecksumBook:
                     if self._pending.get(row) != token:
                         continue  # settled synchronously meanwhile
                     tier, slot, size = self._location(row)
-                value = _hash_slot(self._tiers[tier], slot, size)  # outside the lock: the row is pinned
+                value = hash_slot(self._tiers[tier], slot, size)  # outside the lock: the row is pinned
                 with self._lock:
                     if self._pending.get(row) == token:
                         self._settle(row, value)
@@ -107,7 +107,8 @@ class ChecksumBook:
         self._table.leases[row] -= 1
 
 
-def _hash_slot(tier: Tier, slot: Slot, size: int) -> int:
+def hash_slot(tier: Tier, slot: Slot, size: int) -> int:
+    """The xxh3_64 of one slot's bytes (through a host copy for a device slot)."""
     view = tier.host_view(slot, size)
     if view is not None:
         return checksum(view)

@@ -87,6 +87,9 @@ class StoreConfig:
     lease_ttl_s: float = 30.0  # a read lease not released is dropped after this
     promote_on_hit: bool = True  # an NVMe hit is copied up to DRAM (when the policy agrees)
     checksum_in_background: bool = True  # memory commits without a writer checksum are hashed off the commit path
+    # ... when their blocks are at least this big: xxhash holds the GIL below ~100 KiB, so a
+    # thread hashing small blocks would only stall the caller; those are hashed as they are copied.
+    background_checksum_min_bytes: int = 128 * KiB
 
     def __post_init__(self) -> None:
         if not isinstance(self.write_policy, WritePolicy):

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from kvstore.checksums import ChecksumBook
+from kvstore.checksums import ChecksumBook, hash_slot
 from kvstore.clock import Clock
 from kvstore.config import StoreConfig, WritePolicy
 from kvstore.errors import (
@@ -37,7 +37,6 @@ from kvstore.errors import (
     UnknownReservationError,
 )
 from kvstore.expiry import ExpiringRegistry, Outcome
-from kvstore.hashing import checksum as payload_checksum
 from kvstore.movement import TierMover
 from kvstore.policy.base import EvictionPolicy
 from kvstore.stats import StoreStats, TierCounters
@@ -45,14 +44,25 @@ from kvstore.table import BlockTable
 from kvstore.tiers.base import Tier
 from kvstore.tiers.nvme import NvmeTier
 from kvstore.tiers.nvme_index import NvmeRecord
-from kvstore.types import KEY_BYTES, BlockKey, BlockRef, LookupResult, Namespace, NamespaceId, Slot, TierKind
+from kvstore.types import (
+    KEY_BYTES,
+    BlockKey,
+    BlockRef,
+    LeaseId,
+    LookupResult,
+    Namespace,
+    NamespaceId,
+    ReservationId,
+    Slot,
+    TierKind,
+)
 
 
 @dataclass(frozen=True, slots=True)
 class Reservation:
     """Slots handed to a writer. Only `keys` need writing: the others were already stored."""
 
-    reservation_id: int
+    reservation_id: ReservationId
     namespace_id: NamespaceId
     tier: TierKind
     size_bytes: int
@@ -69,7 +79,7 @@ class Lease:
     (a batch of reads is one object, not one per block). All blocks share the namespace, so
     they share `size_bytes`."""
 
-    lease_id: int
+    lease_id: LeaseId
     keys: tuple[BlockKey, ...]
     tiers: tuple[TierKind, ...]
     slots: tuple[Slot, ...]
@@ -97,7 +107,7 @@ class RemoveResult:
 
 @dataclass(slots=True)
 class _LeaseRows:
-    lease_id: int
+    lease_id: LeaseId
     rows: list[int]
     index: npt.NDArray[np.intp]  # the same rows, ready for numpy
 
@@ -205,8 +215,8 @@ class TierManager:
             now = self._clock.now()
             expires = now + self._config.reservation_ttl_s
             reservation = self._reservations.add(
-                lambda reservation_id: Reservation(
-                    reservation_id,
+                lambda handle: Reservation(
+                    ReservationId(handle),
                     namespace_id,
                     tier,
                     size,
@@ -222,7 +232,7 @@ class TierManager:
                 self._reserving[key] = reservation.reservation_id
             return reservation
 
-    def commit(self, reservation_id: int, checksums: Sequence[int] | None = None) -> None:
+    def commit(self, reservation_id: ReservationId, checksums: Sequence[int] | None = None) -> None:
         """Make a reservation's blocks visible. `checksums` (xxh3_64 per written key) may come
         from the writer, which computed them while copying; otherwise they are computed here,
         in the background (`checksum_in_background`) or before this returns."""
@@ -232,7 +242,7 @@ class TierManager:
             count = len(reservation.keys)
             if checksums is not None and len(checksums) != count:
                 raise InvalidArgumentError(f"{len(checksums)} checksums for {count} reserved blocks")
-            unhashed = checksums is None and self._checksums.background
+            unhashed = checksums is None and self.hashes_later(reservation.size_bytes)
             if checksums is None:
                 if reservation.tier is TierKind.NVME:
                     raise InvalidArgumentError("a commit to the NVMe tier needs the checksums write() returned")
@@ -258,7 +268,13 @@ class TierManager:
                 self._mover.copy_down(rows, reservation.tier, TierKind.NVME)
             self._mover.enforce_watermark(reservation.tier)
 
-    def abort(self, reservation_id: int) -> None:
+    def hashes_later(self, size_bytes: int) -> bool:
+        """Does a commit without checksums of blocks this big leave the hashing to the
+        background thread? (Otherwise it hashes before returning, and a writer that can hash
+        while it copies should pass the checksums.)"""
+        return self._checksums.background and size_bytes >= self._config.background_checksum_min_bytes
+
+    def abort(self, reservation_id: ReservationId) -> None:
         with self._lock:
             self._expire()
             reservation = self._live_reservation(reservation_id)
@@ -296,7 +312,7 @@ class TierManager:
             if verify:
                 self._checksums.settle_now(rows)
             expires = self._clock.now() + self._config.lease_ttl_s
-            held = self._leases.add(lambda lease_id: _LeaseRows(lease_id, rows, index), expires)
+            held = self._leases.add(lambda handle: _LeaseRows(LeaseId(handle), rows, index), expires)
             tiers = _tier_tuple(fastest)
             self._count_hits(tiers)
             return Lease(
@@ -309,7 +325,7 @@ class TierManager:
                 expires,
             )
 
-    def release(self, lease_id: int) -> None:
+    def release(self, lease_id: LeaseId) -> None:
         with self._lock:
             self._expire()
             if self._leases.get(lease_id) is None:
@@ -423,7 +439,7 @@ class TierManager:
             raise InvalidArgumentError(f"tier {kind.label} is not configured on this store")
         return tier
 
-    def _live_reservation(self, reservation_id: int) -> Reservation:
+    def _live_reservation(self, reservation_id: ReservationId) -> Reservation:
         reservation = self._reservations.get(reservation_id)
         if reservation is not None:
             return reservation
@@ -457,15 +473,7 @@ class TierManager:
 
     def _checksums_of(self, reservation: Reservation) -> list[int]:
         tier = self._tiers[reservation.tier]
-        views = [tier.host_view(slot, reservation.size_bytes) for slot in reservation.slots]
-        if any(view is None for view in views):
-            buffer = np.empty(reservation.size_bytes, dtype=np.uint8)
-            values = []
-            for slot in reservation.slots:
-                tier.read_into([slot], reservation.size_bytes, [buffer])
-                values.append(payload_checksum(buffer))
-            return values
-        return [payload_checksum(view) for view in views if view is not None]
+        return [hash_slot(tier, slot, reservation.size_bytes) for slot in reservation.slots]
 
     def _insert_rows(self, reservation: Reservation, checksums: Sequence[int]) -> list[int]:
         table = self._table

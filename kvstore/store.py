@@ -127,7 +127,7 @@ class Store:
         if reservation.num_present:
             position = {key: i for i, key in enumerate(keys)}
             flats = [flats[position[key]] for key in reservation.keys]
-        hash_later = tier is not TierKind.NVME and self.config.checksum_in_background
+        hash_later = tier is not TierKind.NVME and self.manager.hashes_later(reservation.size_bytes)
         try:
             checksums = self.tiers[tier].write(
                 reservation.slots, reservation.size_bytes, flats, with_checksums=not hash_later

@@ -41,6 +41,7 @@ def config(
     low: float = 1.0,
     promote_on_hit: bool = True,
     checksum_in_background: bool = False,
+    background_min_bytes: int = 0,
 ) -> StoreConfig:
     """Tiers sized in 8 KiB blocks; slabs of 64 KiB (8 blocks). Watermarks off by default;
     checksums computed at commit by default, so eviction order does not depend on a thread."""
@@ -62,6 +63,7 @@ def config(
         lease_ttl_s=10.0,
         promote_on_hit=promote_on_hit,
         checksum_in_background=checksum_in_background,
+        background_checksum_min_bytes=background_min_bytes,
     )
 
 

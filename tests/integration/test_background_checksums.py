@@ -54,3 +54,14 @@ def test_remove_does_not_mistake_a_hashing_pin_for_a_reader():
         assert (result.num_removed, result.num_busy) == (4, 0)
         store.manager.drain_checksums()
         assert store.stats().tier(TierKind.DRAM).used_bytes == 0
+
+
+def test_blocks_below_the_size_floor_are_hashed_before_commit_returns():
+    ns = f.namespace()  # 8 KiB blocks
+    with f.store(f.config(checksum_in_background=True, background_min_bytes=ns.block_bytes + 1)) as store:
+        nid = store.register_namespace(ns)
+        keys, data = f.chain(nid, 4), f.payloads(ns, 4)
+        store.put_blocks(nid, keys, data)
+        assert store.stats().num_unhashed == 0
+        assert int(store.manager._table.leases.sum()) == 0
+        assert store.manager.block_ref(keys[3]).checksum == xxhash.xxh3_64_intdigest(data[3])
