@@ -40,12 +40,11 @@ from kvstore.expiry import ExpiringRegistry, Outcome
 from kvstore.movement import TierMover
 from kvstore.policy.base import EvictionPolicy
 from kvstore.stats import StoreStats, TierCounters
-from kvstore.table import BlockTable
+from kvstore.table import NO_NAMESPACE, BlockTable, check_keys
 from kvstore.tiers.base import Tier
 from kvstore.tiers.nvme import NvmeTier
 from kvstore.tiers.nvme_index import NvmeRecord
 from kvstore.types import (
-    KEY_BYTES,
     BlockKey,
     BlockRef,
     LeaseId,
@@ -165,8 +164,8 @@ class TierManager:
         with self._lock:
             namespace_id = namespace.namespace_id
             if namespace_id not in self._namespace_index:
-                if len(self._namespaces) > np.iinfo(np.uint16).max:
-                    raise InvalidArgumentError("too many namespaces (65536)")
+                if len(self._namespaces) >= NO_NAMESPACE:
+                    raise InvalidArgumentError(f"too many namespaces ({int(NO_NAMESPACE)})")
                 if isinstance(self._nvme, NvmeTier):
                     self._nvme.put_namespace(namespace_id, namespace.canonical_bytes())
                 self._add_namespace(namespace)
@@ -191,9 +190,9 @@ class TierManager:
         Keys already stored, or being written by another reservation, are left out. Raises
         StoreFullError (nothing changed) when eviction cannot make room.
         """
-        _check_keys(keys)
+        check_keys(keys)
         if parent is not None:
-            _check_keys([parent])
+            check_keys([parent])
         if len(set(keys)) != len(keys):
             raise InvalidArgumentError("keys repeat within one reservation")
         with self._lock:
@@ -286,7 +285,6 @@ class TierManager:
     def lookup(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> LookupResult:
         """The longest run of leading keys stored in this namespace and each one's fastest tier.
         Side-effect free: recency is not touched."""
-        _check_keys(keys)
         with self._lock:
             namespace_index = self._namespace_of(namespace_id)
             rows, _, fastest = self._table.leading_run(keys, namespace_index)
@@ -297,7 +295,6 @@ class TierManager:
         policy agrees and room can be made. The run ends early at a block that fails its
         checksum during promotion (that block is dropped). With `verify`, every checksum in
         the lease is final (blocks still being hashed in the background are hashed now)."""
-        _check_keys(keys)
         with self._lock:
             self._expire()
             namespace_index = self._namespace_of(namespace_id)
@@ -308,12 +305,12 @@ class TierManager:
                 kept = self._mover.promote(rows, fastest.tolist())
                 rows, index = rows[: len(kept)], index[: len(kept)]
                 fastest = table.fastest[index]
+            tiers = _tier_tuple(fastest)
             self._policy.on_access(index)
             if verify:
                 self._checksums.settle_now(rows)
             expires = self._clock.now() + self._config.lease_ttl_s
             held = self._leases.add(lambda handle: _LeaseRows(LeaseId(handle), rows, index), expires)
-            tiers = _tier_tuple(fastest)
             self._count_hits(tiers)
             return Lease(
                 held.lease_id,
@@ -356,7 +353,7 @@ class TierManager:
 
     def remove(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> RemoveResult:
         """Remove the given blocks from every tier; leased ones are kept and counted busy."""
-        _check_keys(keys)
+        check_keys(keys)
         with self._lock:
             self._expire()
             namespace_index = self._namespace_of(namespace_id)
@@ -375,7 +372,7 @@ class TierManager:
 
     def set_pinned(self, namespace_id: NamespaceId, keys: Sequence[BlockKey], pinned: bool) -> int:
         """Pin (never evicted) or unpin the present blocks among `keys`; returns how many."""
-        _check_keys(keys)
+        check_keys(keys)
         with self._lock:
             namespace_index = self._namespace_of(namespace_id)
             count = 0
@@ -540,11 +537,3 @@ def _tier_tuple(fastest: npt.NDArray[Any]) -> tuple[TierKind, ...]:
     if low == high:
         return (_TIERS[low],) * count
     return tuple(map(_TIERS.__getitem__, fastest.tolist()))
-
-
-def _check_keys(keys: Sequence[BlockKey]) -> None:
-    # Two passes at C speed; the slow search for the culprit runs only when one is there.
-    if set(map(type, keys)) <= {bytes} and set(map(len, keys)) <= {KEY_BYTES}:
-        return
-    bad = next(key for key in keys if type(key) is not bytes or len(key) != KEY_BYTES)
-    raise InvalidArgumentError(f"a block key must be {KEY_BYTES} bytes, got {bad!r}")

@@ -22,7 +22,8 @@ import numpy as np
 import numpy.typing as npt
 
 from kvstore.config import ALIGNMENT_BYTES
-from kvstore.types import BlockKey, Slot, TierKind
+from kvstore.errors import InvalidArgumentError
+from kvstore.types import KEY_BYTES, BlockKey, Slot, TierKind
 
 NUM_TIERS = len(TierKind)
 ABSENT = np.uint32(2**32 - 1)
@@ -30,6 +31,9 @@ ABSENT = np.uint32(2**32 - 1)
 ALIGNMENT_BYTES, so a uint32 addresses 16 TiB per tier."""
 NO_TIER = np.uint8(255)
 """`fastest[row]` of a tombstone."""
+NO_NAMESPACE = np.uint16(2**16 - 1)
+"""`namespace[row]` of a tombstone, so one comparison tells a usable row (no namespace has this
+index: the manager registers at most 65535)."""
 _TIERS = tuple(TierKind)
 
 
@@ -99,21 +103,28 @@ class BlockTable:
     ) -> tuple[list[int], npt.NDArray[np.intp], npt.NDArray[Any]]:
         """Rows of the longest run of leading keys stored in `namespace` (as a list and as an
         index array), and each one's fastest tier. A tombstone or a block of another namespace
-        ends the run (on doubt, miss)."""
+        ends the run (on doubt, miss).
+
+        Keys are validated here rather than up front: a key found in the table equals a stored,
+        valid key, so only the keys from the first miss on need checking (none, on a full hit).
+        """
         rows: list[int] = []
         get = self.ids.get
-        for key in keys:
-            row = get(key)
-            if row is None:
-                break
-            rows.append(row)
+        try:
+            for key in keys:
+                row = get(key)
+                if row is None:
+                    break
+                rows.append(row)
+        except TypeError:  # an unhashable key (a bytearray, a list)
+            pass
+        check_keys(keys[len(rows) :])
         index = np.array(rows, dtype=np.intp)
-        fastest = self.fastest[index]
-        usable = (fastest != NO_TIER) & (self.namespace[index] == namespace)
-        if not usable.all():
-            cut = int(usable.argmin())
-            return rows[:cut], index[:cut], fastest[:cut]
-        return rows, index, fastest
+        foreign = self.namespace[index] != namespace  # tombstones carry NO_NAMESPACE
+        if foreign.any():
+            cut = int(foreign.argmax())
+            rows, index = rows[:cut], index[:cut]
+        return rows, index, self.fastest[index]
 
     def resident_mask(self, tier: TierKind) -> npt.NDArray[np.bool_]:
         mask: npt.NDArray[np.bool_] = self.slot[:, tier] != ABSENT
@@ -136,7 +147,11 @@ class BlockTable:
         parent when that was a tombstone kept only for this child)."""
         self.slot[row, tier] = ABSENT
         present = np.flatnonzero(self.slot[row] != ABSENT)
-        self.fastest[row] = present[0] if len(present) else NO_TIER
+        if len(present):
+            self.fastest[row] = present[0]
+        else:
+            self.fastest[row] = NO_TIER
+            self.namespace[row] = NO_NAMESPACE
         if not self.counted[row] & (1 << tier):
             return self._remove_if_unused(row)
         self.counted[row] &= ~np.uint8(1 << tier)
@@ -170,6 +185,15 @@ class BlockTable:
         self.parents.extend([None] * extra)
         self._free_rows.extend(range(new - 1, old - 1, -1))
         self.capacity = new
+
+
+def check_keys(keys: Sequence[BlockKey]) -> None:
+    """Every key is 16 bytes of type bytes, or InvalidArgumentError naming the first that is not."""
+    # Two passes at C speed; the slow search for the culprit runs only when one is there.
+    if set(map(type, keys)) <= {bytes} and set(map(len, keys)) <= {KEY_BYTES}:
+        return
+    bad = next(key for key in keys if type(key) is not bytes or len(key) != KEY_BYTES)
+    raise InvalidArgumentError(f"a block key must be {KEY_BYTES} bytes, got {bad!r}")
 
 
 def _resized(array: npt.NDArray[Any], rows: int, fill: object) -> npt.NDArray[Any]:
