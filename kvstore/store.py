@@ -23,11 +23,11 @@ import numpy.typing as npt
 from kvstore.clock import Clock, MonotonicClock
 from kvstore.config import StoreConfig
 from kvstore.errors import InvalidArgumentError
-from kvstore.layout import payload_bytes
+from kvstore.layout import payloads_bytes
 from kvstore.manager import Lease, RemoveResult, TierManager
 from kvstore.policy import EvictionPolicy, LeafFirstLRU
 from kvstore.stats import StoreStats
-from kvstore.tiers.base import Tier, as_bytes_arrays
+from kvstore.tiers.base import Tier
 from kvstore.tiers.dram import DramTier
 from kvstore.tiers.hbm import HbmTier
 from kvstore.tiers.nvme import NvmeTier
@@ -122,7 +122,7 @@ class Store:
         namespace = self.manager.namespace(namespace_id)
         if len(keys) != len(payloads):
             raise InvalidArgumentError(f"{len(keys)} keys but {len(payloads)} payloads")
-        flats = [payload_bytes(payload, namespace, f"payload {i}") for i, payload in enumerate(payloads)]
+        flats = payloads_bytes(payloads, namespace, "payload")
         reservation = self.manager.reserve(namespace_id, keys, parent=parent, tier=tier)
         if reservation.num_present:
             position = {key: i for i, key in enumerate(keys)}
@@ -150,8 +150,7 @@ class Store:
         namespace = self.manager.namespace(namespace_id)
         if len(keys) != len(dests):
             raise InvalidArgumentError(f"{len(keys)} keys but {len(dests)} destinations")
-        size = namespace.block_bytes
-        targets = as_bytes_arrays(dests, size, "destination", writable=True)
+        targets = payloads_bytes(dests, namespace, "destination", writable=True)
         lease = self.manager.acquire(namespace_id, keys, verify=verify)
         try:
             return self._read_lease(lease, targets, verify)

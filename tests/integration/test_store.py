@@ -363,3 +363,21 @@ def test_namespaces_are_remembered_across_restarts(ns, tmp_path):
         nid = store.register_namespace(ns)
     with f.store(f.config(tmp_path)) as store:
         assert store.manager.namespace(nid) == ns
+
+
+def test_destinations_are_checked_like_payloads_before_anything_is_read(ns, clock):
+    with f.store(f.config(), clock) as store:
+        nid = store.register_namespace(ns)
+        keys, data = f.chain(nid, 2), f.payloads(ns, 2)
+        store.put_blocks(nid, keys, data)
+        good = [np.zeros(ns.block_bytes, dtype=np.uint8) for _ in keys]
+        with pytest.raises(LayoutMismatchError, match="destination 1 has dtype float32"):
+            store.get_into(nid, keys, [good[0], np.zeros(ns.block_shape, dtype=np.float32)])
+        with pytest.raises(InvalidArgumentError, match="destination 0 is read-only"):
+            store.get_into(nid, keys, [bytes(ns.block_bytes), good[1]])
+        with pytest.raises(PayloadSizeError, match="destination 1 has 8 bytes"):
+            store.get_into(nid, keys, [good[0], np.zeros(8, dtype=np.uint8)])
+        assert not good[0].any()  # nothing was copied by the refused calls
+        typed = [np.zeros(ns.block_shape, dtype=np.float16) for _ in keys]
+        assert store.get_into(nid, keys, typed) == 2
+        assert typed[1].tobytes() == data[1].tobytes()
