@@ -11,8 +11,9 @@ import math
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
-from typing import NewType
+from typing import Any, NewType
 
+import numpy as np
 import xxhash
 
 from kvstore.errors import InvalidArgumentError
@@ -127,6 +128,7 @@ class Namespace:
     # Derived once (hot paths read them per block); not part of equality or the encoding.
     _block_shape: tuple[int, ...] = field(init=False, repr=False, compare=False)
     _block_bytes: int = field(init=False, repr=False, compare=False)
+    _numpy_dtype: np.dtype[Any] | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_id, str) or not self.model_id:
@@ -149,10 +151,16 @@ class Namespace:
         shape = self.layout.block_shape(self.block_tokens)
         object.__setattr__(self, "_block_shape", shape)
         object.__setattr__(self, "_block_bytes", self.dtype.itemsize * math.prod(shape))
+        object.__setattr__(self, "_numpy_dtype", _NUMPY_DTYPES.get(self.dtype))
 
     @property
     def block_shape(self) -> tuple[int, ...]:
         return self._block_shape
+
+    @property
+    def numpy_dtype(self) -> np.dtype[Any] | None:
+        """The numpy dtype of this namespace's elements, where numpy has one (not bfloat16, fp8)."""
+        return self._numpy_dtype
 
     @property
     def block_bytes(self) -> int:
@@ -221,6 +229,13 @@ class Namespace:
     @property
     def namespace_id(self) -> NamespaceId:
         return NamespaceId(xxhash.xxh3_128_digest(self.canonical_bytes()))
+
+
+_NUMPY_DTYPES = {
+    DType.FLOAT32: np.dtype(np.float32),
+    DType.FLOAT16: np.dtype(np.float16),
+    DType.INT8: np.dtype(np.int8),
+}
 
 
 def _is_positive_int(value: object) -> bool:
