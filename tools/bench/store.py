@@ -91,6 +91,7 @@ class Settings:
     """How much work each figure does; `--quick` shrinks it for development."""
 
     repeats: int  # every figure is the median of this many repeats
+    runs: int  # ... in the median one of this many whole runs
     block_sizes: tuple[int, ...]
     volume_bytes: int  # bytes each data-path trial moves per repeat (whole batches, at least one)
     lookup_calls: int  # timed calls per repeat
@@ -492,7 +493,7 @@ def index_figure(entries: int, rng: np.random.Generator) -> Figure:
         parent: BlockKey | None = None
         for i in range(entries):
             key = BlockKey(raw[16 * i : 16 * i + 16])
-            row = table.add(key, parent, 0, 64 * KiB, checksums[i])
+            row = table.add(key, parent, 0, checksums[i])
             table.set_resident(row, TierKind.DRAM, Slot(i * 64 * KiB))
             parent = key
         return table, policy
@@ -623,6 +624,20 @@ def format_size(size_bytes: int) -> str:
     return f"{size_bytes // MiB} MiB" if size_bytes >= MiB else f"{size_bytes // KiB} KiB"
 
 
+def median_run(runs: list[tuple[list[Figure], dict[str, str]]]) -> tuple[list[Figure], dict[str, str]]:
+    """Per figure, the run whose ratio is the median of the runs (whole runs differ more than
+    repeats within one: the machine's speed drifts over minutes), noting the runs' range."""
+    if len(runs) == 1:
+        return runs[0]
+    merged = []
+    for row in zip(*(figures for figures, _ in runs), strict=True):
+        ordered = sorted(row, key=lambda figure: figure.ratio)
+        middle = ordered[len(ordered) // 2]
+        spread = f"ratio over {len(runs)} runs: {ordered[0].ratio:.2f}-{ordered[-1].ratio:.2f}x"
+        merged.append(replace(middle, note=f"{middle.note}; {spread}" if middle.note else spread))
+    return merged, runs[-1][1]
+
+
 def render_markdown(figures: list[Figure], context: dict[str, str], settings: Settings, command: str) -> str:
     lines = [
         "## Store (issue 2)",
@@ -631,7 +646,8 @@ def render_markdown(figures: list[Figure], context: dict[str, str], settings: Se
         "",
         *(f"- {name}: {value}" for name, value in context.items() if name != "date"),
         "",
-        f"Every figure is the median of {settings.repeats} repeats. Ratio = figure / reference: the median over "
+        f"Every figure is the median of {settings.repeats} repeats in the median one of {settings.runs} runs "
+        "(the note gives the runs' range). Ratio = figure / reference: the median over "
         "the repeats of the two measured back to back (higher is better for GB/s, lower for times and bytes). "
         "Sources and destinations are preallocated, page-aligned and pre-faulted; every put writes fresh keys.",
         "",
@@ -648,6 +664,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Benchmark the store's data path, lookup, key hashing and index.")
     parser.add_argument(
         "--repeats", type=int, help="repeats per figure; each figure is their median (default 5, 3 with --quick)"
+    )
+    parser.add_argument(
+        "--runs", type=int, default=3, help="whole runs; each row reports the median run (default 3, 1 with --quick)"
     )
     parser.add_argument(
         "--quick",
@@ -672,6 +691,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    if args.quick:
+        args.runs = 1
     if not args.nvme_dir.is_dir():
         parser.error(f"--nvme-dir {args.nvme_dir} is not a directory")
     return args
@@ -680,9 +703,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def settings_from(args: argparse.Namespace) -> Settings:
     if args.quick:
         return Settings(
-            args.repeats or 3, QUICK_BLOCK_SIZES, 16 * MiB, lookup_calls=300, hash_calls=10, index_entries=100_000
+            args.repeats or 3,
+            args.runs,
+            QUICK_BLOCK_SIZES,
+            16 * MiB,
+            lookup_calls=300,
+            hash_calls=10,
+            index_entries=100_000,
         )
-    return Settings(args.repeats or 5, BLOCK_SIZES, 64 * MiB, lookup_calls=2000, hash_calls=40, index_entries=1_000_000)
+    return Settings(
+        args.repeats or 5, args.runs, BLOCK_SIZES, 64 * MiB, lookup_calls=2000, hash_calls=40, index_entries=1_000_000
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -691,7 +722,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = settings_from(args)
     command = shlex.join([os.path.relpath(sys.executable), os.path.relpath(__file__), *arguments])
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    figures, context = run_all(settings, args.nvme_dir)
+    runs = []
+    for run in range(args.runs):
+        print(f"run {run + 1} of {args.runs}", file=sys.stderr)
+        runs.append(run_all(settings, args.nvme_dir))
+    figures, context = median_run(runs)
     context = {"date": date, **context}
     section = render_markdown(figures, context, settings, command)
     print(section)
