@@ -625,16 +625,27 @@ def format_size(size_bytes: int) -> str:
 
 
 def median_run(runs: list[tuple[list[Figure], dict[str, str]]]) -> tuple[list[Figure], dict[str, str]]:
-    """Per figure, the run whose ratio is the median of the runs (whole runs differ more than
-    repeats within one: the machine's speed drifts over minutes), noting the runs' range."""
+    """Per measurement, the run whose ratio to the first reference is the median of the runs
+    (whole runs differ more than repeats within one: the machine's speed drifts over minutes);
+    every row of that measurement comes from that run, and notes the runs' range."""
     if len(runs) == 1:
         return runs[0]
-    merged = []
-    for row in zip(*(figures for figures, _ in runs), strict=True):
-        ordered = sorted(row, key=lambda figure: figure.ratio)
-        middle = ordered[len(ordered) // 2]
-        spread = f"ratio over {len(runs)} runs: {ordered[0].ratio:.2f}-{ordered[-1].ratio:.2f}x"
-        merged.append(replace(middle, note=f"{middle.note}; {spread}" if middle.note else spread))
+    first_rows: dict[str, list[Figure]] = {}
+    for figures, _ in runs:
+        seen: set[str] = set()
+        for figure in figures:
+            if figure.name not in seen:
+                seen.add(figure.name)
+                first_rows.setdefault(figure.name, []).append(figure)
+    merged: list[Figure] = []
+    for name, firsts in first_rows.items():
+        median_index = sorted(range(len(firsts)), key=lambda i: firsts[i].ratio)[len(firsts) // 2]
+        ratios = sorted(figure.ratio for figure in firsts)
+        spread = f"ratio over {len(runs)} runs: {ratios[0]:.2f}-{ratios[-1]:.2f}x"
+        for figure in runs[median_index][0]:
+            if figure.name == name:
+                note = spread if figure is firsts[median_index] else ""
+                merged.append(replace(figure, note="; ".join(n for n in (figure.note, note) if n)))
     return merged, runs[-1][1]
 
 
