@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from kvstore.errors import InvalidArgumentError, LayoutMismatchError, PayloadSizeError
+from kvstore.errors import InvalidArgumentError, LayoutMismatchError
+from kvstore.tiers.base import as_bytes_array
 from kvstore.types import Namespace
 
 
@@ -22,7 +23,6 @@ def payload_bytes(
 ) -> npt.NDArray[np.uint8]:
     """A flat uint8 view of `payload` (a writable one, for a destination), or
     LayoutMismatchError / PayloadSizeError / InvalidArgumentError naming `what` and `index`."""
-    name = what if index is None else f"{what} {index}"
     if isinstance(payload, np.ndarray):
         dtype = payload.dtype
         # numpy's builtin dtypes are singletons, so `is` is the fast test; `.name` (~3 us) is
@@ -30,23 +30,10 @@ def payload_bytes(
         if (dtype is not _UINT8 or payload.ndim != 1) and (
             dtype is not namespace.numpy_dtype or payload.shape != namespace.block_shape
         ):
-            _check_typed(dtype.name, payload.shape, namespace, name)
-        try:
-            flat = np.frombuffer(payload, dtype=np.uint8)  # a view; ~0.4 us
-        except ValueError:
-            raise InvalidArgumentError(f"{name} must be C-contiguous") from None
-    elif isinstance(payload, bytes | bytearray | memoryview):
-        flat = np.frombuffer(payload, dtype=np.uint8)
+            _check_typed(dtype.name, payload.shape, namespace, what if index is None else f"{what} {index}")
     elif _is_torch_tensor(payload):
-        flat = _tensor_bytes(payload, namespace, name)
-    else:
-        raise InvalidArgumentError(
-            f"{name} must be bytes, a numpy array or a CPU torch tensor, got {type(payload).__name__}"
-        )
-    _check_size(flat, namespace, name)
-    if writable and not flat.flags.writeable:
-        raise InvalidArgumentError(f"{name} is read-only")
-    return flat
+        payload = _tensor_bytes(payload, namespace, what if index is None else f"{what} {index}")
+    return as_bytes_array(payload, namespace.block_bytes, what, index, writable=writable)
 
 
 def payloads_bytes(
@@ -57,13 +44,6 @@ def payloads_bytes(
 
 
 _UINT8 = np.dtype(np.uint8)
-
-
-def _check_size(flat: npt.NDArray[np.uint8], namespace: Namespace, what: str) -> None:
-    if flat.nbytes != namespace.block_bytes:
-        raise PayloadSizeError(
-            f"{what} has {flat.nbytes} bytes; namespace {namespace.model_id!r} blocks are {namespace.block_bytes}"
-        )
 
 
 def _check_typed(dtype: str, shape: tuple[int, ...], namespace: Namespace, what: str) -> None:

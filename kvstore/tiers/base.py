@@ -141,15 +141,15 @@ def as_bytes_array(
     if type(buffer) is np.ndarray and buffer.dtype is _UINT8 and buffer.strides == (1,):
         # The common case (a flat byte array), checked in a fraction of a microsecond.
         flat: npt.NDArray[np.uint8] = buffer  # type: ignore[assignment]  # checked just above
-    elif isinstance(buffer, np.ndarray):
-        if not buffer.flags.c_contiguous:
-            raise InvalidArgumentError(f"{_name(what, index)} must be C-contiguous")
-        flat = buffer.reshape(-1).view(np.uint8)
-    elif isinstance(buffer, bytes | bytearray | memoryview):
-        flat = np.frombuffer(buffer, dtype=np.uint8)
+    elif isinstance(buffer, np.ndarray | bytes | bytearray | memoryview):
+        try:
+            flat = np.frombuffer(buffer, dtype=np.uint8)  # a view of the same memory, ~0.4 us
+        except ValueError:
+            raise InvalidArgumentError(f"{_name(what, index)} must be C-contiguous") from None
     else:
         raise InvalidArgumentError(
-            f"{_name(what, index)} must be bytes, bytearray, memoryview or a numpy array, got {type(buffer)}"
+            f"{_name(what, index)} must be bytes, bytearray, memoryview, a numpy array or a CPU torch tensor, "
+            f"got {type(buffer).__name__}"
         )
     if flat.nbytes != size_bytes:
         raise PayloadSizeError(f"{_name(what, index)} has {flat.nbytes} bytes, the block size is {size_bytes}")
