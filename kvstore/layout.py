@@ -19,21 +19,31 @@ from kvstore.types import Namespace
 
 
 def payload_bytes(
-    payload: Any, namespace: Namespace, what: str, index: int | None = None, *, writable: bool = False
+    payload: Any,
+    namespace: Namespace,
+    what: str,
+    index: int | None = None,
+    *,
+    writable: bool = False,
+    num_blocks: int | None = None,
 ) -> npt.NDArray[np.uint8]:
     """A flat uint8 view of `payload` (a writable one, for a destination), or
-    LayoutMismatchError / PayloadSizeError / InvalidArgumentError naming `what` and `index`."""
+    LayoutMismatchError / PayloadSizeError / InvalidArgumentError naming `what` and `index`.
+    With `num_blocks`, `payload` holds that many blocks back to back (typed: shape
+    `(num_blocks, *block_shape)`)."""
+    shape = namespace.block_shape if num_blocks is None else (num_blocks, *namespace.block_shape)
     if isinstance(payload, np.ndarray):
         dtype = payload.dtype
         # numpy's builtin dtypes are singletons, so `is` is the fast test; `.name` (~3 us) is
         # read only for the others (ml_dtypes' bfloat16 and float8 types) and on a mismatch.
         if (dtype is not _UINT8 or payload.ndim != 1) and (
-            dtype is not namespace.numpy_dtype or payload.shape != namespace.block_shape
+            dtype is not namespace.numpy_dtype or payload.shape != shape
         ):
-            _check_typed(dtype.name, payload.shape, namespace, what if index is None else f"{what} {index}")
+            _check_typed(dtype.name, payload.shape, namespace, _name(what, index), shape)
     elif _is_torch_tensor(payload):
-        payload = _tensor_bytes(payload, namespace, what if index is None else f"{what} {index}")
-    return as_bytes_array(payload, namespace.block_bytes, what, index, writable=writable)
+        payload = _tensor_bytes(payload, namespace, _name(what, index), shape)
+    size = namespace.block_bytes * (1 if num_blocks is None else num_blocks)
+    return as_bytes_array(payload, size, what, index, writable=writable)
 
 
 def payloads_bytes(
@@ -46,27 +56,33 @@ def payloads_bytes(
 _UINT8 = np.dtype(np.uint8)
 
 
-def _check_typed(dtype: str, shape: tuple[int, ...], namespace: Namespace, what: str) -> None:
+def _name(what: str, index: int | None) -> str:
+    return what if index is None else f"{what} {index}"
+
+
+def _check_typed(
+    dtype: str, shape: tuple[int, ...], namespace: Namespace, what: str, expected_shape: tuple[int, ...]
+) -> None:
     if dtype != namespace.dtype:  # a StrEnum: compares as its value
         raise LayoutMismatchError(
             f"{what} has dtype {dtype}; namespace {namespace.model_id!r} stores {namespace.dtype}"
         )
-    if shape != namespace.block_shape:
-        raise LayoutMismatchError(
-            f"{what} has shape {shape}; namespace {namespace.model_id!r} blocks are {namespace.block_shape}"
-        )
+    if shape != expected_shape:
+        raise LayoutMismatchError(f"{what} has shape {shape}; namespace {namespace.model_id!r} needs {expected_shape}")
 
 
 def _is_torch_tensor(payload: Any) -> bool:
     return type(payload).__module__.startswith("torch") and hasattr(payload, "untyped_storage")
 
 
-def _tensor_bytes(tensor: Any, namespace: Namespace, what: str) -> npt.NDArray[np.uint8]:
+def _tensor_bytes(
+    tensor: Any, namespace: Namespace, what: str, expected_shape: tuple[int, ...]
+) -> npt.NDArray[np.uint8]:
     import torch  # noqa: PLC0415 - only when a tensor is passed
 
     dtype = str(tensor.dtype).removeprefix("torch.")
     dtype = {"float8_e4m3fn": "float8_e4m3", "float8_e5m2": "float8_e5m2"}.get(dtype, dtype)
-    _check_typed(dtype, tuple(tensor.shape), namespace, what)
+    _check_typed(dtype, tuple(tensor.shape), namespace, what, expected_shape)
     if tensor.device.type != "cpu":
         raise InvalidArgumentError(f"{what} is on {tensor.device}; host payloads only (device copies use the kernels)")
     if not tensor.is_contiguous():

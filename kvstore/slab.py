@@ -99,7 +99,7 @@ class SlabAllocator:
             self._carve(slab, slot, free)
         taken = free[len(free) - count :]
         del free[len(free) - count :]
-        taken.reverse()
+        taken.sort()  # ascending: a batch of adjacent slots is one run for copies and NVMe I/O
         unit = self.alignment_bytes
         for offset in taken:
             self._slab_used[offset // self.slab_bytes] += 1

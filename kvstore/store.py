@@ -23,7 +23,7 @@ import numpy.typing as npt
 from kvstore.clock import Clock, MonotonicClock
 from kvstore.config import StoreConfig
 from kvstore.errors import InvalidArgumentError
-from kvstore.layout import payloads_bytes
+from kvstore.layout import payload_bytes, payloads_bytes
 from kvstore.manager import Lease, RemoveResult, TierManager
 from kvstore.policy import EvictionPolicy, LeafFirstLRU
 from kvstore.stats import StoreStats
@@ -157,6 +157,28 @@ class Store:
         finally:
             self.manager.release(lease.lease_id)
 
+    def get_into_buffer(
+        self, namespace_id: NamespaceId, keys: Sequence[BlockKey], buffer: Any, *, verify: bool = False
+    ) -> int:
+        """`get_into` for one destination holding the blocks back to back (an engine's staging
+        buffer: flat bytes, or typed with shape `(len(keys), *block_shape)`). The buffer is
+        checked once, and blocks in adjacent memory-tier slots are copied in one call."""
+        namespace = self.manager.namespace(namespace_id)
+        flat = payload_bytes(buffer, namespace, "buffer", writable=True, num_blocks=len(keys))
+        lease = self.manager.acquire(namespace_id, keys, verify=verify)
+        try:
+            size = lease.size_bytes
+            if verify or not all(self.tiers[tier].host_addressable for tier in set(lease.tiers)):
+                targets = [flat[i * size : (i + 1) * size] for i in range(len(lease))]
+                return self._read_lease(lease, targets, verify)  # per block: checksums, or device slots
+            for start, stop in _adjacent_runs(lease, size):
+                source = self.tiers[lease.tiers[start]].host_view(lease.slots[start], (stop - start) * size)
+                assert source is not None  # checked above: every tier of the lease is host-addressable
+                np.copyto(flat[start * size : stop * size], np.frombuffer(source, dtype=np.uint8))
+            return len(lease)
+        finally:
+            self.manager.release(lease.lease_id)
+
     def get_blocks(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> list[npt.NDArray[np.uint8]]:
         """The longest stored leading run of `keys`, as new flat uint8 arrays."""
         lease = self.manager.acquire(namespace_id, keys)
@@ -184,6 +206,22 @@ class Store:
             return count
         self.manager.report_corrupt(lease, [lease.keys[i] for i in failed])
         return min(failed)
+
+
+def _adjacent_runs(lease: Lease, size: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges of a lease's blocks that lie end to end in one tier."""
+    runs: list[tuple[int, int]] = []
+    start = 0
+    for index in range(1, len(lease) + 1):
+        if (
+            index == len(lease)
+            or lease.tiers[index] is not lease.tiers[start]
+            or lease.slots[index] != lease.slots[index - 1] + size
+        ):
+            if index > start:
+                runs.append((start, index))
+            start = index
+    return runs
 
 
 def _indexes_by_tier(tiers: Sequence[TierKind]) -> list[list[int]]:

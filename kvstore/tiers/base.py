@@ -51,6 +51,7 @@ class TierUsage:
 class Tier(Protocol):
     kind: TierKind
     allocator: SlabAllocator
+    host_addressable: bool
 
     def allocate(self, size_bytes: int, count: int) -> list[Slot]: ...
 
@@ -87,6 +88,7 @@ class SlabTier:
     """Base of the concrete tiers: slot bookkeeping and argument checks, done once."""
 
     kind: TierKind
+    host_addressable = False  # does host_view() return the slot's memory?
 
     def __init__(self, allocator: SlabAllocator) -> None:
         self.allocator = allocator
@@ -152,7 +154,7 @@ def as_bytes_array(
             f"got {type(buffer).__name__}"
         )
     if flat.nbytes != size_bytes:
-        raise PayloadSizeError(f"{_name(what, index)} has {flat.nbytes} bytes, the block size is {size_bytes}")
+        raise PayloadSizeError(f"{_name(what, index)} has {flat.nbytes} bytes, expected {size_bytes}")
     if writable and not flat.flags.writeable:
         raise InvalidArgumentError(f"{_name(what, index)} is read-only")
     return flat

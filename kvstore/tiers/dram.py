@@ -94,6 +94,7 @@ def _check_name(name: str) -> None:
 
 class DramTier(SlabTier):
     kind = TierKind.DRAM
+    host_addressable = True
 
     def __init__(self, config: DramConfig) -> None:
         name = config.segment_name or f"kvstore-{os.getpid()}-{secrets.token_hex(4)}"

@@ -43,6 +43,7 @@ class HbmTier(SlabTier):
         allocator = SlabAllocator(config.capacity_bytes, config.slab_bytes, ALIGNMENT_BYTES)
         super().__init__(allocator)
         self.device = resolve_device(config.device)
+        self.host_addressable = self.device.type == "cpu"
         self._slab: torch.Tensor | None = torch.zeros(allocator.capacity_bytes, dtype=torch.uint8, device=self.device)
 
     def write(

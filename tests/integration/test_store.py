@@ -381,3 +381,52 @@ def test_destinations_are_checked_like_payloads_before_anything_is_read(ns, cloc
         typed = [np.zeros(ns.block_shape, dtype=np.float16) for _ in keys]
         assert store.get_into(nid, keys, typed) == 2
         assert typed[1].tobytes() == data[1].tobytes()
+
+
+def test_get_into_one_buffer_copies_runs_of_adjacent_slots(ns, clock, tmp_path):
+    with f.store(f.config(tmp_path, hbm_blocks=8, dram_blocks=16, promote_on_hit=False), clock) as store:
+        nid = store.register_namespace(ns)
+        keys, data = f.chain(nid, 12), f.payloads(ns, 12)
+        store.put_blocks(nid, keys[:4], data[:4], tier=TierKind.HBM)
+        store.put_blocks(nid, keys[4:8], data[4:8], parent=keys[3])
+        store.put_blocks(nid, keys[8:], data[8:], parent=keys[7], tier=TierKind.HBM)
+        assert store.lookup(nid, keys).tiers == (TierKind.HBM,) * 4 + (TierKind.DRAM,) * 4 + (TierKind.HBM,) * 4
+        typed = np.zeros((12, *ns.block_shape), dtype=np.float16)
+        assert store.get_into_buffer(nid, keys, typed) == 12
+        assert typed.tobytes() == b"".join(d.tobytes() for d in data)
+        flat = bytearray(12 * ns.block_bytes)
+        assert store.get_into_buffer(nid, keys, flat, verify=True) == 12
+        assert bytes(flat) == typed.tobytes()
+        assert store.get_into_buffer(nid, f.chain(nid, 3, seed=9), bytearray(3 * ns.block_bytes)) == 0
+        store.manager.release(store.manager.acquire(nid, keys).lease_id)
+        assert store.stats().num_leases == 0
+
+
+def test_get_into_one_buffer_reads_nvme_blocks_verified(ns, clock, tmp_path):
+    with f.store(f.config(tmp_path, promote_on_hit=False), clock) as store:
+        nid = store.register_namespace(ns)
+        keys, data = f.chain(nid, 3), f.payloads(ns, 3)
+        store.put_blocks(nid, keys, data, tier=TierKind.NVME)
+        slot = store.manager.block_ref(keys[1]).slot
+        with open(tmp_path / slab_file_name(0), "r+b") as slab:
+            slab.seek(slot + 7)
+            slab.write(b"\xff\x00\xff")
+        buffer = np.zeros(3 * ns.block_bytes, dtype=np.uint8)
+        assert store.get_into_buffer(nid, keys, buffer) == 1
+        assert buffer[: ns.block_bytes].tobytes() == data[0].tobytes()
+        assert not buffer[ns.block_bytes : 2 * ns.block_bytes].any()
+        assert store.stats().tier(TierKind.NVME).checksum_failures == 1
+
+
+def test_get_into_one_buffer_refuses_a_wrong_buffer_before_reading(ns, clock):
+    with f.store(f.config(), clock) as store:
+        nid = store.register_namespace(ns)
+        keys = f.chain(nid, 2)
+        store.put_blocks(nid, keys, f.payloads(ns, 2))
+        with pytest.raises(LayoutMismatchError, match=r"buffer has shape \(3, 2, 2, 4, 4, 64\)"):
+            store.get_into_buffer(nid, keys, np.zeros((3, *ns.block_shape), dtype=np.float16))
+        with pytest.raises(PayloadSizeError, match=f"buffer has 100 bytes, expected {2 * ns.block_bytes}"):
+            store.get_into_buffer(nid, keys, bytearray(100))
+        with pytest.raises(InvalidArgumentError, match="buffer is read-only"):
+            store.get_into_buffer(nid, keys, bytes(2 * ns.block_bytes))
+        assert store.stats().num_leases == 0

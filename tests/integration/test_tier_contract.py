@@ -171,7 +171,7 @@ def test_a_payload_of_the_wrong_size_is_refused_before_anything_is_written(tier:
     slots = tier.allocate(5000, 2)
     original = [payload(1, 5000), payload(2, 5000)]
     checksums = tier.write(slots, 5000, original)
-    with pytest.raises(PayloadSizeError, match=f"payload 1 has {bad_size} bytes, the block size is 5000"):
+    with pytest.raises(PayloadSizeError, match=f"payload 1 has {bad_size} bytes, expected 5000"):
         tier.write(slots, 5000, [payload(3, 5000), payload(4, bad_size)])
     assert read_back(tier, slots, 5000, checksums) == [p.tobytes() for p in original]
 
@@ -180,7 +180,7 @@ def test_a_destination_of_the_wrong_size_is_refused_before_anything_is_read(tier
     slots = tier.allocate(5000, 2)
     checksums = tier.write(slots, 5000, [payload(1, 5000), payload(2, 5000)])
     dests = [np.full(5000, 0xFF, np.uint8), np.full(4096, 0xFF, np.uint8)]
-    with pytest.raises(PayloadSizeError, match="destination 1 has 4096 bytes, the block size is 5000"):
+    with pytest.raises(PayloadSizeError, match="destination 1 has 4096 bytes, expected 5000"):
         tier.read_into(slots, 5000, dests, checksums)
     assert (dests[0] == 0xFF).all()
     assert (dests[1] == 0xFF).all()

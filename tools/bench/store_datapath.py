@@ -177,7 +177,28 @@ def memory_tier_comparisons(
     get = get_trial(store, namespace_id, keys, batch, kind)
     references = copy_reference(batch, device, to_device=False)
     yield data_comparison(kind, "get", batch, get, references, settings, note=note)
+    if device.type == "cpu":
+        yield data_comparison(
+            kind,
+            "get into one buffer",
+            batch,
+            buffer_get_trial(store, namespace_id, keys, batch),
+            {"memcpy, one np.copyto of the batch": Trial(lambda _: np.copyto(batch.dest_buffer, batch.source_buffer))},
+            settings,
+            note="an engine's staging buffer: checked once, one copy per run of adjacent slots",
+        )
     store.remove(namespace_id, keys)
+
+
+def buffer_get_trial(store: Store, namespace_id: NamespaceId, keys: list[BlockKey], batch: Batch) -> Trial:
+    typed = batch.dest_buffer.view(np.float16).reshape((len(keys), *batch.namespace.block_shape))
+
+    def run(_: int) -> None:
+        count = store.get_into_buffer(namespace_id, keys, typed)
+        if count != len(keys):
+            raise RuntimeError(f"get found {count} of {len(keys)} blocks: the figure would be wrong")
+
+    return Trial(run)
 
 
 def memory_tier_config(kind: TierKind) -> StoreConfig:
