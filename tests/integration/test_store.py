@@ -31,6 +31,15 @@ def snapshot(store):
     return (stats, {t.kind: t.used_bytes for t in stats.tiers})
 
 
+def flip_byte(nvme_dir, offset):
+    """Corrupt one byte of the NVMe tier's first slab file, behind the store's back."""
+    with open(nvme_dir / slab_file_name(0), "r+b") as slab:
+        slab.seek(offset)
+        byte = slab.read(1)
+        slab.seek(offset)
+        slab.write(bytes([byte[0] ^ 0xFF]))
+
+
 @pytest.fixture
 def clock():
     return ManualClock()
@@ -246,11 +255,7 @@ def test_a_flipped_byte_on_nvme_is_detected_counted_and_a_miss(ns, clock, tmp_pa
         keys, data = f.chain(nid, 4), f.payloads(ns, 4)
         store.put_blocks(nid, keys, data, tier=TierKind.NVME)
         slot = store.manager.block_ref(keys[2]).slot
-        with open(tmp_path / slab_file_name(0), "r+b") as slab:
-            slab.seek(slot + 100)
-            byte = slab.read(1)
-            slab.seek(slot + 100)
-            slab.write(bytes([byte[0] ^ 0xFF]))
+        flip_byte(tmp_path, slot + 100)
         dests = [np.zeros(ns.block_bytes, dtype=np.uint8) for _ in keys]
         assert store.get_into(nid, keys, dests) == 2
         assert np.array_equal(dests[1], data[1])
@@ -265,9 +270,7 @@ def test_a_corrupt_block_found_during_promotion_ends_the_run(ns, clock, tmp_path
         keys = f.chain(nid, 3)
         store.put_blocks(nid, keys, f.payloads(ns, 3), tier=TierKind.NVME)
         slot = store.manager.block_ref(keys[1]).slot
-        with open(tmp_path / slab_file_name(0), "r+b") as slab:
-            slab.seek(slot)
-            slab.write(b"\x00" * 16)
+        flip_byte(tmp_path, slot)
         lease = store.manager.acquire(nid, keys)
         assert [b.tier for b in lease.blocks] == [TierKind.DRAM]
         store.manager.release(lease.lease_id)
@@ -408,9 +411,7 @@ def test_get_into_one_buffer_reads_nvme_blocks_verified(ns, clock, tmp_path):
         keys, data = f.chain(nid, 3), f.payloads(ns, 3)
         store.put_blocks(nid, keys, data, tier=TierKind.NVME)
         slot = store.manager.block_ref(keys[1]).slot
-        with open(tmp_path / slab_file_name(0), "r+b") as slab:
-            slab.seek(slot + 7)
-            slab.write(b"\xff\x00\xff")
+        flip_byte(tmp_path, slot + 7)
         buffer = np.zeros(3 * ns.block_bytes, dtype=np.uint8)
         assert store.get_into_buffer(nid, keys, buffer) == 1
         assert buffer[: ns.block_bytes].tobytes() == data[0].tobytes()
