@@ -56,8 +56,10 @@ from kvstore.config import MiB
 from kvstore.types import TierKind
 from tools.bench import harness
 from tools.bench.harness import Figure
+from tools.bench.plot import plot_ratios
 from tools.bench.store_common import (
     BLOCK_SIZES,
+    DATA_GROUP,
     QUICK_BLOCK_SIZES,
     BlockPool,
     Settings,
@@ -68,6 +70,7 @@ from tools.bench.store_index import bench_index
 REPO = Path(__file__).resolve().parents[2]
 DOC_PATH = REPO / "docs" / "benchmarks.md"
 JSON_PATH = REPO / "docs" / "bench-store.json"
+PLOT_PATH = REPO / "docs" / "bench-store.png"
 SEED = 2
 BEGIN_MARKER, END_MARKER = "<!-- bench:store:begin -->", "<!-- bench:store:end -->"
 DOC_HEADER = "# Benchmarks\n\nEach section is written by the tool it names; rerun the tool to refresh it.\n"
@@ -142,6 +145,8 @@ def render_markdown(figures: list[Figure], context: dict[str, str], settings: Se
         "Sources and destinations are preallocated, page-aligned and pre-faulted; every put writes fresh keys.",
         "",
         harness.target_summary(figures),
+        "",
+        f"![Data-path ratios]({PLOT_PATH.name})",
         *harness.markdown_tables(figures),
     ]
     return "\n".join(lines)
@@ -224,6 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     harness.write_json(args.out_json, {**payload, "figures": [asdict(figure) for figure in figures]})
     if not (args.no_doc or args.quick):
         harness.write_doc_section(DOC_PATH, section, BEGIN_MARKER, END_MARKER, DOC_HEADER)
+        plot_ratios(figures, DATA_GROUP, "kvstore data path, batches of 32 blocks", PLOT_PATH)
     return 0
 
 
