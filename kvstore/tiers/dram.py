@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import re
 import secrets
 import weakref
 from collections.abc import Sequence
@@ -92,12 +93,43 @@ def _check_name(name: str) -> None:
         raise InvalidArgumentError(f"invalid shared-memory segment name {name!r}")
 
 
+def remove_stale_segments() -> list[str]:
+    """Unlink the default-named segments (`kvstore-<pid>-<hex>`) of this user's stores whose
+    process is gone: a store killed with SIGKILL cannot unlink its own, and tmpfs pages stay
+    allocated until someone does. Returns the names removed."""
+    removed = []
+    for path in SHM_DIR.glob(f"{_DEFAULT_PREFIX}*"):
+        match = _DEFAULT_NAME.fullmatch(path.name)
+        if match is None or _process_exists(int(match.group(1))):
+            continue
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            if path.stat().st_uid == os.geteuid():
+                path.unlink()
+                removed.append(path.name)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process: alive
+    return True
+
+
+_DEFAULT_PREFIX = "kvstore-"
+_DEFAULT_NAME = re.compile(r"kvstore-(\d+)-[0-9a-f]{8}")
+
+
 class DramTier(SlabTier):
     kind = TierKind.DRAM
     host_addressable = True
 
     def __init__(self, config: DramConfig) -> None:
-        name = config.segment_name or f"kvstore-{os.getpid()}-{secrets.token_hex(4)}"
+        remove_stale_segments()
+        name = config.segment_name or f"{_DEFAULT_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
         allocator = SlabAllocator(config.capacity_bytes, config.slab_bytes, ALIGNMENT_BYTES)
         super().__init__(allocator)
         self.segment = SharedSegment.create(name, allocator.capacity_bytes)

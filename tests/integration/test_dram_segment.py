@@ -131,3 +131,24 @@ def test_a_segment_name_in_use_is_refused_and_left_alone() -> None:
         assert bytes(first.host_view(slot, SIZE)) == payload(3).tobytes()
     finally:
         first.close()
+
+
+def test_segments_of_dead_stores_are_removed_at_start():
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
+    dead_pid = int(dead.stdout)
+    stale = SHM_DIR / f"kvstore-{dead_pid}-0badc0de"
+    alive = SHM_DIR / f"kvstore-{os.getpid()}-0badc0de"
+    other = SHM_DIR / f"kvstore-{dead_pid}-custom-name"
+    for path in (stale, alive, other):
+        path.write_bytes(b"x")
+    try:
+        tier = make_tier()
+        tier.close()
+        assert not stale.exists()  # its process is gone
+        assert alive.exists()  # ours: alive
+        assert other.exists()  # not a name a store picks by default: never touched
+    finally:
+        for path in (stale, alive, other):
+            path.unlink(missing_ok=True)
