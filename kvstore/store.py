@@ -77,12 +77,6 @@ class Store:
             for tier in self.tiers.values():
                 tier.close()
 
-    @property
-    def dram(self) -> DramTier:
-        tier = self.tiers[TierKind.DRAM]
-        assert isinstance(tier, DramTier)
-        return tier
-
     # -- namespaces and index ------------------------------------------------------------------
 
     def register_namespace(self, namespace: Namespace) -> NamespaceId:

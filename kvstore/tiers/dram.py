@@ -165,9 +165,6 @@ class DramTier(SlabTier):
         self._memory()
         return self.segment.view(slot, size_bytes)
 
-    def slot_array(self, slot: Slot, size_bytes: int) -> npt.NDArray[np.uint8]:
-        return self._memory()[slot : slot + size_bytes]
-
     def close(self) -> None:
         if not self._closed:
             self._closed = True

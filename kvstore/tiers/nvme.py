@@ -141,18 +141,6 @@ class NvmeTier(SlabTier):
             os.fdatasync(self._fds[file_index])
         return checksums
 
-    def read_into(
-        self,
-        slots: Sequence[Slot],
-        size_bytes: int,
-        dests: Sequence[Buffer],
-        checksums: Sequence[int] | None = None,
-    ) -> list[bool]:
-        """Read the blocks into `dests` and verify each; a mismatch is zeroed and reported False."""
-        if checksums is None:
-            raise InvalidArgumentError("NVMe reads are always verified: pass the recorded checksums")
-        return super().read_into(slots, size_bytes, dests, checksums)
-
     def read_flat(
         self,
         slots: Sequence[Slot],
@@ -160,6 +148,8 @@ class NvmeTier(SlabTier):
         targets: Sequence[npt.NDArray[np.uint8]],
         checksums: Sequence[int] | None = None,
     ) -> list[bool]:
+        """Read the blocks into `targets` and verify each; a mismatch is zeroed and reported False.
+        NVMe reads are always verified, so `checksums` is required (read_into lands here too)."""
         if checksums is None:
             raise InvalidArgumentError("NVMe reads are always verified: pass the recorded checksums")
         check_batch(slots, targets, size_bytes, "destinations", checksums)
