@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The gRPC modules are generated from the proto file (a build output, ignored by git).
+GENERATED := kvstore/proto/kvstore_pb2.py
 # torch is pinned: 2.13.0 is the CPU build on this machine's disk; a range would pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
@@ -15,20 +17,23 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-run: $(STAMP)
+$(GENERATED): kvstore/proto/kvstore.proto $(STAMP)
+	$(PY) -m kvstore.proto.build --force
+
+run: $(GENERATED)
 	$(VENV)/bin/kvstore tour
 
-lint: $(STAMP)
+lint: $(GENERATED)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-typecheck: $(STAMP)
+typecheck: $(GENERATED)
 	$(VENV)/bin/mypy
 
-test: lint typecheck
+test: lint typecheck $(GENERATED)
 	$(PY) -m pytest -q tests
 
-bench: $(STAMP)
+bench: $(GENERATED)
 	$(PY) tools/bench/store.py
 
 clean:

@@ -1,4 +1,5 @@
-"""The `kvstore` command. Subcommands: `tour` (what `make run` runs until the demo of issue 6).
+"""The `kvstore` command. Subcommands: `serve` (the node daemon, `kvstore.node.serve`) and
+`tour` (what `make run` runs until the demo of issue 6).
 
 `kvstore tour` builds a real store (HBM slab, shared-memory DRAM pool, NVMe slab files with an
 LMDB index, in a temporary directory), writes prompts' KV blocks, reads them back through
@@ -19,19 +20,24 @@ import torch
 
 from kvstore.config import DramConfig, HbmConfig, MiB, NvmeConfig, StoreConfig, WritePolicy
 from kvstore.hashing import block_keys
+from kvstore.node import serve
 from kvstore.stats import StoreStats
 from kvstore.store import Store
 from kvstore.types import DType, KVLayout, Namespace, NamespaceId, TierKind
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="kvstore", description="KV-cache-centric tiered storage")
     commands = parser.add_subparsers(dest="command", required=True)
+    serve.add_parser(commands)
     tour = commands.add_parser("tour", help="put and read back KV blocks through every tier, then restart")
     tour.add_argument("--prompts", type=int, default=24, help="number of prompts to store (default 24)")
     tour.add_argument("--prompt-tokens", type=int, default=4096, help="tokens per prompt (default 4096)")
     tour.add_argument("--seed", type=int, default=0, help="seed for token ids and KV payloads")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(arguments)
+    if args.command == "serve":
+        return serve.run(args, arguments)
     if args.prompts <= 0 or args.prompt_tokens < 16:
         parser.error("--prompts must be > 0 and --prompt-tokens >= 16")
     return run_tour(args.prompts, args.prompt_tokens, args.seed)

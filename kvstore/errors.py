@@ -63,3 +63,19 @@ class StoreClosedError(KVStoreError):
 
 class StorageFormatError(KVStoreError):
     """On-disk state (slab files, LMDB index) is unreadable or was written with another geometry."""
+
+
+class NodeDrainingError(KVStoreError):
+    """The node is shutting down or draining and takes no new reads or writes."""
+
+
+class PeerUnavailableError(KVStoreError):
+    """A peer node (or the node itself, seen from a client) cannot be reached in time."""
+
+
+class AuthenticationError(KVStoreError):
+    """The caller presented no token, or the wrong one."""
+
+
+class ProtocolError(InvalidArgumentError):
+    """A data-plane frame is malformed: bad magic or version, unknown type, impossible lengths."""

@@ -36,15 +36,17 @@ from kvstore.errors import (
     UnknownNamespaceError,
     UnknownReservationError,
 )
+from kvstore.events import BlockEvent, EventKind, EventLog, tiers_of_mask
 from kvstore.expiry import ExpiringRegistry, Outcome
 from kvstore.movement import TierMover
 from kvstore.policy.base import EvictionPolicy
 from kvstore.stats import StoreStats, TierCounters
-from kvstore.table import NO_NAMESPACE, BlockTable, check_keys
+from kvstore.table import ABSENT, NO_NAMESPACE, NO_TIER, BlockTable, check_keys
 from kvstore.tiers.base import Tier
 from kvstore.tiers.nvme import NvmeTier
 from kvstore.tiers.nvme_index import NvmeRecord
 from kvstore.types import (
+    BlockInfo,
     BlockKey,
     BlockRef,
     LeaseId,
@@ -123,6 +125,8 @@ class TierManager:
         policy: EvictionPolicy,
         clock: Clock,
         initial_rows: int = 1024,
+        *,
+        events: EventLog | None = None,
     ) -> None:
         if not tiers:
             raise InvalidArgumentError("a store needs at least one tier")
@@ -152,6 +156,8 @@ class TierManager:
         )
         if isinstance(self._nvme, NvmeTier):
             self._load_nvme(self._nvme)
+        self.events = events or EventLog()
+        self._table.listener = _EventRecorder(self._table, self._namespaces, self.events)  # after the load
 
     # -- namespaces ---------------------------------------------------------------------------
 
@@ -174,6 +180,10 @@ class TierManager:
     def namespace(self, namespace_id: NamespaceId) -> Namespace:
         with self._lock:
             return self._namespaces[self._namespace_of(namespace_id)]
+
+    def namespaces(self) -> list[Namespace]:
+        with self._lock:
+            return list(self._namespaces)
 
     # -- writes -------------------------------------------------------------------------------
 
@@ -290,14 +300,28 @@ class TierManager:
             rows, _, fastest = self._table.leading_run(keys, namespace_index)
             return LookupResult(len(rows), _tier_tuple(fastest))
 
-    def acquire(self, namespace_id: NamespaceId, keys: Sequence[BlockKey], *, verify: bool = False) -> Lease:
+    def acquire(
+        self,
+        namespace_id: NamespaceId,
+        keys: Sequence[BlockKey],
+        *,
+        verify: bool = False,
+        tier: TierKind | None = None,
+    ) -> Lease:
         """Lease the longest leading run of `keys`; NVMe hits are promoted to DRAM when the
         policy agrees and room can be made. The run ends early at a block that fails its
         checksum during promotion (that block is dropped). With `verify`, every checksum in
-        the lease is final (blocks still being hashed in the background are hashed now)."""
+        the lease is final (blocks still being hashed in the background are hashed now).
+
+        With `tier`, the run also ends at the first block with no copy in that tier, and the
+        lease's slots are in it: a client in another process can only reach the DRAM tier's
+        shared memory, whichever tier is fastest.
+        """
         with self._lock:
             self._expire()
             namespace_index = self._namespace_of(namespace_id)
+            if tier is not None:
+                self._tier(tier)
             table = self._table
             rows, index, fastest = table.leading_run(keys, namespace_index)
             table.leases[index] += 1  # uint32: no block is leased 4 billion times at once
@@ -305,6 +329,13 @@ class TierManager:
                 kept = self._mover.promote(rows, fastest.tolist())
                 rows, index = rows[: len(kept)], index[: len(kept)]
                 fastest = table.fastest[index]
+            if tier is not None and len(rows):
+                absent = table.slot[index, tier] == ABSENT
+                if absent.any():
+                    cut = int(absent.argmax())
+                    table.leases[index[cut:]] -= 1
+                    rows, index = rows[:cut], index[:cut]
+                fastest = np.full(len(rows), tier, dtype=np.uint8)
             tiers = _tier_tuple(fastest)
             self._policy.on_access(index)
             if verify:
@@ -383,6 +414,64 @@ class TierManager:
                     count += 1
             return count
 
+    def flush(self) -> int:
+        """Copy every block held only in memory down to NVMe (before a shutdown or maintenance);
+        returns how many were copied. Blocks that find no room stay where they are."""
+        with self._lock:
+            if TierKind.NVME not in self._tiers:
+                return 0
+            before = self._counters[TierKind.NVME].demotions_in
+            on_nvme = self._table.resident_mask(TierKind.NVME)
+            for kind in self._tiers:
+                if kind is TierKind.NVME:
+                    continue
+                rows = np.flatnonzero(self._table.resident_mask(kind) & ~on_nvme).tolist()
+                if rows:
+                    self._mover.copy_down(rows, kind, TierKind.NVME)
+                on_nvme = self._table.resident_mask(TierKind.NVME)
+            return self._counters[TierKind.NVME].demotions_in - before
+
+    def watch_snapshot(self) -> tuple[int, list[BlockEvent]]:
+        """Every stored block as a SNAPSHOT event, and the sequence number of the last event the
+        snapshot includes: a watcher then reads `events.after(sequence)`."""
+        with self._lock:
+            sequence = self.events.last_sequence
+            events = [
+                BlockEvent(sequence, EventKind.SNAPSHOT, info.namespace_id, info.key, info.parent, info.tiers)
+                for info in self._infos(self._resident_rows(None))
+            ]
+            return sequence, events
+
+    def list_blocks(
+        self, namespace_id: NamespaceId | None, *, start_row: int, limit: int
+    ) -> tuple[list[BlockInfo], int | None]:
+        """Stored blocks in row order from `start_row`, at most `limit`, and the row to continue
+        from (None at the end). Rows are reused, so a listing taken while blocks come and go may
+        miss or repeat some; it never shows a block that was not stored."""
+        if limit < 1 or start_row < 0:
+            raise InvalidArgumentError(f"need limit >= 1 and start_row >= 0, got {limit} and {start_row}")
+        with self._lock:
+            namespace = None if namespace_id is None else self._namespace_of(namespace_id)
+            rows = self._resident_rows(namespace)
+            rows = rows[rows >= start_row]
+            page = rows[:limit]
+            following = int(rows[limit]) if len(rows) > limit else None
+            return self._infos(page), following
+
+    def inspect(self, keys: Sequence[BlockKey]) -> list[BlockInfo | None]:
+        """Each key's block, or None where nothing readable is stored under it."""
+        check_keys(keys)
+        with self._lock:
+            infos: list[BlockInfo | None] = []
+            for key in keys:
+                row = self._table.ids.get(key)
+                if row is None or not self._table.is_resident(row):
+                    infos.append(None)
+                    continue
+                self._checksums.settle_now([row])
+                infos.append(self._infos(np.array([row]))[0])
+            return infos
+
     def drain_checksums(self) -> None:
         """Wait until the background thread has hashed every block committed so far."""
         self._checksums.drain()
@@ -420,6 +509,33 @@ class TierManager:
             slot = self._table.slot_of(row, tier)
             assert slot is not None
             return BlockRef(key, tier, slot, self._table.size_of(row), int(self._table.checksum[row]))
+
+    def _resident_rows(self, namespace: int | None) -> npt.NDArray[np.intp]:
+        table = self._table
+        mask = table.namespace != NO_NAMESPACE if namespace is None else table.namespace == namespace
+        mask &= table.fastest != NO_TIER
+        return np.flatnonzero(mask)
+
+    def _infos(self, rows: npt.NDArray[np.intp]) -> list[BlockInfo]:
+        table = self._table
+        infos = []
+        for row in rows.tolist():
+            key = table.keys[row]
+            assert key is not None  # resident rows have keys
+            namespace = self._namespaces[int(table.namespace[row])]
+            infos.append(
+                BlockInfo(
+                    key,
+                    namespace.namespace_id,
+                    table.parents[row],
+                    tiers_of_mask(table.tier_mask(row)),
+                    namespace.block_bytes,
+                    int(table.checksum[row]),
+                    int(table.leases[row]),
+                    bool(table.pinned[row]),
+                )
+            )
+        return infos
 
     # -- internals: validation ----------------------------------------------------------------
 
@@ -526,6 +642,25 @@ class TierManager:
 
 
 _TIERS = tuple(TierKind)
+
+
+class _EventRecorder:
+    """Turns the table's residency changes into block events (the table's listener)."""
+
+    def __init__(self, table: BlockTable, namespaces: list[Namespace], events: EventLog) -> None:
+        self._table = table
+        self._namespaces = namespaces  # shared with the manager, which appends to it
+        self._events = events
+
+    def residency_changed(self, row: int, namespace: int, before: int, after: int) -> None:
+        if before == after or namespace == NO_NAMESPACE:
+            return
+        key = self._table.keys[row]
+        assert key is not None  # only rows of stored blocks change residency
+        kind = EventKind.STORED if not before else EventKind.REMOVED if not after else EventKind.TIER_CHANGED
+        self._events.record(
+            kind, self._namespaces[namespace].namespace_id, key, self._table.parents[row], tiers_of_mask(after)
+        )
 
 
 def _tier_tuple(fastest: npt.NDArray[Any]) -> tuple[TierKind, ...]:

@@ -23,6 +23,7 @@ import numpy.typing as npt
 from kvstore.clock import Clock, MonotonicClock
 from kvstore.config import StoreConfig
 from kvstore.errors import InvalidArgumentError
+from kvstore.events import EventLog
 from kvstore.layout import payload_bytes, payloads_bytes
 from kvstore.manager import Lease, RemoveResult, TierManager
 from kvstore.policy import EvictionPolicy, LeafFirstLRU
@@ -43,7 +44,14 @@ class PutResult:
 
 
 class Store:
-    def __init__(self, config: StoreConfig, *, clock: Clock | None = None, policy: EvictionPolicy | None = None):
+    def __init__(
+        self,
+        config: StoreConfig,
+        *,
+        clock: Clock | None = None,
+        policy: EvictionPolicy | None = None,
+        events: EventLog | None = None,
+    ):
         tiers: dict[TierKind, Tier] = {}
         try:
             if config.hbm.capacity_bytes:
@@ -53,7 +61,8 @@ class Store:
                 tiers[TierKind.NVME] = NvmeTier(config.nvme)
             total = sum(tier.allocator.capacity_bytes for tier in tiers.values())
             rows = min(_MAX_INITIAL_ROWS, max(1024, total // 65536))
-            self.manager = TierManager(config, tiers, policy or LeafFirstLRU(), clock or MonotonicClock(), rows)
+            self.clock = clock or MonotonicClock()
+            self.manager = TierManager(config, tiers, policy or LeafFirstLRU(), self.clock, rows, events=events)
         except BaseException:
             for tier in tiers.values():
                 tier.close()
@@ -165,7 +174,7 @@ class Store:
             if verify or not all(self.tiers[tier].host_addressable for tier in set(lease.tiers)):
                 targets = [flat[i * size : (i + 1) * size] for i in range(len(lease))]
                 return self._read_lease(lease, targets, verify)  # per block: checksums, or device slots
-            for start, stop in _adjacent_runs(lease, size):
+            for start, stop in adjacent_runs(lease, size):
                 source = self.tiers[lease.tiers[start]].host_view(lease.slots[start], (stop - start) * size)
                 assert source is not None  # checked above: every tier of the lease is host-addressable
                 np.copyto(flat[start * size : stop * size], np.frombuffer(source, dtype=np.uint8))
@@ -202,7 +211,7 @@ class Store:
         return min(failed)
 
 
-def _adjacent_runs(lease: Lease, size: int) -> list[tuple[int, int]]:
+def adjacent_runs(lease: Lease, size: int) -> list[tuple[int, int]]:
     """[start, stop) ranges of a lease's blocks that lie end to end in one tier."""
     runs: list[tuple[int, int]] = []
     start = 0

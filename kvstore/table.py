@@ -16,7 +16,7 @@ Owner: the tier manager, which calls it only under its lock. Policies read it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -35,6 +35,14 @@ NO_NAMESPACE = np.uint16(2**16 - 1)
 """`namespace[row]` of a tombstone, so one comparison tells a usable row (no namespace has this
 index: the manager registers at most 65535)."""
 _TIERS = tuple(TierKind)
+_ABSENT_INT = int(ABSENT)
+
+
+class ResidencyListener(Protocol):
+    """Told of every change in a block's set of tiers (bit t of a mask = a copy in TierKind t;
+    0 = not readable). Called under the tier manager's lock, so it must be quick."""
+
+    def residency_changed(self, row: int, namespace: int, before: int, after: int) -> None: ...
 
 
 class BlockTable:
@@ -55,6 +63,7 @@ class BlockTable:
         self.checksum: npt.NDArray[Any] = np.empty(0, dtype=np.uint64)
         self.leases: npt.NDArray[Any] = np.empty(0, dtype=np.uint32)
         self.pinned: npt.NDArray[Any] = np.empty(0, dtype=np.bool_)
+        self.listener: ResidencyListener | None = None
         self._grow(initial_rows)
 
     def __len__(self) -> int:
@@ -126,6 +135,10 @@ class BlockTable:
             rows, index = rows[:cut], index[:cut]
         return rows, index, self.fastest[index]
 
+    def tier_mask(self, row: int) -> int:
+        """Bit t set when the block has a copy in TierKind t."""
+        return sum(1 << tier for tier, units in enumerate(self.slot[row].tolist()) if units != _ABSENT_INT)
+
     def resident_mask(self, tier: TierKind) -> npt.NDArray[np.bool_]:
         mask: npt.NDArray[np.bool_] = self.slot[:, tier] != ABSENT
         return mask
@@ -134,6 +147,7 @@ class BlockTable:
 
     def set_resident(self, row: int, tier: TierKind, slot: Slot) -> None:
         """Record a copy in `tier`; counts it in the parent's children when the parent has a row."""
+        before = self.tier_mask(row) if self.listener is not None else 0
         self.slot[row, tier] = slot // ALIGNMENT_BYTES
         self.fastest[row] = min(self.fastest[row], tier)
         parent = self.parents[row]
@@ -141,10 +155,15 @@ class BlockTable:
         if parent_row is not None:
             self.children[parent_row, tier] += 1
             self.counted[row] |= 1 << tier
+        if self.listener is not None:
+            self.listener.residency_changed(row, int(self.namespace[row]), before, before | 1 << tier)
 
     def clear_resident(self, row: int, tier: TierKind) -> list[int]:
         """Drop the copy in `tier`. Returns the rows removed as a result (this one, and its
         parent when that was a tombstone kept only for this child)."""
+        if self.listener is not None:
+            before = self.tier_mask(row)
+            self.listener.residency_changed(row, int(self.namespace[row]), before, before & ~(1 << tier))
         self.slot[row, tier] = ABSENT
         present = np.flatnonzero(self.slot[row] != ABSENT)
         if len(present):

@@ -259,3 +259,17 @@ class LookupResult:
 
     num_hits: int
     tiers: tuple[TierKind, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class BlockInfo:
+    """What an operator sees of one stored block (`kvctl ls` / `inspect`)."""
+
+    key: BlockKey
+    namespace_id: NamespaceId
+    parent: BlockKey | None
+    tiers: tuple[TierKind, ...]  # every tier holding a copy, fastest first
+    size_bytes: int
+    checksum: int  # 0 while the background hasher has not reached it
+    num_leases: int
+    is_pinned: bool

@@ -1,0 +1,6 @@
+"""The client SDK: `Client` (blocking) and `AsyncClient` (asyncio), batched-first."""
+
+from kvstore.client.aio import AsyncClient
+from kvstore.client.client import Client, FetchResult, NodeStatus, PutResult, RemoveResult, Transport
+
+__all__ = ["AsyncClient", "Client", "FetchResult", "NodeStatus", "PutResult", "RemoveResult", "Transport"]

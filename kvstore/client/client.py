@@ -1,0 +1,420 @@
+"""`Client`: the SDK engines and tools use to talk to a node (DESIGN.md 4).
+
+Batched first: every data call takes a chain of keys. Where the bytes go depends on where the
+node is. On the same host (same host id, and its shared-memory segment maps) the client copies
+payloads straight into and out of the node's DRAM slots: `put_blocks` is Reserve -> copy (and
+hash while copying) -> Commit, `get_into` is Acquire -> copy -> Release, and only metadata
+crosses gRPC. Otherwise the bytes go over the node's TCP data plane, straight into the
+caller's buffers, and are checked against their checksums before they count.
+
+Every call has a deadline (`timeout_s`). Idempotent calls (Info, Lookup, Stats, ListBlocks,
+RegisterNamespace, Remove, Pin, Unpin) are retried by gRPC on UNAVAILABLE with backoff; calls
+that create state (Reserve, Acquire, Fetch) never are. Errors are the store's own classes
+(`kvstore.errors`), whichever side raised them.
+
+Owner: the caller. Thread-safe: gRPC channels are, and the data-plane pool is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+
+from kvstore import wire
+from kvstore.dataplane.client import DataPlanePool
+from kvstore.errors import InvalidArgumentError, KVStoreError, UnknownNamespaceError
+from kvstore.events import BlockEvent
+from kvstore.hashing import checksum
+from kvstore.hostid import host_id
+from kvstore.layout import payloads_bytes
+from kvstore.proto import kvstore_pb2 as pb
+from kvstore.proto import kvstore_pb2_grpc as pb_grpc
+from kvstore.stats import TierStats
+from kvstore.status import ERROR_METADATA_KEY, error_from_status
+from kvstore.tiers.base import copy_with_checksum
+from kvstore.tiers.dram import SharedSegment
+from kvstore.types import BlockInfo, BlockKey, LookupResult, Namespace, NamespaceId
+
+log = logging.getLogger(__name__)
+
+Reply = TypeVar("Reply")
+
+_IDEMPOTENT = ("Info", "Lookup", "Stats", "ListBlocks", "RegisterNamespace", "Remove", "Pin", "Unpin")
+_SERVICE = "kvstore.v1.KVStore"
+
+
+class Transport(StrEnum):
+    AUTO = "auto"  # shared memory when the node is on this host and its segment maps, else TCP
+    SHARED_MEMORY = "shm"  # fail at connect if shared memory cannot be used
+    TCP = "tcp"  # the data plane, even on the same host
+
+
+@dataclass(frozen=True, slots=True)
+class PutResult:
+    num_written: int
+    num_present: int  # already stored (or being stored by another writer): not sent again
+
+
+@dataclass(frozen=True, slots=True)
+class FetchResult:
+    num_fetched: int
+    num_present: int
+    bytes_moved: int
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveResult:
+    num_removed: int
+    num_busy: int
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStatus:
+    """`Info` and `Stats` of a node, as `kvctl status` shows them."""
+
+    node_id: str
+    version: str
+    data_address: str
+    segment_name: str
+    namespaces: tuple[Namespace, ...]
+    is_draining: bool
+    uptime_s: float
+    tiers: tuple[TierStats, ...]
+    num_blocks: int
+    num_leases: int
+    num_reservations: int
+    num_unhashed: int
+    lookups: int
+    lookup_hit_blocks: int
+    lookup_miss_blocks: int
+
+
+class Client:
+    def __init__(
+        self,
+        address: str,
+        *,
+        token: str | None = None,
+        tls_root_certificates: bytes | None = None,
+        timeout_s: float = 10.0,
+        transport: Transport = Transport.AUTO,
+        max_attempts: int = 3,
+    ) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        options = [("grpc.service_config", _retry_config(max_attempts)), ("grpc.enable_retries", 1)]
+        if tls_root_certificates is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates=tls_root_certificates)
+            self._channel = grpc.secure_channel(address, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=options)
+        self._stub = pb_grpc.KVStoreStub(self._channel)
+        self._namespaces: dict[NamespaceId, Namespace] = {}
+        self._pool = DataPlanePool(token=token, timeout_s=timeout_s)
+        self._segment: SharedSegment | None = None
+        try:
+            info = self._call(self._stub.Info, pb.InfoRequest())
+            self.node_id = info.node_id
+            self.data_address = info.data_address
+            self._remember(info.namespaces)
+            if transport is not Transport.TCP:
+                self._segment = _attach_segment(info)
+                if self._segment is None and transport is Transport.SHARED_MEMORY:
+                    raise InvalidArgumentError(
+                        f"node {info.node_id} at {address} is not reachable through shared memory from here"
+                    )
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def uses_shared_memory(self) -> bool:
+        return self._segment is not None
+
+    def close(self) -> None:
+        self._pool.close()
+        if self._segment is not None:
+            self._segment.close()
+            self._segment = None
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- namespaces and index ------------------------------------------------------------------
+
+    def register_namespace(self, namespace: Namespace) -> NamespaceId:
+        request = pb.RegisterNamespaceRequest(namespace=wire.namespace_to_proto(namespace))
+        reply = self._call(self._stub.RegisterNamespace, request)
+        namespace_id = NamespaceId(reply.namespace_id)
+        self._namespaces[namespace_id] = namespace
+        return namespace_id
+
+    def lookup(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> LookupResult:
+        request = pb.LookupRequest(namespace_id=namespace_id, keys=wire.pack_keys(keys))
+        reply = self._call(self._stub.Lookup, request)
+        return LookupResult(reply.num_hits, wire.tiers_from_proto(reply.tiers))
+
+    # -- data ----------------------------------------------------------------------------------
+
+    def put_blocks(
+        self,
+        namespace_id: NamespaceId,
+        keys: Sequence[BlockKey],
+        payloads: Sequence[Any],
+        *,
+        parent: BlockKey | None = None,
+    ) -> PutResult:
+        """Store a chain (`parent` precedes keys[0]). Payloads are numpy arrays or CPU tensors
+        of the namespace's dtype and block shape, or raw bytes of its block size; they are
+        checked before anything is sent."""
+        namespace = self._namespace(namespace_id)
+        if len(keys) != len(payloads):
+            raise InvalidArgumentError(f"{len(keys)} keys but {len(payloads)} payloads")
+        flats = payloads_bytes(payloads, namespace, "payload")
+        if self._segment is None:
+            return self._put_remote(namespace_id, keys, flats, parent)
+        request = pb.ReserveRequest(namespace_id=namespace_id, keys=wire.pack_keys(keys), parent=parent or b"")
+        reply = self._call(self._stub.Reserve, request)
+        try:
+            array, size = self._segment.array, reply.block_bytes
+            checksums = [
+                copy_with_checksum(array[offset : offset + size], flats[index])
+                for index, offset in zip(reply.indexes, reply.offsets, strict=True)
+            ]
+        except BaseException:
+            self._abort_quietly(reply.reservation_id)
+            raise
+        self._call(self._stub.Commit, pb.CommitRequest(reservation_id=reply.reservation_id, checksums=checksums))
+        return PutResult(len(reply.indexes), len(keys) - len(reply.indexes))
+
+    def get_into(
+        self, namespace_id: NamespaceId, keys: Sequence[BlockKey], dests: Sequence[Any], *, verify: bool = False
+    ) -> int:
+        """Copy the longest stored leading run of `keys` into `dests`; returns its length.
+        Bytes from another host are always checked against their checksums; `verify` also
+        checks shared-memory copies. A block that fails ends the run."""
+        namespace = self._namespace(namespace_id)
+        if len(keys) != len(dests):
+            raise InvalidArgumentError(f"{len(keys)} keys but {len(dests)} destinations")
+        targets = payloads_bytes(dests, namespace, "destination", writable=True)
+        if self._segment is None:
+            return self._get_remote(namespace_id, keys, targets)
+        request = pb.AcquireRequest(namespace_id=namespace_id, keys=wire.pack_keys(keys), verify=verify)
+        reply = self._call(self._stub.Acquire, request)
+        try:
+            array, size = self._segment.array, reply.block_bytes
+            for index, offset in enumerate(reply.offsets):
+                np.copyto(targets[index], array[offset : offset + size])
+                if verify and checksum(targets[index]) != reply.checksums[index]:
+                    return index
+            return len(reply.offsets)
+        finally:
+            self._call(self._stub.Release, pb.ReleaseRequest(lease_id=reply.lease_id))
+
+    def get_blocks(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> list[npt.NDArray[np.uint8]]:
+        """The longest stored leading run of `keys`, as new flat uint8 arrays."""
+        size = self._namespace(namespace_id).block_bytes
+        found = self.lookup(namespace_id, keys).num_hits
+        dests = [np.empty(size, dtype=np.uint8) for _ in range(found)]
+        count = self.get_into(namespace_id, keys[:found], dests) if found else 0
+        return dests[:count]
+
+    def fetch(
+        self, namespace_id: NamespaceId, keys: Sequence[BlockKey], peer: str, *, parent: BlockKey | None = None
+    ) -> FetchResult:
+        """Make the node pull the blocks of `keys` it lacks from `peer` (its data address)."""
+        request = pb.FetchRequest(namespace_id=namespace_id, keys=wire.pack_keys(keys), parent=parent or b"", peer=peer)
+        reply = self._call(self._stub.Fetch, request)
+        return FetchResult(reply.num_fetched, reply.num_present, reply.bytes_moved)
+
+    # -- administration ------------------------------------------------------------------------
+
+    def remove(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> RemoveResult:
+        reply = self._call(self._stub.Remove, pb.RemoveRequest(namespace_id=namespace_id, keys=wire.pack_keys(keys)))
+        return RemoveResult(reply.num_removed, reply.num_busy)
+
+    def pin(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> int:
+        request = pb.PinRequest(namespace_id=namespace_id, keys=wire.pack_keys(keys))
+        return self._call(self._stub.Pin, request).num_changed
+
+    def unpin(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> int:
+        request = pb.PinRequest(namespace_id=namespace_id, keys=wire.pack_keys(keys))
+        return self._call(self._stub.Unpin, request).num_changed
+
+    def status(self) -> NodeStatus:
+        info = self._call(self._stub.Info, pb.InfoRequest())
+        stats = self._call(self._stub.Stats, pb.StatsRequest())
+        self._remember(info.namespaces)
+        return NodeStatus(
+            info.node_id,
+            info.version,
+            info.data_address,
+            info.segment_name,
+            tuple(wire.namespace_from_proto(item.namespace) for item in info.namespaces),
+            info.draining or stats.draining,
+            info.uptime_s,
+            tuple(wire.tier_stats_from_proto(tier) for tier in stats.tiers),
+            stats.num_blocks,
+            stats.num_leases,
+            stats.num_reservations,
+            stats.num_unhashed,
+            stats.lookups,
+            stats.lookup_hit_blocks,
+            stats.lookup_miss_blocks,
+        )
+
+    def list_blocks(self, namespace_id: NamespaceId | None = None, *, page_size: int = 1000) -> Iterator[BlockInfo]:
+        """Every stored block (of one namespace, or all), fetched a page at a time."""
+        token = b""
+        while True:
+            request = pb.ListBlocksRequest(namespace_id=namespace_id or b"", page_size=page_size, page_token=token)
+            reply = self._call(self._stub.ListBlocks, request)
+            yield from (wire.block_info_from_proto(block) for block in reply.blocks)
+            token = reply.next_page_token
+            if not token:
+                return
+
+    def inspect(self, keys: Sequence[BlockKey]) -> list[BlockInfo]:
+        """The stored blocks among `keys` (absent ones are left out)."""
+        reply = self._call(self._stub.ListBlocks, pb.ListBlocksRequest(keys=wire.pack_keys(keys)))
+        return [wire.block_info_from_proto(block) for block in reply.blocks]
+
+    def watch_events(self) -> EventWatch:
+        """A snapshot of every stored block (SNAPSHOT events, then one SNAPSHOT_END), then
+        events as they happen, until `cancel()` or the node goes away. A client that falls too
+        far behind gets WatchLagError and should watch again."""
+        return EventWatch(self._stub.WatchEvents(pb.WatchEventsRequest(), metadata=self._metadata))
+
+    def drain(self, *, flush: bool = True) -> int:
+        """Make the node refuse new reads and writes; with `flush`, copy memory-only blocks to
+        NVMe. Returns how many were flushed."""
+        return self._call(
+            self._stub.Drain, pb.DrainRequest(flush=flush), timeout_s=max(self.timeout_s, 600.0)
+        ).num_flushed
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _call(self, method: Callable[..., Reply], request: Any, *, timeout_s: float | None = None) -> Reply:
+        try:
+            return method(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise _translate(error) from None
+
+    def _namespace(self, namespace_id: NamespaceId) -> Namespace:
+        namespace = self._namespaces.get(namespace_id)
+        if namespace is None:
+            self._remember(self._call(self._stub.Info, pb.InfoRequest()).namespaces)
+            namespace = self._namespaces.get(namespace_id)
+        if namespace is None:
+            shown = namespace_id.hex() if isinstance(namespace_id, bytes) else repr(namespace_id)
+            raise UnknownNamespaceError(f"namespace {shown} is not registered on node {self.node_id}")
+        return namespace
+
+    def _remember(self, infos: Sequence[pb.NamespaceInfo]) -> None:
+        for item in infos:
+            self._namespaces[NamespaceId(item.namespace_id)] = wire.namespace_from_proto(item.namespace)
+
+    def _abort_quietly(self, reservation_id: int) -> None:
+        try:
+            self._call(self._stub.Abort, pb.AbortRequest(reservation_id=reservation_id))
+        except KVStoreError as error:  # expiry frees it anyway; the original error matters more
+            log.warning("abort of reservation %d failed: %s", reservation_id, error)
+
+    def _put_remote(
+        self,
+        namespace_id: NamespaceId,
+        keys: Sequence[BlockKey],
+        flats: list[npt.NDArray[np.uint8]],
+        parent: BlockKey | None,
+    ) -> PutResult:
+        checksums = [checksum(flat) for flat in flats]
+        views = [memoryview(flat.data) for flat in flats]
+        with self._pool.connection(self.data_address) as connection:
+            written, present = connection.put(namespace_id, keys, parent, checksums, views)
+        return PutResult(written, present)
+
+    def _get_remote(
+        self, namespace_id: NamespaceId, keys: Sequence[BlockKey], targets: list[npt.NDArray[np.uint8]]
+    ) -> int:
+        with self._pool.connection(self.data_address) as connection:
+            reply = connection.request_get(namespace_id, keys)
+            count = len(reply.checksums)
+            if count and reply.block_bytes != targets[0].nbytes:
+                connection.close()
+                raise InvalidArgumentError(
+                    f"node sends {reply.block_bytes}-byte blocks, destinations hold {targets[0].nbytes}"
+                )
+            connection.receive_into([memoryview(target.data) for target in targets[:count]])
+        for index in range(count):
+            if checksum(targets[index]) != reply.checksums[index]:
+                return index  # the receiver is the trust boundary: on doubt, miss
+        return count
+
+
+class EventWatch:
+    """An open WatchEvents stream: iterate it for events; `cancel` ends it from any thread."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def __iter__(self) -> Iterator[BlockEvent]:
+        try:
+            for message in self._stream:
+                yield wire.event_from_proto(message)
+        except grpc.RpcError as error:
+            if error.code() is not grpc.StatusCode.CANCELLED:
+                raise _translate(error) from None
+
+    def cancel(self) -> None:
+        self._stream.cancel()
+
+
+def _translate(error: grpc.RpcError) -> KVStoreError:
+    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+    details = error.details() if hasattr(error, "details") else str(error)
+    name = None
+    trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    for item in trailing or ():
+        if item.key == ERROR_METADATA_KEY:
+            name = item.value if isinstance(item.value, str) else item.value.decode()
+    return error_from_status(code, details or "", name)
+
+
+def _attach_segment(info: pb.InfoResponse) -> SharedSegment | None:
+    """The node's segment, mapped, when the node runs on this host and the mapping works."""
+    if info.host_id != host_id() or not info.segment_name:
+        return None
+    try:
+        segment = SharedSegment.attach(info.segment_name)
+    except OSError as error:  # another /dev/shm (a container), or another user's 0600 segment
+        log.info("shared memory of node %s is not mappable (%s); using the data plane", info.node_id, error)
+        return None
+    if segment.size_bytes != info.segment_bytes:
+        segment.close()
+        return None
+    return segment
+
+
+def _retry_config(max_attempts: int) -> str:
+    policy = {
+        "maxAttempts": max(2, min(max_attempts, 5)),
+        "initialBackoff": "0.05s",
+        "maxBackoff": "1s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }
+    names = [{"service": _SERVICE, "method": method} for method in _IDEMPOTENT]
+    return json.dumps({"methodConfig": [{"name": names, "retryPolicy": policy}]})

@@ -1,0 +1,262 @@
+"""The TCP data plane's wire format (DESIGN.md 4): small frames, then raw payload bytes.
+
+Every frame is a 10-byte header (magic "KVDP", version, type, body length as little-endian
+uint32) and a body. Payloads are not inside frames: after a GET_OK (or a PUT_READY) the bytes of
+the blocks follow back to back, so both ends move them with `sendall` from and `recv_into`
+straight into pool slots, never through an intermediate buffer.
+
+    client                                     server
+    HELLO  token                        ->
+                                        <-     HELLO_OK | ERROR (UNAUTHENTICATED), close
+    GET    namespace, flags, keys       ->
+                                        <-     GET_OK count, block_bytes, checksums; payloads
+    PUT    namespace, flags, parent,    ->
+           keys, checksums
+                                        <-     PUT_READY indexes (the blocks it lacks)
+           payloads of those blocks     ->
+                                        <-     PUT_OK written, present | ERROR (DATA_LOSS)
+
+Any request may be answered by ERROR (a gRPC status code number, the error's class name and a
+message); the connection stays usable unless the error is about the framing itself. A GET
+returns the longest stored leading run of its keys (count may be 0). The receiver checks each
+payload against its checksum before anything becomes visible.
+
+All parsing validates lengths before slicing and raises `ProtocolError`; nothing here touches
+the store.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+from kvstore.errors import PeerUnavailableError, ProtocolError
+from kvstore.status import error_from_code_number
+from kvstore.types import KEY_BYTES, BlockKey, NamespaceId
+
+MAGIC = b"KVDP"
+VERSION = 1
+HEADER = struct.Struct("<4sBBI")
+MAX_BODY_BYTES = 16 * 1024 * 1024  # a million keys; payloads never count against this
+MAX_TOKEN_BYTES = 4096
+
+_U32 = struct.Struct("<I")
+_GET_OK = struct.Struct("<IQ")
+_PUT_OK = struct.Struct("<II")
+_ERROR = struct.Struct("<HB")
+FLAG_VERIFY = 1  # GET: the server verifies memory-tier copies too before sending
+FLAG_HAS_PARENT = 1  # PUT: `parent` is meaningful
+
+
+class FrameType(IntEnum):
+    HELLO = 1
+    HELLO_OK = 2
+    GET = 3
+    GET_OK = 4
+    PUT = 5
+    PUT_READY = 6
+    PUT_OK = 7
+    ERROR = 8
+
+
+@dataclass(frozen=True, slots=True)
+class GetRequest:
+    namespace_id: NamespaceId
+    keys: list[BlockKey]
+    verify: bool
+
+
+@dataclass(frozen=True, slots=True)
+class GetReply:
+    block_bytes: int
+    checksums: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class PutRequest:
+    namespace_id: NamespaceId
+    keys: list[BlockKey]
+    parent: BlockKey | None
+    checksums: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply:
+    code: int  # a gRPC status code number
+    error_name: str
+    message: str
+
+
+# -- framing ---------------------------------------------------------------------------------
+
+
+def send_frame(sock: socket.socket, kind: FrameType, body: bytes = b"") -> None:
+    sock.sendall(HEADER.pack(MAGIC, VERSION, kind, len(body)) + body)
+
+
+def recv_frame(sock: socket.socket, max_body_bytes: int = MAX_BODY_BYTES) -> tuple[FrameType, bytes]:
+    """The next frame. EOF before a header raises ConnectionResetError (the peer left);
+    a bad header raises ProtocolError."""
+    header = bytearray(HEADER.size)
+    recv_exactly_into(sock, memoryview(header))
+    magic, version, kind, length = HEADER.unpack(header)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad frame magic {bytes(magic)!r} (expected {MAGIC!r}): not a kvstore data plane peer")
+    if version != VERSION:
+        raise ProtocolError(f"data plane protocol version {version} is not supported (this side speaks {VERSION})")
+    try:
+        frame_type = FrameType(kind)
+    except ValueError:
+        raise ProtocolError(f"unknown frame type {kind}") from None
+    if length > max_body_bytes:
+        raise ProtocolError(f"frame body of {length} bytes exceeds the limit of {max_body_bytes}")
+    body = bytearray(length)
+    if length:
+        recv_exactly_into(sock, memoryview(body))
+    return frame_type, bytes(body)
+
+
+def recv_exactly_into(sock: socket.socket, view: memoryview) -> None:
+    """Fill `view` from the socket; ConnectionResetError when the peer closes first."""
+    received, total = 0, len(view)
+    while received < total:
+        count = sock.recv_into(view[received:], total - received)
+        if count == 0:
+            raise ConnectionResetError(f"peer closed the connection after {received} of {total} bytes")
+        received += count
+
+
+def expect(kind: FrameType, wanted: FrameType, body: bytes) -> bytes:
+    """`body` when the frame is of the wanted type; the peer's error, raised, when it is ERROR."""
+    if kind is wanted:
+        return body
+    if kind is FrameType.ERROR:
+        reply = parse_error(body)
+        raise error_from_code_number(reply.code, reply.message, reply.error_name)
+    raise ProtocolError(f"expected a {wanted.name} frame, got {kind.name}")
+
+
+def connect(address: str, timeout_s: float) -> socket.socket:
+    host, port = split_address(address)
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout_s)
+    except OSError as error:
+        raise PeerUnavailableError(f"data plane at {address} is unreachable: {error}") from None
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ProtocolError(f"a data plane address is host:port, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+# -- bodies ----------------------------------------------------------------------------------
+
+
+def pack_get(request: GetRequest) -> bytes:
+    return request.namespace_id + bytes([FLAG_VERIFY if request.verify else 0]) + b"".join(request.keys)
+
+
+def parse_get(body: bytes, max_keys: int) -> GetRequest:
+    if len(body) < KEY_BYTES + 1:
+        raise ProtocolError(f"GET body of {len(body)} bytes is shorter than its fixed part")
+    keys = _split_keys(body[KEY_BYTES + 1 :], max_keys, "GET")
+    return GetRequest(NamespaceId(body[:KEY_BYTES]), keys, bool(body[KEY_BYTES] & FLAG_VERIFY))
+
+
+def pack_get_ok(block_bytes: int, checksums: list[int]) -> bytes:
+    return _GET_OK.pack(len(checksums), block_bytes) + struct.pack(f"<{len(checksums)}Q", *checksums)
+
+
+def parse_get_ok(body: bytes, max_keys: int) -> GetReply:
+    if len(body) < _GET_OK.size:
+        raise ProtocolError("GET_OK body is shorter than its fixed part")
+    count, block_bytes = _GET_OK.unpack_from(body)
+    if count > max_keys or len(body) != _GET_OK.size + 8 * count:
+        raise ProtocolError(f"GET_OK claims {count} blocks in a {len(body)}-byte body")
+    return GetReply(block_bytes, list(struct.unpack_from(f"<{count}Q", body, _GET_OK.size)))
+
+
+def pack_put(request: PutRequest) -> bytes:
+    flags = FLAG_HAS_PARENT if request.parent is not None else 0
+    return b"".join(
+        [
+            request.namespace_id,
+            bytes([flags]),
+            request.parent or bytes(KEY_BYTES),
+            _U32.pack(len(request.keys)),
+            *request.keys,
+            struct.pack(f"<{len(request.checksums)}Q", *request.checksums),
+        ]
+    )
+
+
+def parse_put(body: bytes, max_keys: int) -> PutRequest:
+    fixed = 2 * KEY_BYTES + 1 + _U32.size
+    if len(body) < fixed:
+        raise ProtocolError(f"PUT body of {len(body)} bytes is shorter than its fixed part")
+    (count,) = _U32.unpack_from(body, 2 * KEY_BYTES + 1)
+    if count > max_keys:
+        raise ProtocolError(f"PUT of {count} blocks exceeds the limit of {max_keys}")
+    if len(body) != fixed + count * (KEY_BYTES + 8):
+        raise ProtocolError(f"PUT claims {count} blocks in a {len(body)}-byte body")
+    keys = _split_keys(body[fixed : fixed + count * KEY_BYTES], max_keys, "PUT")
+    checksums = list(struct.unpack_from(f"<{count}Q", body, fixed + count * KEY_BYTES))
+    has_parent = body[KEY_BYTES] & FLAG_HAS_PARENT
+    parent = BlockKey(body[KEY_BYTES + 1 : 2 * KEY_BYTES + 1]) if has_parent else None
+    return PutRequest(NamespaceId(body[:KEY_BYTES]), keys, parent, checksums)
+
+
+def pack_indexes(indexes: list[int]) -> bytes:
+    return _U32.pack(len(indexes)) + struct.pack(f"<{len(indexes)}I", *indexes)
+
+
+def parse_indexes(body: bytes, num_keys: int) -> list[int]:
+    if len(body) < _U32.size:
+        raise ProtocolError("PUT_READY body is shorter than its fixed part")
+    (count,) = _U32.unpack_from(body)
+    if count > num_keys or len(body) != _U32.size * (count + 1):
+        raise ProtocolError(f"PUT_READY claims {count} indexes in a {len(body)}-byte body")
+    indexes = list(struct.unpack_from(f"<{count}I", body, _U32.size))
+    if any(i >= num_keys for i in indexes) or indexes != sorted(set(indexes)):
+        raise ProtocolError("PUT_READY indexes must be ascending, distinct and within the request")
+    return indexes
+
+
+def pack_put_ok(num_written: int, num_present: int) -> bytes:
+    return _PUT_OK.pack(num_written, num_present)
+
+
+def parse_put_ok(body: bytes) -> tuple[int, int]:
+    if len(body) != _PUT_OK.size:
+        raise ProtocolError(f"PUT_OK body must be {_PUT_OK.size} bytes, got {len(body)}")
+    written, present = _PUT_OK.unpack(body)
+    return int(written), int(present)
+
+
+def pack_error(code: int, error_name: str, message: str) -> bytes:
+    name = error_name.encode("ascii", "replace")[:255]
+    return _ERROR.pack(code, len(name)) + name + message.encode("utf-8", "replace")[:65536]
+
+
+def parse_error(body: bytes) -> ErrorReply:
+    if len(body) < _ERROR.size:
+        raise ProtocolError("ERROR body is shorter than its fixed part")
+    code, name_length = _ERROR.unpack_from(body)
+    name = body[_ERROR.size : _ERROR.size + name_length].decode("ascii", "replace")
+    message = body[_ERROR.size + name_length :].decode("utf-8", "replace")
+    return ErrorReply(code, name, message)
+
+
+def _split_keys(packed: bytes, max_keys: int, what: str) -> list[BlockKey]:
+    if len(packed) % KEY_BYTES:
+        raise ProtocolError(f"{what} keys take {len(packed)} bytes, not a multiple of {KEY_BYTES}")
+    count = len(packed) // KEY_BYTES
+    if count > max_keys:
+        raise ProtocolError(f"{what} of {count} keys exceeds the limit of {max_keys}")
+    return [BlockKey(packed[i : i + KEY_BYTES]) for i in range(0, len(packed), KEY_BYTES)]

@@ -1,0 +1,46 @@
+"""Who may talk to a node: the shared token on every gRPC call (DESIGN.md 4).
+
+When a token is configured, a call must carry `authorization: Bearer <token>` metadata, or it
+is answered UNAUTHENTICATED before any handler runs (health and reflection included). The
+comparison takes constant time. The data plane checks the same token in its HELLO frame.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from kvstore.errors import AuthenticationError
+from kvstore.status import ERROR_METADATA_KEY
+
+AUTHORIZATION_KEY = "authorization"
+
+
+def bearer(token: str) -> str:
+    return f"Bearer {token}"
+
+
+class TokenInterceptor(grpc.ServerInterceptor):
+    def __init__(self, token: str) -> None:
+        self._expected = bearer(token).encode()
+        self._deny: grpc.RpcMethodHandler[Any, Any] = grpc.unary_unary_rpc_method_handler(_deny)
+        self._deny_stream: grpc.RpcMethodHandler[Any, Any] = grpc.unary_stream_rpc_method_handler(_deny)
+
+    def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Any], handler_call_details: grpc.HandlerCallDetails
+    ) -> Any:
+        presented = ""
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == AUTHORIZATION_KEY:
+                presented = value if isinstance(value, str) else value.decode("latin-1")
+        if hmac.compare_digest(presented.encode(), self._expected):
+            return continuation(handler_call_details)
+        return self._deny_stream if handler_call_details.method.endswith("/WatchEvents") else self._deny
+
+
+def _deny(request: object, context: grpc.ServicerContext) -> None:
+    context.set_trailing_metadata(((ERROR_METADATA_KEY, AuthenticationError.__name__),))
+    context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token (metadata 'authorization: Bearer <token>')")

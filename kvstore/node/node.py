@@ -1,0 +1,281 @@
+"""`Node`: what the daemon does, in domain types. The gRPC servicer and the data-plane server
+translate to and from it; neither decides anything itself.
+
+A node is a `Store` plus what being a network service adds: the local path hands out DRAM
+slots in the shared-memory segment (`reserve`/`acquire` pin them to the DRAM tier, the only
+one a client process can map), `fetch` pulls blocks from a peer's data plane into reserved
+slots, `watch` streams block events from a snapshot, and draining refuses new work while
+leases and writes in flight finish.
+
+Owner: the node server. Thread-safe: every call may come from any gRPC or data-plane thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+from kvstore.dataplane.client import DataPlanePool
+from kvstore.errors import NamespaceMismatchError, NodeDrainingError
+from kvstore.events import BlockEvent, EventKind
+from kvstore.hostid import host_id
+from kvstore.manager import Lease, RemoveResult, Reservation
+from kvstore.node.metrics import NodeMetrics
+from kvstore.node.transfers import IncomingBlocks, OutgoingBlocks, open_read, open_write
+from kvstore.stats import StoreStats
+from kvstore.store import Store
+from kvstore.tiers.dram import DramTier
+from kvstore.types import (
+    BlockInfo,
+    BlockKey,
+    LeaseId,
+    LookupResult,
+    Namespace,
+    NamespaceId,
+    ReservationId,
+    TierKind,
+)
+
+VERSION = "0.1.0"
+WATCH_POLL_S = 0.5  # how often a watch stream checks that its client is still there
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    node_id: str
+    host_id: str
+    version: str
+    data_address: str
+    segment_name: str
+    segment_bytes: int
+    namespaces: tuple[Namespace, ...]
+    is_draining: bool
+    uptime_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class FetchResult:
+    num_fetched: int
+    num_present: int
+    bytes_moved: int
+
+
+@dataclass(frozen=True, slots=True)
+class LookupCounts:
+    lookups: int
+    hit_blocks: int
+    miss_blocks: int
+
+
+class Node:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        node_id: str,
+        data_address: str,
+        metrics: NodeMetrics,
+        peers: DataPlanePool,
+    ) -> None:
+        dram = store.tiers.get(TierKind.DRAM)
+        if not isinstance(dram, DramTier):
+            raise TypeError("a node's store needs its shared-memory DRAM tier")
+        self.store = store
+        self.node_id = node_id
+        self.data_address = data_address
+        self.metrics = metrics
+        self._dram = dram
+        self._peers = peers
+        self._draining = threading.Event()
+        self._started = time.monotonic()
+        self._lookup_lock = threading.Lock()
+        self._lookups = LookupCounts(0, 0, 0)
+
+    # -- identity ------------------------------------------------------------------------------
+
+    def info(self) -> NodeInfo:
+        manager = self.store.manager
+        return NodeInfo(
+            self.node_id,
+            host_id(),
+            VERSION,
+            self.data_address,
+            self._dram.segment.name,
+            self._dram.segment.size_bytes,
+            tuple(manager.namespaces()),
+            self.is_draining,
+            time.monotonic() - self._started,
+        )
+
+    @property
+    def segment_name(self) -> str:
+        return self._dram.segment.name
+
+    def expires_in_s(self, deadline_s: float) -> float:
+        """A lease's or reservation's deadline as seconds from now (clients have other clocks)."""
+        return max(0.0, deadline_s - self.store.clock.now())
+
+    def register_namespace(self, namespace: Namespace) -> NamespaceId:
+        return self.store.register_namespace(namespace)
+
+    def namespace(self, namespace_id: NamespaceId) -> Namespace:
+        return self.store.manager.namespace(namespace_id)
+
+    # -- index -------------------------------------------------------------------------------
+
+    def lookup(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> LookupResult:
+        result = self.store.lookup(namespace_id, keys)
+        misses = len(keys) - result.num_hits
+        self.metrics.lookup_blocks.labels("hit").inc(result.num_hits)
+        self.metrics.lookup_blocks.labels("miss").inc(misses)
+        with self._lookup_lock:
+            counts = self._lookups
+            self._lookups = LookupCounts(
+                counts.lookups + 1, counts.hit_blocks + result.num_hits, counts.miss_blocks + misses
+            )
+        return result
+
+    def lookup_counts(self) -> LookupCounts:
+        return self._lookups
+
+    # -- local path: shared-memory slots -------------------------------------------------------
+
+    def reserve(self, namespace_id: NamespaceId, keys: Sequence[BlockKey], parent: BlockKey | None) -> Reservation:
+        self._check_accepting()
+        reservation = self.store.manager.reserve(namespace_id, keys, parent=parent, tier=TierKind.DRAM)
+        self.metrics.local_bytes.labels("reserved").inc(reservation.size_bytes * len(reservation.keys))
+        return reservation
+
+    def commit(self, reservation_id: int, checksums: Sequence[int] | None) -> None:
+        self.store.manager.commit(ReservationId(reservation_id), checksums)
+
+    def abort(self, reservation_id: int) -> None:
+        self.store.manager.abort(ReservationId(reservation_id))
+
+    def acquire(self, namespace_id: NamespaceId, keys: Sequence[BlockKey], *, verify: bool) -> Lease:
+        self._check_accepting()
+        lease = self.store.manager.acquire(namespace_id, keys, verify=verify, tier=TierKind.DRAM)
+        self.metrics.local_bytes.labels("leased").inc(lease.size_bytes * len(lease))
+        return lease
+
+    def release(self, lease_id: int) -> None:
+        self.store.manager.release(LeaseId(lease_id))
+
+    # -- data plane (this node serving) --------------------------------------------------------
+
+    def open_read(self, namespace_id: NamespaceId, keys: Sequence[BlockKey], *, verify: bool) -> OutgoingBlocks:
+        self._check_accepting()
+        return open_read(self.store, namespace_id, keys, verify=verify)
+
+    def open_write(
+        self, namespace_id: NamespaceId, keys: Sequence[BlockKey], parent: BlockKey | None
+    ) -> IncomingBlocks:
+        self._check_accepting()
+        return open_write(self.store, namespace_id, keys, parent)
+
+    # -- data plane (this node pulling) ---------------------------------------------------------
+
+    def fetch(
+        self, namespace_id: NamespaceId, keys: Sequence[BlockKey], parent: BlockKey | None, peer: str
+    ) -> FetchResult:
+        """Pull the blocks of `keys` this node lacks from `peer`'s data plane: the peer sends
+        its longest stored run of them, which lands in reserved slots, is verified, then
+        committed. Returns what was copied and what was already here."""
+        self._check_accepting()
+        namespace = self.namespace(namespace_id)
+        start = self.store.lookup(namespace_id, keys).num_hits  # also validates the keys
+        if start == len(keys):
+            return FetchResult(0, start, 0)
+        wanted = keys[start:]
+        with self._peers.connection(peer) as connection:
+            reply = connection.request_get(namespace_id, wanted)
+            count = len(reply.checksums)
+            if count and reply.block_bytes != namespace.block_bytes:
+                connection.close()
+                raise NamespaceMismatchError(
+                    f"peer {peer} sends {reply.block_bytes}-byte blocks for namespace {namespace_id.hex()}, "
+                    f"which has {namespace.block_bytes}-byte blocks here"
+                )
+            if not count:
+                return FetchResult(0, start, 0)
+            incoming = open_write(self.store, namespace_id, wanted[:count], keys[start - 1] if start else parent)
+            try:
+                connection.receive_into(incoming.views)
+            except BaseException:
+                incoming.abort()
+                raise
+            written = incoming.commit(reply.checksums)
+        moved = count * namespace.block_bytes
+        self.metrics.fetch_bytes.inc(moved)
+        return FetchResult(written, start + count - written, moved)
+
+    # -- administration ------------------------------------------------------------------------
+
+    def remove(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> RemoveResult:
+        return self.store.remove(namespace_id, keys)
+
+    def pin(self, namespace_id: NamespaceId, keys: Sequence[BlockKey], pinned: bool) -> int:
+        return self.store.pin(namespace_id, keys) if pinned else self.store.unpin(namespace_id, keys)
+
+    def stats(self) -> StoreStats:
+        return self.store.stats()
+
+    def list_blocks(
+        self, namespace_id: NamespaceId | None, *, start_row: int, limit: int
+    ) -> tuple[list[BlockInfo], int | None]:
+        return self.store.manager.list_blocks(namespace_id, start_row=start_row, limit=limit)
+
+    def inspect(self, keys: Sequence[BlockKey]) -> list[BlockInfo | None]:
+        return self.store.manager.inspect(keys)
+
+    def watch(self, is_active: Callable[[], bool]) -> Iterator[BlockEvent]:
+        """A snapshot of every stored block, a SNAPSHOT_END, then events as they happen, until
+        the client leaves or the node closes. Raises WatchLagError if the client fell behind."""
+        manager = self.store.manager
+        sequence, snapshot = manager.watch_snapshot()
+        self.metrics.watchers.inc()
+        try:
+            yield from snapshot
+            yield BlockEvent(sequence, EventKind.SNAPSHOT_END, NamespaceId(b""), BlockKey(b""), None, ())
+            while is_active() and not manager.events.closed:
+                for event in manager.events.after(sequence, timeout_s=WATCH_POLL_S):
+                    yield event
+                    sequence = event.sequence
+        finally:
+            self.metrics.watchers.dec()
+
+    # -- draining and shutdown -----------------------------------------------------------------
+
+    @property
+    def is_draining(self) -> bool:
+        return self._draining.is_set()
+
+    def drain(self, *, flush: bool) -> int:
+        """Refuse new reads and writes from now on; with `flush`, copy memory-only blocks to
+        NVMe. Returns how many were flushed."""
+        self._draining.set()
+        return self.store.manager.flush() if flush else 0
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no lease or reservation is held (True), or `timeout_s` passes (False)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.store.manager.expire()
+            stats = self.store.stats()
+            if not stats.num_leases and not stats.num_reservations:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self._draining.set()
+        self.store.manager.events.close()
+        self._peers.close()
+        self.store.close()
+
+    def _check_accepting(self) -> None:
+        if self._draining.is_set():
+            raise NodeDrainingError(f"node {self.node_id} is draining and takes no new reads or writes")

@@ -1,0 +1,254 @@
+"""The gRPC servicer: translates between protobuf and the `Node`'s domain calls, nothing more.
+
+Every method runs inside `_call`, the one place where a `KVStoreError` becomes a status code
+(`kvstore.status`) with the error's class name in the trailing metadata, and where each call's
+latency is recorded. An error that is not a `KVStoreError` is a bug: it is logged with its
+traceback and answered INTERNAL, and the node keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import grpc
+
+from kvstore import wire
+from kvstore.errors import InvalidArgumentError, KVStoreError
+from kvstore.node.node import Node
+from kvstore.proto import kvstore_pb2 as pb
+from kvstore.proto import kvstore_pb2_grpc as pb_grpc
+from kvstore.status import ERROR_METADATA_KEY, code_of
+from kvstore.types import BlockKey
+
+log = logging.getLogger(__name__)
+
+Reply = TypeVar("Reply")
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 10000
+
+
+class KVStoreService(pb_grpc.KVStoreServicer):
+    def __init__(self, node: Node, *, max_keys_per_call: int) -> None:
+        self._node = node
+        self._max_keys = max_keys_per_call
+
+    # -- the one error and metrics boundary ---------------------------------------------------
+
+    def _call(self, method: str, context: grpc.ServicerContext, handler: Callable[[], Reply]) -> Reply:
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            return handler()
+        except KVStoreError as error:
+            code = code_of(error)
+            context.set_trailing_metadata(((ERROR_METADATA_KEY, type(error).__name__),))
+            context.abort(code, str(error))
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            log.exception("internal error in %s", method)
+            context.abort(code, f"internal error in {method}; see the node's log")
+        finally:
+            self._node.metrics.rpc_seconds.labels(method, code.name).observe(time.perf_counter() - started)
+
+    def _keys(self, packed: bytes) -> list[BlockKey]:
+        return wire.unpack_keys(packed, max_keys=self._max_keys)
+
+    # -- identity -------------------------------------------------------------------------------
+
+    def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoResponse:
+        def handle() -> pb.InfoResponse:
+            info = self._node.info()
+            return pb.InfoResponse(
+                node_id=info.node_id,
+                host_id=info.host_id,
+                version=info.version,
+                data_address=info.data_address,
+                segment_name=info.segment_name,
+                segment_bytes=info.segment_bytes,
+                namespaces=[
+                    pb.NamespaceInfo(
+                        namespace_id=namespace.namespace_id,
+                        namespace=wire.namespace_to_proto(namespace),
+                        block_bytes=namespace.block_bytes,
+                    )
+                    for namespace in info.namespaces
+                ],
+                draining=info.is_draining,
+                uptime_s=info.uptime_s,
+            )
+
+        return self._call("Info", context, handle)
+
+    def RegisterNamespace(
+        self, request: pb.RegisterNamespaceRequest, context: grpc.ServicerContext
+    ) -> pb.RegisterNamespaceResponse:
+        def handle() -> pb.RegisterNamespaceResponse:
+            if not request.HasField("namespace"):
+                raise InvalidArgumentError("namespace is required")
+            namespace = wire.namespace_from_proto(request.namespace)
+            namespace_id = self._node.register_namespace(namespace)
+            return pb.RegisterNamespaceResponse(namespace_id=namespace_id, block_bytes=namespace.block_bytes)
+
+        return self._call("RegisterNamespace", context, handle)
+
+    # -- index ----------------------------------------------------------------------------------
+
+    def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> pb.LookupResponse:
+        def handle() -> pb.LookupResponse:
+            result = self._node.lookup(wire.namespace_id_from(request.namespace_id), self._keys(request.keys))
+            return pb.LookupResponse(num_hits=result.num_hits, tiers=wire.tiers_to_proto(result.tiers))
+
+        return self._call("Lookup", context, handle)
+
+    # -- local path -------------------------------------------------------------------------------
+
+    def Reserve(self, request: pb.ReserveRequest, context: grpc.ServicerContext) -> pb.ReserveResponse:
+        def handle() -> pb.ReserveResponse:
+            keys = self._keys(request.keys)
+            reservation = self._node.reserve(
+                wire.namespace_id_from(request.namespace_id), keys, wire.parent_from(request.parent)
+            )
+            position = {key: index for index, key in enumerate(keys)}
+            return pb.ReserveResponse(
+                reservation_id=reservation.reservation_id,
+                block_bytes=reservation.size_bytes,
+                indexes=[position[key] for key in reservation.keys],
+                offsets=reservation.slots,
+                segment_name=self._node.segment_name,
+                expires_in_s=self._node.expires_in_s(reservation.expires_at_s),
+            )
+
+        return self._call("Reserve", context, handle)
+
+    def Commit(self, request: pb.CommitRequest, context: grpc.ServicerContext) -> pb.CommitResponse:
+        def handle() -> pb.CommitResponse:
+            self._node.commit(request.reservation_id, list(request.checksums))
+            return pb.CommitResponse()
+
+        return self._call("Commit", context, handle)
+
+    def Abort(self, request: pb.AbortRequest, context: grpc.ServicerContext) -> pb.AbortResponse:
+        def handle() -> pb.AbortResponse:
+            self._node.abort(request.reservation_id)
+            return pb.AbortResponse()
+
+        return self._call("Abort", context, handle)
+
+    def Acquire(self, request: pb.AcquireRequest, context: grpc.ServicerContext) -> pb.AcquireResponse:
+        def handle() -> pb.AcquireResponse:
+            lease = self._node.acquire(
+                wire.namespace_id_from(request.namespace_id), self._keys(request.keys), verify=request.verify
+            )
+            return pb.AcquireResponse(
+                lease_id=lease.lease_id,
+                block_bytes=lease.size_bytes,
+                offsets=lease.slots,
+                checksums=lease.checksums,
+                segment_name=self._node.segment_name,
+                expires_in_s=self._node.expires_in_s(lease.expires_at_s),
+            )
+
+        return self._call("Acquire", context, handle)
+
+    def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext) -> pb.ReleaseResponse:
+        def handle() -> pb.ReleaseResponse:
+            self._node.release(request.lease_id)
+            return pb.ReleaseResponse()
+
+        return self._call("Release", context, handle)
+
+    # -- between nodes ----------------------------------------------------------------------------
+
+    def Fetch(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> pb.FetchResponse:
+        def handle() -> pb.FetchResponse:
+            if not request.peer:
+                raise InvalidArgumentError("peer (host:port of the peer's data plane) is required")
+            result = self._node.fetch(
+                wire.namespace_id_from(request.namespace_id),
+                self._keys(request.keys),
+                wire.parent_from(request.parent),
+                request.peer,
+            )
+            return pb.FetchResponse(
+                num_fetched=result.num_fetched, num_present=result.num_present, bytes_moved=result.bytes_moved
+            )
+
+        return self._call("Fetch", context, handle)
+
+    # -- administration ---------------------------------------------------------------------------
+
+    def Remove(self, request: pb.RemoveRequest, context: grpc.ServicerContext) -> pb.RemoveResponse:
+        def handle() -> pb.RemoveResponse:
+            result = self._node.remove(wire.namespace_id_from(request.namespace_id), self._keys(request.keys))
+            return pb.RemoveResponse(num_removed=result.num_removed, num_busy=result.num_busy)
+
+        return self._call("Remove", context, handle)
+
+    def Pin(self, request: pb.PinRequest, context: grpc.ServicerContext) -> pb.PinResponse:
+        return self._call("Pin", context, lambda: self._pin(request, pinned=True))
+
+    def Unpin(self, request: pb.PinRequest, context: grpc.ServicerContext) -> pb.PinResponse:
+        return self._call("Unpin", context, lambda: self._pin(request, pinned=False))
+
+    def _pin(self, request: pb.PinRequest, *, pinned: bool) -> pb.PinResponse:
+        count = self._node.pin(wire.namespace_id_from(request.namespace_id), self._keys(request.keys), pinned)
+        return pb.PinResponse(num_changed=count)
+
+    def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
+        def handle() -> pb.StatsResponse:
+            stats = self._node.stats()
+            lookups = self._node.lookup_counts()
+            return pb.StatsResponse(
+                tiers=wire.stats_to_proto(stats),
+                num_blocks=stats.num_blocks,
+                num_reservations=stats.num_reservations,
+                num_leases=stats.num_leases,
+                num_unhashed=stats.num_unhashed,
+                lookups=lookups.lookups,
+                lookup_hit_blocks=lookups.hit_blocks,
+                lookup_miss_blocks=lookups.miss_blocks,
+                draining=self._node.is_draining,
+            )
+
+        return self._call("Stats", context, handle)
+
+    def ListBlocks(self, request: pb.ListBlocksRequest, context: grpc.ServicerContext) -> pb.ListBlocksResponse:
+        def handle() -> pb.ListBlocksResponse:
+            if request.keys:
+                infos = self._node.inspect(self._keys(request.keys))
+                return pb.ListBlocksResponse(blocks=[wire.block_info_to_proto(i) for i in infos if i is not None])
+            namespace_id = wire.namespace_id_from(request.namespace_id) if request.namespace_id else None
+            page_size = request.page_size or DEFAULT_PAGE_SIZE
+            if page_size > MAX_PAGE_SIZE:
+                raise InvalidArgumentError(f"page_size {page_size} exceeds {MAX_PAGE_SIZE}")
+            start = _page_start(request.page_token)
+            infos_page, following = self._node.list_blocks(namespace_id, start_row=start, limit=page_size)
+            return pb.ListBlocksResponse(
+                blocks=[wire.block_info_to_proto(info) for info in infos_page],
+                next_page_token=b"" if following is None else following.to_bytes(8, "little"),
+            )
+
+        return self._call("ListBlocks", context, handle)
+
+    def WatchEvents(self, request: pb.WatchEventsRequest, context: grpc.ServicerContext) -> Iterator[pb.Event]:
+        try:
+            for event in self._node.watch(context.is_active):
+                yield wire.event_to_proto(event)
+        except KVStoreError as error:
+            context.set_trailing_metadata(((ERROR_METADATA_KEY, type(error).__name__),))
+            context.abort(code_of(error), str(error))
+
+    def Drain(self, request: pb.DrainRequest, context: grpc.ServicerContext) -> pb.DrainResponse:
+        return self._call("Drain", context, lambda: pb.DrainResponse(num_flushed=self._node.drain(flush=request.flush)))
+
+
+def _page_start(token: bytes) -> int:
+    if not token:
+        return 0
+    if len(token) != 8:
+        raise InvalidArgumentError("page_token is not one this node issued")
+    return int.from_bytes(token, "little")

@@ -1,0 +1,24 @@
+"""Build hook: generate the gRPC modules from kvstore/proto/kvstore.proto before packaging.
+
+Everything else about the package is declared in pyproject.toml.
+"""
+
+import importlib.util
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+
+class BuildPyWithProto(build_py):
+    def run(self) -> None:
+        path = Path(__file__).parent / "kvstore" / "proto" / "build.py"
+        spec = importlib.util.spec_from_file_location("kvstore_proto_build", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.generate()
+        super().run()
+
+
+setup(cmdclass={"build_py": BuildPyWithProto})
