@@ -12,7 +12,8 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,3 +97,15 @@ def daemon(data_dir: Path, *, token: str | None = None, **extra: object) -> Iter
         for stream in (process.stdout, process.stderr):
             if stream is not None:
                 stream.close()
+
+
+def eventually(condition: Callable[[], bool], timeout_s: float = 5.0) -> bool:
+    """Poll `condition` until it holds (True) or `timeout_s` passes (False). For state a
+    server thread changes just after replying, such as a data-plane lease released once the
+    last byte is sent."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
