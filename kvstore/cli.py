@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from kvstore.config import DramConfig, HbmConfig, MiB, NvmeConfig, StoreConfig, WritePolicy
 from kvstore.hashing import block_keys
@@ -58,6 +57,8 @@ def run_tour(num_prompts: int, prompt_tokens: int, seed: int) -> int:
         )
         print(f"kvstore tour: {num_prompts} prompts x {prompt_tokens} tokens, {namespace.block_bytes} B blocks")
         print(f"  namespace {namespace.model_id} id={namespace.namespace_id.hex()}  NVMe in {directory}")
+        import torch  # noqa: PLC0415 - seconds to import; `kvstore serve` without HBM never needs it
+
         print(f"  HBM tier on {'cuda' if torch.cuda.is_available() else 'cpu (no CUDA here)'}")
         with Store(config) as store:
             namespace_id = store.register_namespace(namespace)

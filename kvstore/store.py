@@ -30,7 +30,6 @@ from kvstore.policy import EvictionPolicy, LeafFirstLRU
 from kvstore.stats import StoreStats
 from kvstore.tiers.base import Tier
 from kvstore.tiers.dram import DramTier
-from kvstore.tiers.hbm import HbmTier
 from kvstore.tiers.nvme import NvmeTier
 from kvstore.types import BlockKey, LookupResult, Namespace, NamespaceId, TierKind
 
@@ -55,6 +54,8 @@ class Store:
         tiers: dict[TierKind, Tier] = {}
         try:
             if config.hbm.capacity_bytes:
+                from kvstore.tiers.hbm import HbmTier  # noqa: PLC0415 - imports torch (seconds), only when wanted
+
                 tiers[TierKind.HBM] = HbmTier(config.hbm)
             tiers[TierKind.DRAM] = DramTier(config.dram)
             if config.nvme.directory is not None:

@@ -162,6 +162,12 @@ class Client:
         self._namespaces[namespace_id] = namespace
         return namespace_id
 
+    def namespaces(self) -> tuple[Namespace, ...]:
+        """The namespaces registered on the node (one Info call)."""
+        infos = self._call(self._stub.Info, pb.InfoRequest()).namespaces
+        self._remember(infos)
+        return tuple(wire.namespace_from_proto(item.namespace) for item in infos)
+
     def lookup(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> LookupResult:
         request = pb.LookupRequest(namespace_id=namespace_id, keys=wire.pack_keys(keys))
         reply = self._call(self._stub.Lookup, request)

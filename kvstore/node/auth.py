@@ -26,8 +26,6 @@ def bearer(token: str) -> str:
 class TokenInterceptor(grpc.ServerInterceptor):
     def __init__(self, token: str) -> None:
         self._expected = bearer(token).encode()
-        self._deny: grpc.RpcMethodHandler[Any, Any] = grpc.unary_unary_rpc_method_handler(_deny)
-        self._deny_stream: grpc.RpcMethodHandler[Any, Any] = grpc.unary_stream_rpc_method_handler(_deny)
 
     def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Any], handler_call_details: grpc.HandlerCallDetails
@@ -36,9 +34,26 @@ class TokenInterceptor(grpc.ServerInterceptor):
         for key, value in handler_call_details.invocation_metadata or ():
             if key == AUTHORIZATION_KEY:
                 presented = value if isinstance(value, str) else value.decode("latin-1")
-        if hmac.compare_digest(presented.encode(), self._expected):
-            return continuation(handler_call_details)
-        return self._deny_stream if handler_call_details.method.endswith("/WatchEvents") else self._deny
+        handler = continuation(handler_call_details)
+        if handler is None or hmac.compare_digest(presented.encode(), self._expected):
+            return handler
+        return _denying(handler)
+
+
+def _denying(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+    """A handler of the same shape as `handler` that answers UNAUTHENTICATED."""
+    shape = (handler.request_streaming, handler.response_streaming)
+    make = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[shape]
+    return make(
+        _deny,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
 
 def _deny(request: object, context: grpc.ServicerContext) -> None:

@@ -10,8 +10,10 @@ import sys
 import textwrap
 import time
 
+import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvstore.client import Client, Transport
 from kvstore.dataplane.client import DataPlaneConnection
@@ -139,3 +141,17 @@ def test_the_token_guards_both_planes(tmp_path):
             keys = factories.chain(namespace_id, 2)
             assert client.put_blocks(namespace_id, keys, factories.payloads(namespace, 2)).num_written == 2
             assert len(client.get_blocks(namespace_id, keys)) == 2
+
+
+def test_health_needs_the_token_too(tmp_path):
+    with daemon(tmp_path, token=TOKEN, nvme_kib=0) as node:
+        stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(node.grpc_address))
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        reply = stub.Check(
+            health_pb2.HealthCheckRequest(service="kvstore.v1.KVStore"),
+            timeout=5,
+            metadata=(("authorization", f"Bearer {TOKEN}"),),
+        )
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
