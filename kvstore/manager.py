@@ -194,11 +194,13 @@ class TierManager:
         *,
         parent: BlockKey | None = None,
         tier: TierKind = TierKind.DRAM,
+        ttl_s: float | None = None,
     ) -> Reservation:
         """Slots for the chain `keys` (whose first key's parent is `parent`) in `tier`.
 
         Keys already stored, or being written by another reservation, are left out. Raises
-        StoreFullError (nothing changed) when eviction cannot make room.
+        StoreFullError (nothing changed) when eviction cannot make room. `ttl_s` overrides
+        `reservation_ttl_s` for a writer that bounds its own transfer time (the data plane).
         """
         check_keys(keys)
         if parent is not None:
@@ -222,7 +224,7 @@ class TierManager:
                 previous = key
             slots = self._mover.allocate(target, size, len(todo)) if todo else []
             now = self._clock.now()
-            expires = now + self._config.reservation_ttl_s
+            expires = now + (self._config.reservation_ttl_s if ttl_s is None else ttl_s)
             reservation = self._reservations.add(
                 lambda handle: Reservation(
                     ReservationId(handle),
@@ -307,6 +309,7 @@ class TierManager:
         *,
         verify: bool = False,
         tier: TierKind | None = None,
+        ttl_s: float | None = None,
     ) -> Lease:
         """Lease the longest leading run of `keys`; NVMe hits are promoted to DRAM when the
         policy agrees and room can be made. The run ends early at a block that fails its
@@ -315,7 +318,7 @@ class TierManager:
 
         With `tier`, the run also ends at the first block with no copy in that tier, and the
         lease's slots are in it: a client in another process can only reach the DRAM tier's
-        shared memory, whichever tier is fastest.
+        shared memory, whichever tier is fastest. `ttl_s` overrides `lease_ttl_s`.
         """
         with self._lock:
             self._expire()
@@ -340,7 +343,7 @@ class TierManager:
             self._policy.on_access(index)
             if verify:
                 self._checksums.settle_now(rows)
-            expires = self._clock.now() + self._config.lease_ttl_s
+            expires = self._clock.now() + (self._config.lease_ttl_s if ttl_s is None else ttl_s)
             held = self._leases.add(lambda handle: _LeaseRows(LeaseId(handle), rows, index), expires)
             self._count_hits(tiers)
             return Lease(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -30,7 +31,7 @@ import numpy.typing as npt
 
 from kvstore import wire
 from kvstore.dataplane.client import DataPlanePool
-from kvstore.errors import InvalidArgumentError, KVStoreError, UnknownNamespaceError
+from kvstore.errors import InvalidArgumentError, KVStoreError, PeerUnavailableError, UnknownNamespaceError
 from kvstore.events import BlockEvent
 from kvstore.hashing import checksum
 from kvstore.hostid import host_id
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 
 Reply = TypeVar("Reply")
 
+EXPIRY_MARGIN_S = 1.0  # stop copying this long before a lease or reservation lapses
 _IDEMPOTENT = ("Info", "Lookup", "Stats", "ListBlocks", "RegisterNamespace", "Remove", "Pin", "Unpin")
 _SERVICE = "kvstore.v1.KVStore"
 
@@ -193,13 +195,15 @@ class Client:
         if self._segment is None:
             return self._put_remote(namespace_id, keys, flats, parent)
         request = pb.ReserveRequest(namespace_id=namespace_id, keys=wire.pack_keys(keys), parent=parent or b"")
+        asked = time.monotonic()
         reply = self._call(self._stub.Reserve, request)
+        deadline = asked + reply.expires_in_s - EXPIRY_MARGIN_S
         try:
             array, size = self._segment.array, reply.block_bytes
-            checksums = [
-                copy_with_checksum(array[offset : offset + size], flats[index])
-                for index, offset in zip(reply.indexes, reply.offsets, strict=True)
-            ]
+            checksums = []
+            for index, offset in zip(reply.indexes, reply.offsets, strict=True):
+                _check_deadline(deadline, "reservation")  # past it, the slots may belong to another block
+                checksums.append(copy_with_checksum(array[offset : offset + size], flats[index]))
         except BaseException:
             self._abort_quietly(reply.reservation_id)
             raise
@@ -219,10 +223,14 @@ class Client:
         if self._segment is None:
             return self._get_remote(namespace_id, keys, targets)
         request = pb.AcquireRequest(namespace_id=namespace_id, keys=wire.pack_keys(keys), verify=verify)
+        asked = time.monotonic()
         reply = self._call(self._stub.Acquire, request)
+        deadline = asked + reply.expires_in_s - EXPIRY_MARGIN_S
         try:
             array, size = self._segment.array, reply.block_bytes
             for index, offset in enumerate(reply.offsets):
+                if time.monotonic() > deadline:
+                    return index  # the lease is about to lapse: the rest may be reused slots
                 np.copyto(targets[index], array[offset : offset + size])
                 if verify and checksum(targets[index]) != reply.checksums[index]:
                     return index
@@ -368,6 +376,11 @@ class Client:
             if checksum(targets[index]) != reply.checksums[index]:
                 return index  # the receiver is the trust boundary: on doubt, miss
         return count
+
+
+def _check_deadline(deadline: float, what: str) -> None:
+    if time.monotonic() > deadline:
+        raise PeerUnavailableError(f"the node's {what} lapsed before the copy finished; nothing was stored")
 
 
 class EventWatch:

@@ -27,6 +27,7 @@ MAX_REPLY_KEYS = 1 << 20
 class DataPlaneConnection:
     def __init__(self, address: str, *, token: str | None, timeout_s: float) -> None:
         self.address = address
+        self._timeout_s = timeout_s
         self._sock = protocol.connect(address, timeout_s)
         self._pending = 0  # payload bytes announced by GET_OK and not yet received
         try:
@@ -51,14 +52,16 @@ class DataPlaneConnection:
         self._pending = reply.block_bytes * len(reply.checksums)
         return reply
 
-    def receive_into(self, views: Sequence[memoryview]) -> None:
-        """Read the announced payloads into `views`, which must add up to exactly their size."""
+    def receive_into(self, views: Sequence[memoryview], deadline: float | None = None) -> None:
+        """Read the announced payloads into `views`, which must add up to exactly their size,
+        by `deadline` (time.monotonic; the receiver's slots are only held until then)."""
         total = sum(len(view) for view in views)
         if total != self._pending:
             raise ProtocolError(f"{total} bytes of buffers for {self._pending} announced bytes")
         try:
             for view in views:
-                protocol.recv_exactly_into(self._sock, view)
+                protocol.recv_exactly_into(self._sock, view, deadline)
+            self._sock.settimeout(self._timeout_s)
         except OSError as error:
             self.close()
             raise PeerUnavailableError(f"data plane transfer from {self.address} broke off: {error}") from None

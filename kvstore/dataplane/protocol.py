@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -118,14 +119,30 @@ def recv_frame(sock: socket.socket, max_body_bytes: int = MAX_BODY_BYTES) -> tup
     return frame_type, bytes(body)
 
 
-def recv_exactly_into(sock: socket.socket, view: memoryview) -> None:
-    """Fill `view` from the socket; ConnectionResetError when the peer closes first."""
+def recv_exactly_into(sock: socket.socket, view: memoryview, deadline: float | None = None) -> None:
+    """Fill `view` from the socket; ConnectionResetError when the peer closes first, TimeoutError
+    when `deadline` (time.monotonic) passes first."""
     received, total = 0, len(view)
     while received < total:
+        if deadline is not None:
+            sock.settimeout(_remaining(deadline))
         count = sock.recv_into(view[received:], total - received)
         if count == 0:
             raise ConnectionResetError(f"peer closed the connection after {received} of {total} bytes")
         received += count
+
+
+def send_all_by(sock: socket.socket, view: memoryview, deadline: float) -> None:
+    """`sendall` that gives up (TimeoutError) when `deadline` (time.monotonic) passes."""
+    sock.settimeout(_remaining(deadline))
+    sock.sendall(view)  # since Python 3.5 the timeout bounds the whole call
+
+
+def _remaining(deadline: float) -> float:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError("the transfer's deadline passed")
+    return remaining
 
 
 def expect(kind: FrameType, wanted: FrameType, body: bytes) -> bytes:

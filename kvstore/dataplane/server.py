@@ -39,6 +39,7 @@ class Outgoing(Protocol):
     block_bytes: int
     checksums: list[int]
     views: list[memoryview]
+    deadline: float  # time.monotonic by which the bytes must be sent; the lease outlives it
 
     def close(self) -> None: ...
 
@@ -47,6 +48,7 @@ class Incoming(Protocol):
     written: list[int]
     num_present: int
     views: list[memoryview]
+    deadline: float  # time.monotonic by which the bytes must have arrived; the reservation outlives it
 
     def commit(self, expected: Sequence[int]) -> int: ...
 
@@ -188,7 +190,7 @@ class DataPlaneServer:
                 connection, FrameType.GET_OK, protocol.pack_get_ok(outgoing.block_bytes, outgoing.checksums)
             )
             for view in outgoing.views:
-                connection.sendall(view)
+                protocol.send_all_by(connection, view, outgoing.deadline)
             num_bytes = outgoing.block_bytes * len(outgoing.checksums)
             self._observer.transferred("sent", num_bytes, time.perf_counter() - started)
         finally:
@@ -206,7 +208,7 @@ class DataPlaneServer:
             started = time.perf_counter()
             protocol.send_frame(connection, FrameType.PUT_READY, protocol.pack_indexes(incoming.written))
             for index in incoming.written:
-                protocol.recv_exactly_into(connection, incoming.views[index])
+                protocol.recv_exactly_into(connection, incoming.views[index], incoming.deadline)
         except BaseException:
             incoming.abort()  # truncated, stalled or closing: nothing becomes visible
             raise

@@ -18,7 +18,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from kvstore.dataplane.client import DataPlanePool
-from kvstore.errors import NamespaceMismatchError, NodeDrainingError
+from kvstore.errors import (
+    KVStoreError,
+    NamespaceMismatchError,
+    NodeDrainingError,
+    PeerUnavailableError,
+)
 from kvstore.events import BlockEvent, EventKind
 from kvstore.hostid import host_id
 from kvstore.manager import Lease, RemoveResult, Reservation
@@ -190,7 +195,13 @@ class Node:
             return FetchResult(0, start, 0)
         wanted = keys[start:]
         with self._peers.connection(peer) as connection:
-            reply = connection.request_get(namespace_id, wanted)
+            try:
+                reply = connection.request_get(namespace_id, wanted)
+            except PeerUnavailableError:
+                raise
+            except KVStoreError as error:  # the peer's refusal, or a malformed reply: not the caller's fault
+                connection.close()
+                raise PeerUnavailableError(f"peer {peer} did not send the blocks: {error}") from None
             count = len(reply.checksums)
             if count and reply.block_bytes != namespace.block_bytes:
                 connection.close()
@@ -202,7 +213,7 @@ class Node:
                 return FetchResult(0, start, 0)
             incoming = open_write(self.store, namespace_id, wanted[:count], keys[start - 1] if start else parent)
             try:
-                connection.receive_into(incoming.views)
+                connection.receive_into(incoming.views, incoming.deadline)
             except BaseException:
                 incoming.abort()
                 raise

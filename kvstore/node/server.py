@@ -29,9 +29,8 @@ from kvstore.node.auth import TokenInterceptor
 from kvstore.node.config import NodeConfig
 from kvstore.node.metrics import NodeMetrics, StoreCollector
 from kvstore.node.node import Node
-from kvstore.node.service import KVStoreService
+from kvstore.node.service import KVStoreService, generic_handler
 from kvstore.proto import kvstore_pb2 as pb
-from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.store import Store
 
 log = logging.getLogger(__name__)
@@ -155,9 +154,8 @@ class NodeServer:
             interceptors=interceptors,
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
         )
-        pb_grpc.add_KVStoreServicer_to_server(
-            KVStoreService(self.node, max_keys_per_call=config.server.max_keys_per_call), server
-        )
+        service = KVStoreService(self.node, max_keys_per_call=config.server.max_keys_per_call)
+        server.add_generic_rpc_handlers((generic_handler(service),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         address = f"{config.server.bind_host}:{config.server.grpc_port}"

@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 from kvstore import wire
 from kvstore.errors import InvalidArgumentError, KVStoreError
@@ -244,6 +245,52 @@ class KVStoreService(pb_grpc.KVStoreServicer):
 
     def Drain(self, request: pb.DrainRequest, context: grpc.ServicerContext) -> pb.DrainResponse:
         return self._call("Drain", context, lambda: pb.DrainResponse(num_flushed=self._node.drain(flush=request.flush)))
+
+
+def generic_handler(service: KVStoreService) -> grpc.GenericRpcHandler:
+    """The service's handlers, decoding requests themselves: grpc answers a request its
+    deserializer cannot parse with INTERNAL, but a malformed message is the caller's fault
+    (INVALID_ARGUMENT), and nothing is changed by it."""
+    descriptor = pb.DESCRIPTOR.services_by_name["KVStore"]
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method in descriptor.methods:
+        request_class = getattr(pb, method.input_type.name)
+        behaviour = getattr(service, method.name)
+        if method.server_streaming:
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                _decoding_stream(request_class, behaviour), response_serializer=_serialize
+            )
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                _decoding(request_class, behaviour), response_serializer=_serialize
+            )
+    return grpc.method_handlers_generic_handler(descriptor.full_name, handlers)
+
+
+def _serialize(message: Message) -> bytes:
+    return message.SerializeToString()
+
+
+def _decode(request_class: type[Message], raw: bytes, context: grpc.ServicerContext) -> Message:
+    try:
+        return request_class.FromString(raw)
+    except DecodeError as error:
+        context.set_trailing_metadata(((ERROR_METADATA_KEY, InvalidArgumentError.__name__),))
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {request_class.__name__}: {error}")
+
+
+def _decoding(request_class: type[Message], behaviour: Callable[..., Any]) -> Callable[[bytes, Any], Any]:
+    def handle(raw: bytes, context: grpc.ServicerContext) -> Any:
+        return behaviour(_decode(request_class, raw, context), context)
+
+    return handle
+
+
+def _decoding_stream(request_class: type[Message], behaviour: Callable[..., Any]) -> Callable[[bytes, Any], Any]:
+    def handle(raw: bytes, context: grpc.ServicerContext) -> Iterator[Any]:
+        yield from behaviour(_decode(request_class, raw, context), context)
+
+    return handle
 
 
 def _page_start(token: bytes) -> int:

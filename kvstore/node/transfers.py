@@ -7,31 +7,49 @@ and exposes each as a writable view for `recv_into`; `IncomingBlocks.commit` has
 arrived and commits only when every block matches the checksum its sender claimed; otherwise
 it aborts, and nothing becomes visible.
 
+A transfer's slots must never be reused while a socket can still write into or read from
+them, so the lease or reservation behind one lives longer than the transfer may: each object
+carries a `deadline` (time.monotonic) by which its bytes must have moved, derived from its
+size (`transfer_budget_s`), and its lease or reservation expires `EXPIRY_GRACE_S` after that.
+The socket side enforces the deadline with timeouts and gives up when it passes.
+
 Used by the data-plane server (GET and PUT) and by `Fetch` (a node pulling from a peer).
 Owner: the thread serving one connection; each object is used by that thread only.
 """
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Sequence
 
 import numpy as np
 
-from kvstore.errors import ChecksumError, InvalidArgumentError
+from kvstore.errors import ChecksumError, InvalidArgumentError, UnknownLeaseError, UnknownReservationError
 from kvstore.hashing import checksum
 from kvstore.manager import Lease, Reservation
 from kvstore.store import Store, adjacent_runs
 from kvstore.types import BlockKey, NamespaceId, TierKind
+
+BASE_TRANSFER_S = 30.0  # any transfer may take this long ...
+MIN_TRANSFER_BYTES_PER_S = 10e6  # ... plus its bytes at this (slow) rate
+EXPIRY_GRACE_S = 10.0  # between a transfer's deadline and its slots' expiry
+
+
+def transfer_budget_s(num_bytes: int) -> float:
+    """How long moving `num_bytes` over one connection may take before the peer is given up."""
+    return BASE_TRANSFER_S + num_bytes / MIN_TRANSFER_BYTES_PER_S
 
 
 class OutgoingBlocks:
     """A leased run of blocks to send: `checksums` per block and `views` covering their bytes
     in order. `close` releases the lease; the views must not be used after it."""
 
-    def __init__(self, store: Store, lease: Lease | None, block_bytes: int) -> None:
+    def __init__(self, store: Store, lease: Lease | None, block_bytes: int, deadline: float) -> None:
         self._store = store
         self._lease = lease
         self.block_bytes = block_bytes
+        self.deadline = deadline
         self.checksums: list[int] = []
         self.views: list[memoryview] = []
 
@@ -43,13 +61,16 @@ class OutgoingBlocks:
         self.views = []
         if self._lease is not None:
             lease, self._lease = self._lease, None
-            self._store.manager.release(lease.lease_id)
+            # Expired means its deadline passed, so the sender stopped before the slots could be reused.
+            with contextlib.suppress(UnknownLeaseError):
+                self._store.manager.release(lease.lease_id)
 
 
 def open_read(store: Store, namespace_id: NamespaceId, keys: Sequence[BlockKey], *, verify: bool) -> OutgoingBlocks:
     """Lease the longest stored leading run of `keys` and prepare its bytes for sending."""
-    lease = store.manager.acquire(namespace_id, keys, verify=verify)
-    outgoing = OutgoingBlocks(store, lease, lease.size_bytes)
+    budget = transfer_budget_s(len(keys) * store.manager.namespace(namespace_id).block_bytes)
+    lease = store.manager.acquire(namespace_id, keys, verify=verify, ttl_s=budget + EXPIRY_GRACE_S)
+    outgoing = OutgoingBlocks(store, lease, lease.size_bytes, time.monotonic() + budget)
     try:
         count = _prepare(store, lease, outgoing, verify)
         outgoing.checksums = list(lease.checksums[:count])
@@ -94,9 +115,10 @@ class IncomingBlocks:
     `written` lists the request positions that go into slots, ascending.
     """
 
-    def __init__(self, store: Store, reservation: Reservation, keys: Sequence[BlockKey]) -> None:
+    def __init__(self, store: Store, reservation: Reservation, keys: Sequence[BlockKey], deadline: float) -> None:
         self._store = store
         self._reservation: Reservation | None = reservation
+        self.deadline = deadline
         size = reservation.size_bytes
         dram = store.tiers[TierKind.DRAM]
         slot_of = dict(zip(reservation.keys, reservation.slots, strict=True))
@@ -135,7 +157,9 @@ class IncomingBlocks:
         """Free the slots (idempotent; a no-op after commit)."""
         if self._reservation is not None:
             self.views = []
-            self._store.manager.abort(self._take().reservation_id)
+            # Expired means its deadline passed, so the receiver stopped before the slots could be reused.
+            with contextlib.suppress(UnknownReservationError):
+                self._store.manager.abort(self._take().reservation_id)
 
     def _take(self) -> Reservation:
         reservation = self._reservation
@@ -149,5 +173,8 @@ def open_write(
     store: Store, namespace_id: NamespaceId, keys: Sequence[BlockKey], parent: BlockKey | None
 ) -> IncomingBlocks:
     """Reserve DRAM slots for the blocks of `keys` this node lacks."""
-    reservation = store.manager.reserve(namespace_id, keys, parent=parent, tier=TierKind.DRAM)
-    return IncomingBlocks(store, reservation, keys)
+    budget = transfer_budget_s(len(keys) * store.manager.namespace(namespace_id).block_bytes)
+    reservation = store.manager.reserve(
+        namespace_id, keys, parent=parent, tier=TierKind.DRAM, ttl_s=budget + EXPIRY_GRACE_S
+    )
+    return IncomingBlocks(store, reservation, keys, time.monotonic() + budget)
