@@ -149,21 +149,21 @@ class BlockTable:
         """Record a copy in `tier`; counts it in the parent's children when the parent has a row."""
         before = self.tier_mask(row) if self.listener is not None else 0
         self.slot[row, tier] = slot // ALIGNMENT_BYTES
-        self.fastest[row] = min(self.fastest[row], tier)
+        self.fastest[row] = min(int(self.fastest[row]), int(tier))  # ints: comparing numpy with an enum is 10x slower
         parent = self.parents[row]
         parent_row = self.ids.get(parent) if parent is not None else None
         if parent_row is not None:
             self.children[parent_row, tier] += 1
             self.counted[row] |= 1 << tier
         if self.listener is not None:
-            self.listener.residency_changed(row, int(self.namespace[row]), before, before | 1 << tier)
+            self.listener.residency_changed(row, int(self.namespace[row]), before, before | 1 << int(tier))
 
     def clear_resident(self, row: int, tier: TierKind) -> list[int]:
         """Drop the copy in `tier`. Returns the rows removed as a result (this one, and its
         parent when that was a tombstone kept only for this child)."""
         if self.listener is not None:
             before = self.tier_mask(row)
-            self.listener.residency_changed(row, int(self.namespace[row]), before, before & ~(1 << tier))
+            self.listener.residency_changed(row, int(self.namespace[row]), before, before & ~(1 << int(tier)))
         self.slot[row, tier] = ABSENT
         present = np.flatnonzero(self.slot[row] != ABSENT)
         if len(present):

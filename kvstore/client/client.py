@@ -17,8 +17,10 @@ Owner: the caller. Thread-safe: gRPC channels are, and the data-plane pool is.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -123,6 +125,8 @@ class Client:
         self._namespaces: dict[NamespaceId, Namespace] = {}
         self._pool = DataPlanePool(token=token, timeout_s=timeout_s)
         self._segment: SharedSegment | None = None
+        self._releases: set[Any] = set()  # Release calls in flight (see _release_later)
+        self._releases_lock = threading.Lock()
         try:
             info = self._call(self._stub.Info, pb.InfoRequest())
             self.node_id = info.node_id
@@ -143,6 +147,11 @@ class Client:
         return self._segment is not None
 
     def close(self) -> None:
+        with self._releases_lock:
+            pending = list(self._releases)
+        for future in pending:  # let releases in flight land, so no lease waits for its expiry
+            with contextlib.suppress(grpc.RpcError, grpc.FutureTimeoutError, grpc.FutureCancelledError):
+                future.result(timeout=self.timeout_s)
         self._pool.close()
         if self._segment is not None:
             self._segment.close()
@@ -197,13 +206,16 @@ class Client:
         request = pb.ReserveRequest(namespace_id=namespace_id, keys=wire.pack_keys(keys), parent=parent or b"")
         asked = time.monotonic()
         reply = self._call(self._stub.Reserve, request)
-        deadline = asked + reply.expires_in_s - EXPIRY_MARGIN_S
+        deadline = _copy_deadline(asked, reply.expires_in_s)
         try:
             array, size = self._segment.array, reply.block_bytes
             checksums = []
             for index, offset in zip(reply.indexes, reply.offsets, strict=True):
                 _check_deadline(deadline, "reservation")  # past it, the slots may belong to another block
-                checksums.append(copy_with_checksum(array[offset : offset + size], flats[index]))
+                if reply.node_hashes:  # big blocks: the node's background hasher does it, off our path
+                    np.copyto(array[offset : offset + size], flats[index])
+                else:
+                    checksums.append(copy_with_checksum(array[offset : offset + size], flats[index]))
         except BaseException:
             self._abort_quietly(reply.reservation_id)
             raise
@@ -225,7 +237,7 @@ class Client:
         request = pb.AcquireRequest(namespace_id=namespace_id, keys=wire.pack_keys(keys), verify=verify)
         asked = time.monotonic()
         reply = self._call(self._stub.Acquire, request)
-        deadline = asked + reply.expires_in_s - EXPIRY_MARGIN_S
+        deadline = _copy_deadline(asked, reply.expires_in_s)
         try:
             array, size = self._segment.array, reply.block_bytes
             for index, offset in enumerate(reply.offsets):
@@ -236,7 +248,7 @@ class Client:
                     return index
             return len(reply.offsets)
         finally:
-            self._call(self._stub.Release, pb.ReleaseRequest(lease_id=reply.lease_id))
+            self._release_later(reply.lease_id)
 
     def get_blocks(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> list[npt.NDArray[np.uint8]]:
         """The longest stored leading run of `keys`, as new flat uint8 arrays."""
@@ -341,6 +353,21 @@ class Client:
         for item in infos:
             self._namespaces[NamespaceId(item.namespace_id)] = wire.namespace_from_proto(item.namespace)
 
+    def _release_later(self, lease_id: int) -> None:
+        """Release without waiting for the reply: the copy is done, and a round trip costs as
+        much as copying a few MiB here. A release that fails is logged; the lease then expires."""
+        future = self._stub.Release.future(
+            pb.ReleaseRequest(lease_id=lease_id), timeout=self.timeout_s, metadata=self._metadata
+        )
+        with self._releases_lock:
+            self._releases.add(future)
+        future.add_done_callback(self._release_done)
+
+    def _release_done(self, future: Any) -> None:
+        with self._releases_lock:
+            self._releases.discard(future)
+        _log_release_failure(future)
+
     def _abort_quietly(self, reservation_id: int) -> None:
         try:
             self._call(self._stub.Abort, pb.AbortRequest(reservation_id=reservation_id))
@@ -376,6 +403,17 @@ class Client:
             if checksum(targets[index]) != reply.checksums[index]:
                 return index  # the receiver is the trust boundary: on doubt, miss
         return count
+
+
+def _log_release_failure(future: Any) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("release of a lease failed (it expires instead): %s", future.exception())
+
+
+def _copy_deadline(asked: float, expires_in_s: float) -> float:
+    """When a copy into or out of slots granted at `asked` must stop: a margin before the grant
+    lapses (a quarter of it for short grants), so the slots cannot have been reused."""
+    return asked + expires_in_s - min(EXPIRY_MARGIN_S, expires_in_s / 4)
 
 
 def _check_deadline(deadline: float, what: str) -> None:

@@ -153,6 +153,11 @@ class Node:
         self.metrics.local_bytes.labels("reserved").inc(reservation.size_bytes * len(reservation.keys))
         return reservation
 
+    def hashes_later(self, block_bytes: int) -> bool:
+        """Whether a commit of blocks this big without checksums is hashed off the commit path
+        (so a writer should copy without hashing and leave it to the node)."""
+        return self.store.manager.hashes_later(block_bytes)
+
     def commit(self, reservation_id: int, checksums: Sequence[int] | None) -> None:
         self.store.manager.commit(ReservationId(reservation_id), checksums)
 

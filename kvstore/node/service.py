@@ -121,13 +121,14 @@ class KVStoreService(pb_grpc.KVStoreServicer):
                 offsets=reservation.slots,
                 segment_name=self._node.segment_name,
                 expires_in_s=self._node.expires_in_s(reservation.expires_at_s),
+                node_hashes=self._node.hashes_later(reservation.size_bytes),
             )
 
         return self._call("Reserve", context, handle)
 
     def Commit(self, request: pb.CommitRequest, context: grpc.ServicerContext) -> pb.CommitResponse:
         def handle() -> pb.CommitResponse:
-            self._node.commit(request.reservation_id, list(request.checksums))
+            self._node.commit(request.reservation_id, list(request.checksums) or None)
             return pb.CommitResponse()
 
         return self._call("Commit", context, handle)
