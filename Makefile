@@ -35,6 +35,7 @@ test: lint typecheck $(GENERATED)
 
 bench: $(GENERATED)
 	$(PY) tools/bench/store.py
+	$(PY) tools/bench/node.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
