@@ -398,9 +398,9 @@ class Client:
                 raise InvalidArgumentError(
                     f"node sends {reply.block_bytes}-byte blocks, destinations hold {targets[0].nbytes}"
                 )
-            connection.receive_into([memoryview(target.data) for target in targets[:count]])
-        for index in range(count):
-            if checksum(targets[index]) != reply.checksums[index]:
+            arrived = connection.receive_into([memoryview(target.data) for target in targets[:count]])
+        for index, (have, want) in enumerate(zip(arrived, reply.checksums, strict=True)):
+            if have != want:
                 return index  # the receiver is the trust boundary: on doubt, miss
         return count
 

@@ -52,20 +52,21 @@ class DataPlaneConnection:
         self._pending = reply.block_bytes * len(reply.checksums)
         return reply
 
-    def receive_into(self, views: Sequence[memoryview], deadline: float | None = None) -> None:
-        """Read the announced payloads into `views`, which must add up to exactly their size,
-        by `deadline` (time.monotonic; the receiver's slots are only held until then)."""
+    def receive_into(self, views: Sequence[memoryview], deadline: float | None = None) -> list[int]:
+        """Read the announced payloads into `views` (one per block, adding up to exactly the
+        announced size) by `deadline` (time.monotonic; the receiver's slots are only held until
+        then). Returns each block's xxh3_64, hashed as it arrived, for the caller to check."""
         total = sum(len(view) for view in views)
         if total != self._pending:
             raise ProtocolError(f"{total} bytes of buffers for {self._pending} announced bytes")
         try:
-            for view in views:
-                protocol.recv_exactly_into(self._sock, view, deadline)
+            received = [protocol.recv_hashed_into(self._sock, view, deadline) for view in views]
             self._sock.settimeout(self._timeout_s)
         except OSError as error:
             self.close()
             raise PeerUnavailableError(f"data plane transfer from {self.address} broke off: {error}") from None
         self._pending = 0
+        return received
 
     def put(
         self,

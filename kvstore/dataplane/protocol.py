@@ -33,6 +33,8 @@ import time
 from dataclasses import dataclass
 from enum import IntEnum
 
+import xxhash
+
 from kvstore.errors import PeerUnavailableError, ProtocolError
 from kvstore.status import error_from_code_number
 from kvstore.types import KEY_BYTES, BlockKey, NamespaceId
@@ -42,6 +44,7 @@ VERSION = 1
 HEADER = struct.Struct("<4sBBI")
 MAX_BODY_BYTES = 16 * 1024 * 1024  # a million keys; payloads never count against this
 MAX_TOKEN_BYTES = 4096
+HASH_CHUNK_BYTES = 256 * 1024  # received and hashed together, so the hash reads from cache
 
 _U32 = struct.Struct("<I")
 _GET_OK = struct.Struct("<IQ")
@@ -130,6 +133,17 @@ def recv_exactly_into(sock: socket.socket, view: memoryview, deadline: float | N
         if count == 0:
             raise ConnectionResetError(f"peer closed the connection after {received} of {total} bytes")
         received += count
+
+
+def recv_hashed_into(sock: socket.socket, view: memoryview, deadline: float | None = None) -> int:
+    """`recv_exactly_into`, hashing (xxh3_64) each chunk while it is still in cache: a second
+    pass over the block afterwards would read it from memory again. Returns the checksum."""
+    hasher = xxhash.xxh3_64()
+    for start in range(0, len(view), HASH_CHUNK_BYTES):
+        chunk = view[start : start + HASH_CHUNK_BYTES]
+        recv_exactly_into(sock, chunk, deadline)
+        hasher.update(chunk)
+    return hasher.intdigest()
 
 
 def send_all_by(sock: socket.socket, view: memoryview, deadline: float) -> None:

@@ -50,7 +50,7 @@ class Incoming(Protocol):
     views: list[memoryview]
     deadline: float  # time.monotonic by which the bytes must have arrived; the reservation outlives it
 
-    def commit(self, expected: Sequence[int]) -> int: ...
+    def commit(self, expected: Sequence[int], received: Sequence[int] | None = None) -> int: ...
 
     def abort(self) -> None: ...
 
@@ -207,14 +207,16 @@ class DataPlaneServer:
         try:
             started = time.perf_counter()
             protocol.send_frame(connection, FrameType.PUT_READY, protocol.pack_indexes(incoming.written))
-            for index in incoming.written:
-                protocol.recv_exactly_into(connection, incoming.views[index], incoming.deadline)
+            received = [
+                protocol.recv_hashed_into(connection, incoming.views[index], incoming.deadline)
+                for index in incoming.written
+            ]
         except BaseException:
             incoming.abort()  # truncated, stalled or closing: nothing becomes visible
             raise
         num_bytes = sum(len(incoming.views[index]) for index in incoming.written)
         try:
-            written = incoming.commit(request.checksums)
+            written = incoming.commit(request.checksums, received)
         except KVStoreError as error:  # a block that failed its checksum: aborted
             _send_error(connection, error)
             return

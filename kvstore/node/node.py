@@ -218,11 +218,11 @@ class Node:
                 return FetchResult(0, start, 0)
             incoming = open_write(self.store, namespace_id, wanted[:count], keys[start - 1] if start else parent)
             try:
-                connection.receive_into(incoming.views, incoming.deadline)
+                arrived = connection.receive_into(incoming.views, incoming.deadline)
             except BaseException:
                 incoming.abort()
                 raise
-            written = incoming.commit(reply.checksums)
+            written = incoming.commit(reply.checksums, [arrived[i] for i in incoming.written])
         moved = count * namespace.block_bytes
         self.metrics.fetch_bytes.inc(moved)
         return FetchResult(written, start + count - written, moved)

@@ -137,15 +137,18 @@ class IncomingBlocks:
                 scratch = scratch or memoryview(bytearray(size))
                 self.views.append(scratch)
 
-    def commit(self, expected: Sequence[int]) -> int:
-        """Hash every written block against `expected` (one checksum per request position);
-        commit when all match, else abort and raise ChecksumError. Returns blocks written."""
+    def commit(self, expected: Sequence[int], received: Sequence[int] | None = None) -> int:
+        """Check every written block against `expected` (one checksum per request position):
+        `received` holds the checksums of what arrived (hashed while receiving, one per written
+        block); without it the blocks are hashed now. Commit when all match, else abort and
+        raise ChecksumError. Returns blocks written."""
         reservation = self._take()
-        if len(expected) != len(self.views):
+        if len(expected) != len(self.views) or (received is not None and len(received) != len(self.written)):
             self._store.manager.abort(reservation.reservation_id)
             raise InvalidArgumentError(f"{len(expected)} checksums for {len(self.views)} blocks")
         checksums = [expected[i] for i in self.written]
-        bad = [i for i, want in zip(self.written, checksums, strict=True) if checksum(self.views[i]) != want]
+        got = received if received is not None else [checksum(self.views[i]) for i in self.written]
+        bad = [i for i, want, have in zip(self.written, checksums, got, strict=True) if have != want]
         self.views = []
         if bad:
             self._store.manager.abort(reservation.reservation_id)
