@@ -656,7 +656,8 @@ def size_measurements(rig: Rig, block_bytes: int) -> Iterator[Measurement]:
         {MEMCPY: engine_trial(rig.writer, "time_memcpy", block_bytes=block_bytes), **redis_set},
         [MOONCAKE_PUT],
         {
-            MEMCPY: "writer process: Reserve, copy per block (hashed while copying below 128 KiB, by the node in the background above), Commit; fresh keys"
+            MEMCPY: "writer process: Reserve, copy per block (hashed while copying below 128 KiB, "
+            "by the node in the background above), Commit; fresh keys"
         },
     )
     rig.reader.call("time_gets", block_bytes=block_bytes, keys=keys, iterations=0, expect_crc=crc)
