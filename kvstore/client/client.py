@@ -33,6 +33,17 @@ import numpy.typing as npt
 
 from kvstore import wire
 from kvstore.dataplane.client import DataPlanePool
+from kvstore.dataplane.local_frames import (
+    ChainRequest,
+    Grant,
+    pack_chain,
+    pack_commit,
+    pack_id,
+    parse_acquire_ok,
+    parse_lookup_ok,
+    parse_reserve_ok,
+)
+from kvstore.dataplane.protocol import FrameType
 from kvstore.errors import InvalidArgumentError, KVStoreError, PeerUnavailableError, UnknownNamespaceError
 from kvstore.events import BlockEvent
 from kvstore.hashing import checksum
@@ -44,12 +55,13 @@ from kvstore.stats import TierStats
 from kvstore.status import ERROR_METADATA_KEY, error_from_status
 from kvstore.tiers.base import copy_with_checksum
 from kvstore.tiers.dram import SharedSegment
-from kvstore.types import BlockInfo, BlockKey, LookupResult, Namespace, NamespaceId
+from kvstore.types import BlockInfo, BlockKey, LookupResult, Namespace, NamespaceId, TierKind
 
 log = logging.getLogger(__name__)
 
 Reply = TypeVar("Reply")
 
+_MAX_KEYS = 1 << 20  # replies longer than this are malformed
 EXPIRY_MARGIN_S = 1.0  # stop copying this long before a lease or reservation lapses
 _IDEMPOTENT = ("Info", "Lookup", "Stats", "ListBlocks", "RegisterNamespace", "Remove", "Pin", "Unpin")
 _SERVICE = "kvstore.v1.KVStore"
@@ -125,6 +137,7 @@ class Client:
         self._namespaces: dict[NamespaceId, Namespace] = {}
         self._pool = DataPlanePool(token=token, timeout_s=timeout_s)
         self._segment: SharedSegment | None = None
+        self._local_address = ""  # the node's Unix socket for local metadata calls, when reachable
         self._releases: set[Any] = set()  # Release calls in flight (see _release_later)
         self._releases_lock = threading.Lock()
         try:
@@ -134,6 +147,7 @@ class Client:
             self._remember(info.namespaces)
             if transport is not Transport.TCP:
                 self._segment = _attach_segment(info)
+                self._local_address = info.local_address if self._segment is not None else ""
                 if self._segment is None and transport is Transport.SHARED_MEMORY:
                     raise InvalidArgumentError(
                         f"node {info.node_id} at {address} is not reachable through shared memory from here"
@@ -180,6 +194,12 @@ class Client:
         return tuple(wire.namespace_from_proto(item.namespace) for item in infos)
 
     def lookup(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> LookupResult:
+        if self._local_address:
+            body = self._local(
+                FrameType.LOOKUP, pack_chain(ChainRequest(namespace_id, list(keys))), FrameType.LOOKUP_OK
+            )
+            num_hits, tiers = parse_lookup_ok(body)
+            return LookupResult(num_hits, tuple(TierKind(tier) for tier in tiers))
         request = pb.LookupRequest(namespace_id=namespace_id, keys=wire.pack_keys(keys))
         reply = self._call(self._stub.Lookup, request)
         return LookupResult(reply.num_hits, wire.tiers_from_proto(reply.tiers))
@@ -203,24 +223,23 @@ class Client:
         flats = payloads_bytes(payloads, namespace, "payload")
         if self._segment is None:
             return self._put_remote(namespace_id, keys, flats, parent)
-        request = pb.ReserveRequest(namespace_id=namespace_id, keys=wire.pack_keys(keys), parent=parent or b"")
         asked = time.monotonic()
-        reply = self._call(self._stub.Reserve, request)
-        deadline = _copy_deadline(asked, reply.expires_in_s)
+        grant = self._reserve(namespace_id, keys, parent)
+        deadline = _copy_deadline(asked, grant.expires_in_s)
         try:
-            array, size = self._segment.array, reply.block_bytes
+            array, size = self._segment.array, grant.block_bytes
             checksums = []
-            for index, offset in zip(reply.indexes, reply.offsets, strict=True):
+            for index, offset in zip(grant.indexes, grant.offsets, strict=True):
                 _check_deadline(deadline, "reservation")  # past it, the slots may belong to another block
-                if reply.node_hashes:  # big blocks: the node's background hasher does it, off our path
+                if grant.node_hashes:  # big blocks: the node's background hasher does it, off our path
                     np.copyto(array[offset : offset + size], flats[index])
                 else:
                     checksums.append(copy_with_checksum(array[offset : offset + size], flats[index]))
         except BaseException:
-            self._abort_quietly(reply.reservation_id)
+            self._abort_quietly(grant.grant_id)
             raise
-        self._call(self._stub.Commit, pb.CommitRequest(reservation_id=reply.reservation_id, checksums=checksums))
-        return PutResult(len(reply.indexes), len(keys) - len(reply.indexes))
+        self._commit(grant.grant_id, checksums)
+        return PutResult(len(grant.indexes), len(keys) - len(grant.indexes))
 
     def get_into(
         self, namespace_id: NamespaceId, keys: Sequence[BlockKey], dests: Sequence[Any], *, verify: bool = False
@@ -234,21 +253,20 @@ class Client:
         targets = payloads_bytes(dests, namespace, "destination", writable=True)
         if self._segment is None:
             return self._get_remote(namespace_id, keys, targets)
-        request = pb.AcquireRequest(namespace_id=namespace_id, keys=wire.pack_keys(keys), verify=verify)
         asked = time.monotonic()
-        reply = self._call(self._stub.Acquire, request)
-        deadline = _copy_deadline(asked, reply.expires_in_s)
+        grant = self._acquire(namespace_id, keys, verify)
+        deadline = _copy_deadline(asked, grant.expires_in_s)
         try:
-            array, size = self._segment.array, reply.block_bytes
-            for index, offset in enumerate(reply.offsets):
+            array, size = self._segment.array, grant.block_bytes
+            for index, offset in enumerate(grant.offsets):
                 if time.monotonic() > deadline:
                     return index  # the lease is about to lapse: the rest may be reused slots
                 np.copyto(targets[index], array[offset : offset + size])
-                if verify and checksum(targets[index]) != reply.checksums[index]:
+                if verify and checksum(targets[index]) != grant.checksums[index]:
                     return index
-            return len(reply.offsets)
+            return len(grant.offsets)
         finally:
-            self._release_later(reply.lease_id)
+            self._release_later(grant.grant_id)
 
     def get_blocks(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> list[npt.NDArray[np.uint8]]:
         """The longest stored leading run of `keys`, as new flat uint8 arrays."""
@@ -356,6 +374,13 @@ class Client:
     def _release_later(self, lease_id: int) -> None:
         """Release without waiting for the reply: the copy is done, and a round trip costs as
         much as copying a few MiB here. A release that fails is logged; the lease then expires."""
+        if self._local_address:
+            try:
+                with self._pool.connection(self._local_address) as connection:
+                    connection.send_only(FrameType.RELEASE, pack_id(lease_id))
+            except KVStoreError as error:
+                log.warning("release of lease %d failed (it expires instead): %s", lease_id, error)
+            return
         future = self._stub.Release.future(
             pb.ReleaseRequest(lease_id=lease_id), timeout=self.timeout_s, metadata=self._metadata
         )
@@ -368,7 +393,54 @@ class Client:
             self._releases.discard(future)
         _log_release_failure(future)
 
+    def _local(self, kind: FrameType, body: bytes, reply: FrameType) -> bytes:
+        """One metadata call over the node's Unix socket (see kvstore.dataplane.local_frames)."""
+        with self._pool.connection(self._local_address) as connection:
+            return connection.call(kind, body, reply)
+
+    def _reserve(self, namespace_id: NamespaceId, keys: Sequence[BlockKey], parent: BlockKey | None) -> Grant:
+        if self._local_address:
+            request = ChainRequest(namespace_id, list(keys), parent)
+            return parse_reserve_ok(
+                self._local(FrameType.RESERVE, pack_chain(request), FrameType.RESERVE_OK), _MAX_KEYS
+            )
+        request_pb = pb.ReserveRequest(namespace_id=namespace_id, keys=wire.pack_keys(keys), parent=parent or b"")
+        reply = self._call(self._stub.Reserve, request_pb)
+        return Grant(
+            reply.reservation_id,
+            reply.block_bytes,
+            reply.expires_in_s,
+            list(reply.offsets),
+            list(reply.indexes),
+            [],
+            reply.node_hashes,
+        )
+
+    def _commit(self, reservation_id: int, checksums: list[int]) -> None:
+        if self._local_address:
+            self._local(FrameType.COMMIT, pack_commit(reservation_id, checksums), FrameType.OK)
+            return
+        self._call(self._stub.Commit, pb.CommitRequest(reservation_id=reservation_id, checksums=checksums))
+
+    def _acquire(self, namespace_id: NamespaceId, keys: Sequence[BlockKey], verify: bool) -> Grant:
+        if self._local_address:
+            request = ChainRequest(namespace_id, list(keys), verify=verify)
+            return parse_acquire_ok(
+                self._local(FrameType.ACQUIRE, pack_chain(request), FrameType.ACQUIRE_OK), _MAX_KEYS
+            )
+        request_pb = pb.AcquireRequest(namespace_id=namespace_id, keys=wire.pack_keys(keys), verify=verify)
+        reply = self._call(self._stub.Acquire, request_pb)
+        return Grant(
+            reply.lease_id, reply.block_bytes, reply.expires_in_s, list(reply.offsets), [], list(reply.checksums)
+        )
+
     def _abort_quietly(self, reservation_id: int) -> None:
+        if self._local_address:
+            try:
+                self._local(FrameType.ABORT, pack_id(reservation_id), FrameType.OK)
+            except KVStoreError as error:  # expiry frees it anyway; the original error matters more
+                log.warning("abort of reservation %d failed: %s", reservation_id, error)
+            return
         try:
             self._call(self._stub.Abort, pb.AbortRequest(reservation_id=reservation_id))
         except KVStoreError as error:  # expiry frees it anyway; the original error matters more

@@ -88,6 +88,15 @@ class DataPlaneConnection:
             raise PeerUnavailableError(f"data plane transfer to {self.address} broke off: {error}") from None
         return protocol.parse_put_ok(self._expect(FrameType.PUT_OK))
 
+    def call(self, kind: FrameType, body: bytes, reply: FrameType) -> bytes:
+        """One request, one reply of type `reply` (the local control channel)."""
+        self._send(kind, body)
+        return self._expect(reply)
+
+    def send_only(self, kind: FrameType, body: bytes) -> None:
+        """A request the server does not answer (RELEASE)."""
+        self._send(kind, body)
+
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self._sock.close()

@@ -63,6 +63,17 @@ class FrameType(IntEnum):
     PUT_READY = 6
     PUT_OK = 7
     ERROR = 8
+    # the local control channel (Unix socket only; see local_frames)
+    LOOKUP = 9
+    LOOKUP_OK = 10
+    RESERVE = 11
+    RESERVE_OK = 12
+    COMMIT = 13
+    ABORT = 14
+    ACQUIRE = 15
+    ACQUIRE_OK = 16
+    RELEASE = 17
+    OK = 18
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,14 +180,34 @@ def expect(kind: FrameType, wanted: FrameType, body: bytes) -> bytes:
     raise ProtocolError(f"expected a {wanted.name} frame, got {kind.name}")
 
 
+UNIX_PREFIX = "unix:"  # "unix:@name" is a Linux abstract socket, "unix:/path" a socket file
+
+
 def connect(address: str, timeout_s: float) -> socket.socket:
-    host, port = split_address(address)
+    """A connected socket to `host:port`, or to a Unix socket `unix:@name` / `unix:/path`."""
     try:
-        sock = socket.create_connection((host, port), timeout=timeout_s)
+        if address.startswith(UNIX_PREFIX):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout_s)
+            try:
+                sock.connect(unix_path(address))
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+        sock = socket.create_connection(split_address(address), timeout=timeout_s)
     except OSError as error:
         raise PeerUnavailableError(f"data plane at {address} is unreachable: {error}") from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
+
+
+def unix_path(address: str) -> str:
+    """The socket path of a `unix:` address; a leading @ becomes the abstract namespace's NUL."""
+    path = address.removeprefix(UNIX_PREFIX)
+    if not path:
+        raise ProtocolError(f"a Unix socket address is unix:@name or unix:/path, got {address!r}")
+    return "\0" + path[1:] if path.startswith("@") else path
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -196,7 +227,7 @@ def pack_get(request: GetRequest) -> bytes:
 def parse_get(body: bytes, max_keys: int) -> GetRequest:
     if len(body) < KEY_BYTES + 1:
         raise ProtocolError(f"GET body of {len(body)} bytes is shorter than its fixed part")
-    keys = _split_keys(body[KEY_BYTES + 1 :], max_keys, "GET")
+    keys = split_keys(body[KEY_BYTES + 1 :], max_keys, "GET")
     return GetRequest(NamespaceId(body[:KEY_BYTES]), keys, bool(body[KEY_BYTES] & FLAG_VERIFY))
 
 
@@ -236,7 +267,7 @@ def parse_put(body: bytes, max_keys: int) -> PutRequest:
         raise ProtocolError(f"PUT of {count} blocks exceeds the limit of {max_keys}")
     if len(body) != fixed + count * (KEY_BYTES + 8):
         raise ProtocolError(f"PUT claims {count} blocks in a {len(body)}-byte body")
-    keys = _split_keys(body[fixed : fixed + count * KEY_BYTES], max_keys, "PUT")
+    keys = split_keys(body[fixed : fixed + count * KEY_BYTES], max_keys, "PUT")
     checksums = list(struct.unpack_from(f"<{count}Q", body, fixed + count * KEY_BYTES))
     has_parent = body[KEY_BYTES] & FLAG_HAS_PARENT
     parent = BlockKey(body[KEY_BYTES + 1 : 2 * KEY_BYTES + 1]) if has_parent else None
@@ -284,7 +315,7 @@ def parse_error(body: bytes) -> ErrorReply:
     return ErrorReply(code, name, message)
 
 
-def _split_keys(packed: bytes, max_keys: int, what: str) -> list[BlockKey]:
+def split_keys(packed: bytes, max_keys: int, what: str) -> list[BlockKey]:
     if len(packed) % KEY_BYTES:
         raise ProtocolError(f"{what} keys take {len(packed)} bytes, not a multiple of {KEY_BYTES}")
     count = len(packed) // KEY_BYTES

@@ -65,6 +65,10 @@ class NodeMetrics:
     def connections_changed(self, delta: int) -> None:
         self.dataplane_connections.inc(delta)
 
+    def local_call(self, method: str, code: str, seconds: float) -> None:
+        """A metadata call over the local Unix socket, counted with the gRPC calls it stands for."""
+        self.rpc_seconds.labels(method, code).observe(seconds)
+
 
 class StoreCollector(Collector):
     """Tier usage and counters, read from the store at each scrape."""

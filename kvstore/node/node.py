@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from kvstore.dataplane.client import DataPlanePool
+from kvstore.dataplane.local_frames import Grant
 from kvstore.errors import (
     KVStoreError,
     NamespaceMismatchError,
@@ -26,7 +27,7 @@ from kvstore.errors import (
 )
 from kvstore.events import BlockEvent, EventKind
 from kvstore.hostid import host_id
-from kvstore.manager import Lease, RemoveResult, Reservation
+from kvstore.manager import RemoveResult
 from kvstore.node.metrics import NodeMetrics
 from kvstore.node.transfers import IncomingBlocks, OutgoingBlocks, open_read, open_write
 from kvstore.stats import StoreStats
@@ -53,6 +54,7 @@ class NodeInfo:
     host_id: str
     version: str
     data_address: str
+    local_address: str
     segment_name: str
     segment_bytes: int
     namespaces: tuple[Namespace, ...]
@@ -81,6 +83,7 @@ class Node:
         *,
         node_id: str,
         data_address: str,
+        local_address: str = "",
         metrics: NodeMetrics,
         peers: DataPlanePool,
     ) -> None:
@@ -90,6 +93,7 @@ class Node:
         self.store = store
         self.node_id = node_id
         self.data_address = data_address
+        self.local_address = local_address
         self.metrics = metrics
         self._dram = dram
         self._peers = peers
@@ -107,6 +111,7 @@ class Node:
             host_id(),
             VERSION,
             self.data_address,
+            self.local_address,
             self._dram.segment.name,
             self._dram.segment.size_bytes,
             tuple(manager.namespaces()),
@@ -147,11 +152,21 @@ class Node:
 
     # -- local path: shared-memory slots -------------------------------------------------------
 
-    def reserve(self, namespace_id: NamespaceId, keys: Sequence[BlockKey], parent: BlockKey | None) -> Reservation:
+    def reserve(self, namespace_id: NamespaceId, keys: Sequence[BlockKey], parent: BlockKey | None) -> Grant:
+        """DRAM slots for the keys of the chain not stored yet: `indexes` says which."""
         self._check_accepting()
         reservation = self.store.manager.reserve(namespace_id, keys, parent=parent, tier=TierKind.DRAM)
         self.metrics.local_bytes.labels("reserved").inc(reservation.size_bytes * len(reservation.keys))
-        return reservation
+        position = {key: index for index, key in enumerate(keys)}
+        return Grant(
+            reservation.reservation_id,
+            reservation.size_bytes,
+            self.expires_in_s(reservation.expires_at_s),
+            list(reservation.slots),
+            [position[key] for key in reservation.keys],
+            [],
+            self.hashes_later(reservation.size_bytes),
+        )
 
     def hashes_later(self, block_bytes: int) -> bool:
         """Whether a commit of blocks this big without checksums is hashed off the commit path
@@ -164,11 +179,19 @@ class Node:
     def abort(self, reservation_id: int) -> None:
         self.store.manager.abort(ReservationId(reservation_id))
 
-    def acquire(self, namespace_id: NamespaceId, keys: Sequence[BlockKey], *, verify: bool) -> Lease:
+    def acquire(self, namespace_id: NamespaceId, keys: Sequence[BlockKey], *, verify: bool) -> Grant:
+        """A lease on the leading run of `keys` held in DRAM, as slot offsets and checksums."""
         self._check_accepting()
         lease = self.store.manager.acquire(namespace_id, keys, verify=verify, tier=TierKind.DRAM)
         self.metrics.local_bytes.labels("leased").inc(lease.size_bytes * len(lease))
-        return lease
+        return Grant(
+            lease.lease_id,
+            lease.size_bytes,
+            self.expires_in_s(lease.expires_at_s),
+            list(lease.slots),
+            [],
+            list(lease.checksums),
+        )
 
     def release(self, lease_id: int) -> None:
         self.store.manager.release(LeaseId(lease_id))

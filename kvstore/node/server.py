@@ -32,6 +32,8 @@ from kvstore.node.node import Node
 from kvstore.node.service import KVStoreService, generic_handler
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.store import Store
+from kvstore.tiers.dram import DramTier
+from kvstore.types import TierKind
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,8 @@ class NodeServer:
         self._metrics_server: Any = None
         self.dataplane: DataPlaneServer | None = None
         try:
+            dram = self.store.tiers[TierKind.DRAM]
+            assert isinstance(dram, DramTier)  # Store always builds its DRAM tier as one
             self.metrics = NodeMetrics(self.registry)
             self.dataplane = DataPlaneServer(
                 server.bind_host,
@@ -58,12 +62,14 @@ class NodeServer:
                 max_connections=server.max_data_connections,
                 max_keys=server.max_keys_per_call,
                 observer=self.metrics,
+                local_address=f"unix:@{dram.segment.name}.sock",
             )
             advertise = server.advertise_host or server.bind_host
             self.node = Node(
                 self.store,
                 node_id=config.node_id,
                 data_address=f"{advertise}:{self.dataplane.port}",
+                local_address=self.dataplane.local_address or "",
                 metrics=self.metrics,
                 peers=DataPlanePool(token=config.token, timeout_s=PEER_TIMEOUT_S),
             )
@@ -88,7 +94,7 @@ class NodeServer:
 
     def start(self) -> None:
         assert self._grpc is not None and self.dataplane is not None
-        self.dataplane.start(self.node)
+        self.dataplane.start(self.node, self.node)
         self._grpc.start()
         if self.config.server.metrics_port >= 0:
             self._metrics_server, _ = start_http_server(

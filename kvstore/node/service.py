@@ -68,6 +68,7 @@ class KVStoreService(pb_grpc.KVStoreServicer):
                 host_id=info.host_id,
                 version=info.version,
                 data_address=info.data_address,
+                local_address=info.local_address,
                 segment_name=info.segment_name,
                 segment_bytes=info.segment_bytes,
                 namespaces=[
@@ -109,19 +110,19 @@ class KVStoreService(pb_grpc.KVStoreServicer):
 
     def Reserve(self, request: pb.ReserveRequest, context: grpc.ServicerContext) -> pb.ReserveResponse:
         def handle() -> pb.ReserveResponse:
-            keys = self._keys(request.keys)
-            reservation = self._node.reserve(
-                wire.namespace_id_from(request.namespace_id), keys, wire.parent_from(request.parent)
+            grant = self._node.reserve(
+                wire.namespace_id_from(request.namespace_id),
+                self._keys(request.keys),
+                wire.parent_from(request.parent),
             )
-            position = {key: index for index, key in enumerate(keys)}
             return pb.ReserveResponse(
-                reservation_id=reservation.reservation_id,
-                block_bytes=reservation.size_bytes,
-                indexes=[position[key] for key in reservation.keys],
-                offsets=reservation.slots,
+                reservation_id=grant.grant_id,
+                block_bytes=grant.block_bytes,
+                indexes=grant.indexes,
+                offsets=grant.offsets,
                 segment_name=self._node.segment_name,
-                expires_in_s=self._node.expires_in_s(reservation.expires_at_s),
-                node_hashes=self._node.hashes_later(reservation.size_bytes),
+                expires_in_s=grant.expires_in_s,
+                node_hashes=grant.node_hashes,
             )
 
         return self._call("Reserve", context, handle)
@@ -142,16 +143,16 @@ class KVStoreService(pb_grpc.KVStoreServicer):
 
     def Acquire(self, request: pb.AcquireRequest, context: grpc.ServicerContext) -> pb.AcquireResponse:
         def handle() -> pb.AcquireResponse:
-            lease = self._node.acquire(
+            grant = self._node.acquire(
                 wire.namespace_id_from(request.namespace_id), self._keys(request.keys), verify=request.verify
             )
             return pb.AcquireResponse(
-                lease_id=lease.lease_id,
-                block_bytes=lease.size_bytes,
-                offsets=lease.slots,
-                checksums=lease.checksums,
+                lease_id=grant.grant_id,
+                block_bytes=grant.block_bytes,
+                offsets=grant.offsets,
+                checksums=grant.checksums,
                 segment_name=self._node.segment_name,
-                expires_in_s=self._node.expires_in_s(lease.expires_at_s),
+                expires_in_s=grant.expires_in_s,
             )
 
         return self._call("Acquire", context, handle)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from kvstore.client import AsyncClient, Client, Transport
-from kvstore.errors import NodeDrainingError, PeerUnavailableError
+from kvstore.errors import NamespaceMismatchError, NodeDrainingError, PeerUnavailableError, UnknownNamespaceError
 from kvstore.events import EventKind
-from kvstore.types import TierKind
+from kvstore.types import NamespaceId, TierKind
 from tests import factories
 from tests.nodes import eventually, running_node
 
@@ -148,3 +148,24 @@ def test_async_client_round_trip(node):
     got = asyncio.run(scenario())
     for block, payload in zip(got, factories.payloads(namespace, 3), strict=True):
         np.testing.assert_array_equal(block, payload)
+
+
+def test_the_local_channel_serves_metadata_and_maps_errors_to_their_classes(node):
+    namespace, other = factories.namespace(), factories.namespace("other-model")
+    with Client(node.grpc_address) as client:
+        assert client.uses_shared_memory
+        assert node.node.local_address.startswith("unix:@")
+        namespace_id = client.register_namespace(namespace)
+        other_id = client.register_namespace(other)
+        keys = factories.chain(namespace_id, 3)
+        client.put_blocks(namespace_id, keys, factories.payloads(namespace, 3))
+        before = node.store.stats()
+        with pytest.raises(NamespaceMismatchError, match="another namespace"):
+            client.put_blocks(other_id, keys, factories.payloads(other, 3))
+        with pytest.raises(UnknownNamespaceError):
+            client.lookup(NamespaceId(b"\7" * 16), keys)
+        assert client.lookup(namespace_id, keys).tiers == (TierKind.DRAM,) * 3  # the connection serves on
+    after = node.store.stats()
+    assert (after.num_blocks, after.num_reservations) == (before.num_blocks, 0)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{node.metrics_port}/metrics", timeout=5).read().decode()
+    assert 'kvstore_rpc_seconds_count{code="FAILED_PRECONDITION",method="Reserve"} 1.0' in text
