@@ -735,13 +735,15 @@ def measure_lookup(rig: Rig, log: Log) -> tuple[list[Figure], dict[str, Any]]:
     log(f"Lookup: {clients} clients as {kind}")
     with contextlib.ExitStack() as stack:
         count = 1 if settings.lookup_threads else clients
-        engines = [
-            stack.enter_context(Engine(f"lookup-{i}", rig.node_a.grpc_address, Transport.TCP, 0)) for i in range(count)
+        address = rig.node_a.grpc_address
+        remote = [stack.enter_context(Engine(f"lookup-{i}", address, Transport.TCP, 0)) for i in range(count)]
+        local = [
+            stack.enter_context(Engine(f"local-lookup-{i}", address, Transport.SHARED_MEMORY, 0)) for i in range(count)
         ]
-        for engine in engines:
+        for engine in remote + local:
             engine.wait_ready()
 
-        def load(rpc: str, callers: int) -> list[int]:
+        def load(rpc: str, callers: int, engines: list[Engine]) -> list[int]:
             start_at = time.monotonic() + 0.3 + 0.03 * callers  # every caller warmed and waiting
             arguments = {"keys": keys, "rpc": rpc, "start_at": start_at, "seconds": settings.lookup_seconds}
             if settings.lookup_threads:
@@ -751,10 +753,11 @@ def measure_lookup(rig: Rig, log: Log) -> tuple[list[Figure], dict[str, Any]]:
             return [ns for engine in engines[:callers] for ns in engine.result()]
 
         trials: dict[str, Callable[[], list[int]]] = {
-            "lookup": lambda: load("lookup", clients),
-            "alone": lambda: load("lookup", 1),
-            "health": lambda: load("health", clients),
-            "health alone": lambda: load("health", 1),
+            "local": lambda: load("lookup", clients, local),
+            "lookup": lambda: load("lookup", clients, remote),
+            "alone": lambda: load("lookup", 1, remote),
+            "health": lambda: load("health", clients, remote),
+            "health alone": lambda: load("health", 1, remote),
         }
         stats: dict[str, dict[str, list[float]]] = {name: {"p50": [], "p99": [], "rate": []} for name in trials}
         names = list(trials)
@@ -770,12 +773,28 @@ def measure_lookup(rig: Rig, log: Log) -> tuple[list[Figure], dict[str, Any]]:
     many = f"{clients} {kind}, one Client each, closed loop, {settings.lookup_seconds:g} s per repeat"
     figures = []
     for quantile in ("p50", "p99"):
-        name = f"Lookup {quantile}, {clients} clients"
+        target = LOOKUP_P99_TARGET if quantile == "p99" else None
+        local_note = (
+            f"{many}, on the node's host: the engines' path (Unix socket, not gRPC): "
+            f"{rate['local']:,.0f} Lookups/s in all"
+        )
+        figures.append(
+            make_figure(
+                LOOKUP_GROUP,
+                f"Lookup {quantile}, {clients} same-host clients",
+                Unit.MS,
+                stats["local"][quantile],
+                f"gRPC Lookup {quantile}, {clients} clients",
+                stats["lookup"][quantile],
+                target,
+                local_note if quantile == "p50" else "",
+            )
+        )
+        name = f"gRPC Lookup {quantile}, {clients} clients"
         alone_note = f"{many}: {rate['lookup']:,.0f} Lookups/s in all; alone: {rate['alone']:,.0f}/s"
         health_note = f"health Check: {rate['health']:,.0f} calls/s in all"
-        target = LOOKUP_P99_TARGET if quantile == "p99" else None
         references = {  # reference label: (its trial, target, note)
-            f"Lookup {quantile}, 1 client alone": ("alone", target, alone_note if quantile == "p50" else ""),
+            f"Lookup {quantile}, 1 client alone": ("alone", None, alone_note if quantile == "p50" else ""),
             f"gRPC health Check {quantile}, {clients} clients (the floor of a unary call)": (
                 "health",
                 None,
