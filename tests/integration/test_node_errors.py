@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from kvstore.client import Client, Transport
-from kvstore.dataplane import protocol
+from kvstore.dataplane import local_frames, protocol
 from kvstore.dataplane.protocol import FrameType, PutRequest
 from kvstore.errors import ChecksumError
 from kvstore.hashing import checksum
@@ -150,3 +150,47 @@ def test_a_truncated_data_plane_put_is_never_committed(setup):
         assert protocol.parse_indexes(protocol.expect(kind, FrameType.PUT_READY, body), 2) == [0, 1]
         sock.sendall(payloads[0].tobytes() + payloads[1].tobytes()[:100])  # then hang up mid-block
     assert eventually(lambda: fingerprint(server) == before)  # the server notices the hang-up, then aborts
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "message"),
+    [
+        (FrameType.RESERVE, b"short", "shorter than its fixed part"),
+        (FrameType.ACQUIRE, b"\0" * 33 + b"x" * 5, "not a multiple of 16"),
+        (FrameType.COMMIT, b"\0" * 12 + b"\1", "COMMIT claims"),
+        (FrameType.ABORT, b"\0" * 3, "id body is 8 bytes"),
+    ],
+)
+def test_malformed_local_frames_end_only_their_connection(setup, kind, body, message):
+    server, client, _, namespace_id, keys = setup
+    before = fingerprint(server)
+    sock = protocol.connect(server.node.local_address, timeout_s=5)
+    with sock:
+        protocol.send_frame(sock, FrameType.HELLO)
+        assert protocol.recv_frame(sock)[0] is FrameType.HELLO_OK
+        protocol.send_frame(sock, kind, body)
+        reply_kind, reply = protocol.recv_frame(sock)
+        assert reply_kind is FrameType.ERROR
+        assert message in protocol.parse_error(reply).message
+        assert sock.recv(1) == b""  # the node hung up
+    assert fingerprint(server) == before
+    assert client.lookup(namespace_id, keys).num_hits == 3  # everyone else is served on
+
+
+def test_local_calls_with_unknown_ids_answer_not_found_and_the_connection_serves_on(setup):
+    server, _, _, namespace_id, keys = setup
+    before = fingerprint(server)
+    sock = protocol.connect(server.node.local_address, timeout_s=5)
+    with sock:
+        protocol.send_frame(sock, FrameType.HELLO)
+        protocol.recv_frame(sock)
+        protocol.send_frame(sock, FrameType.ABORT, local_frames.pack_id(424242))
+        kind, reply = protocol.recv_frame(sock)
+        assert kind is FrameType.ERROR
+        assert protocol.parse_error(reply).error_name == "UnknownReservationError"
+        protocol.send_frame(sock, FrameType.RELEASE, local_frames.pack_id(424242))  # no reply, logged
+        request = local_frames.ChainRequest(namespace_id, keys)
+        protocol.send_frame(sock, FrameType.LOOKUP, local_frames.pack_chain(request))
+        kind, reply = protocol.recv_frame(sock)
+        assert local_frames.parse_lookup_ok(protocol.expect(kind, FrameType.LOOKUP_OK, reply)) == (3, [1, 1, 1])
+    assert fingerprint(server) == before
