@@ -92,7 +92,11 @@ def daemon(data_dir: Path, *, token: str | None = None, **extra: object) -> Iter
         yield Daemon(process, ready["grpc"], ready["data"], ready["metrics_port"], ready["segment"])
     finally:
         if process.poll() is None:
-            process.kill()
+            process.terminate()  # graceful: the daemon unlinks its shared memory
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
         process.wait(30)
         for stream in (process.stdout, process.stderr):
             if stream is not None:
