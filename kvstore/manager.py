@@ -53,6 +53,7 @@ from kvstore.types import (
     LookupResult,
     Namespace,
     NamespaceId,
+    RemoveResult,
     ReservationId,
     Slot,
     TierKind,
@@ -98,12 +99,6 @@ class Lease:
             BlockRef(key, tier, slot, self.size_bytes, value)
             for key, tier, slot, value in zip(self.keys, self.tiers, self.slots, self.checksums, strict=True)
         )
-
-
-@dataclass(frozen=True, slots=True)
-class RemoveResult:
-    num_removed: int
-    num_busy: int  # leased, so kept
 
 
 @dataclass(slots=True)

@@ -13,7 +13,6 @@ shared-memory segment and close the NVMe files. Thread-safe.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -25,21 +24,15 @@ from kvstore.config import StoreConfig
 from kvstore.errors import InvalidArgumentError
 from kvstore.events import EventLog
 from kvstore.layout import payload_bytes, payloads_bytes
-from kvstore.manager import Lease, RemoveResult, TierManager
+from kvstore.manager import Lease, TierManager
 from kvstore.policy import EvictionPolicy, LeafFirstLRU
 from kvstore.stats import StoreStats
 from kvstore.tiers.base import Tier
 from kvstore.tiers.dram import DramTier
 from kvstore.tiers.nvme import NvmeTier
-from kvstore.types import BlockKey, LookupResult, Namespace, NamespaceId, TierKind
+from kvstore.types import BlockKey, LookupResult, Namespace, NamespaceId, PutResult, RemoveResult, TierKind
 
 _MAX_INITIAL_ROWS = 1 << 20
-
-
-@dataclass(frozen=True, slots=True)
-class PutResult:
-    num_written: int
-    num_present: int  # already stored (or being stored by another writer): not written again
 
 
 class Store:

@@ -33,6 +33,19 @@ KEY_BYTES = 16
 _NAMESPACE_ENCODING_VERSION = 1
 
 
+def unpack_keys(
+    packed: bytes, *, max_keys: int, what: str = "keys", error: type[InvalidArgumentError] = InvalidArgumentError
+) -> list[BlockKey]:
+    """Keys sent back to back (gRPC's `keys` fields, data-plane frames) as a list; `error`
+    (naming `what`) when the bytes are not whole keys or more than `max_keys` of them."""
+    if len(packed) % KEY_BYTES:
+        raise error(f"{what} is {len(packed)} bytes, not a multiple of {KEY_BYTES} (whole keys)")
+    count = len(packed) // KEY_BYTES
+    if count > max_keys:
+        raise error(f"{what} holds {count} keys; at most {max_keys} per call")
+    return [BlockKey(packed[i : i + KEY_BYTES]) for i in range(0, len(packed), KEY_BYTES)]
+
+
 class TierKind(IntEnum):
     """The tiers, fastest first. The value orders them and indexes per-tier arrays."""
 
@@ -259,6 +272,30 @@ class LookupResult:
 
     num_hits: int
     tiers: tuple[TierKind, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PutResult:
+    """`put_blocks`: how many blocks were written, and how many were already stored (or being
+    stored by another writer) and so not written again."""
+
+    num_written: int
+    num_present: int
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveResult:
+    num_removed: int
+    num_busy: int  # leased, so kept
+
+
+@dataclass(frozen=True, slots=True)
+class FetchResult:
+    """`fetch`: blocks copied from the peer, blocks already here, and the bytes moved."""
+
+    num_fetched: int
+    num_present: int
+    bytes_moved: int
 
 
 @dataclass(frozen=True, slots=True)

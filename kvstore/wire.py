@@ -34,15 +34,6 @@ def pack_keys(keys: Sequence[BlockKey]) -> bytes:
     return b"".join(keys)
 
 
-def unpack_keys(packed: bytes, *, max_keys: int, field: str = "keys") -> list[BlockKey]:
-    if len(packed) % KEY_BYTES:
-        raise InvalidArgumentError(f"{field} is {len(packed)} bytes, not a whole number of {KEY_BYTES}-byte keys")
-    count = len(packed) // KEY_BYTES
-    if count > max_keys:
-        raise InvalidArgumentError(f"{field} holds {count} keys; at most {max_keys} per call")
-    return [BlockKey(packed[i : i + KEY_BYTES]) for i in range(0, len(packed), KEY_BYTES)]
-
-
 def namespace_id_from(raw: bytes, *, field: str = "namespace_id") -> NamespaceId:
     if len(raw) != KEY_BYTES:
         raise InvalidArgumentError(f"{field} must be {KEY_BYTES} bytes, got {len(raw)}")

@@ -1,6 +1,7 @@
 """The client SDK: `Client` (blocking) and `AsyncClient` (asyncio), batched-first."""
 
 from kvstore.client.aio import AsyncClient
-from kvstore.client.client import Client, FetchResult, NodeStatus, PutResult, RemoveResult, Transport
+from kvstore.client.client import Client, NodeStatus, Transport
+from kvstore.types import FetchResult, PutResult, RemoveResult
 
 __all__ = ["AsyncClient", "Client", "FetchResult", "NodeStatus", "PutResult", "RemoveResult", "Transport"]

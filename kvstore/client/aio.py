@@ -19,9 +19,18 @@ from typing import Any, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from kvstore.client.client import Client, FetchResult, NodeStatus, PutResult, RemoveResult, Transport
+from kvstore.client.client import Client, NodeStatus, Transport
 from kvstore.events import BlockEvent
-from kvstore.types import BlockInfo, BlockKey, LookupResult, Namespace, NamespaceId
+from kvstore.types import (
+    BlockInfo,
+    BlockKey,
+    FetchResult,
+    LookupResult,
+    Namespace,
+    NamespaceId,
+    PutResult,
+    RemoveResult,
+)
 
 Result = TypeVar("Result")
 

@@ -55,7 +55,17 @@ from kvstore.stats import TierStats
 from kvstore.status import ERROR_METADATA_KEY, error_from_status
 from kvstore.tiers.base import copy_with_checksum
 from kvstore.tiers.dram import SharedSegment
-from kvstore.types import BlockInfo, BlockKey, LookupResult, Namespace, NamespaceId, TierKind
+from kvstore.types import (
+    BlockInfo,
+    BlockKey,
+    FetchResult,
+    LookupResult,
+    Namespace,
+    NamespaceId,
+    PutResult,
+    RemoveResult,
+    TierKind,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,25 +81,6 @@ class Transport(StrEnum):
     AUTO = "auto"  # shared memory when the node is on this host and its segment maps, else TCP
     SHARED_MEMORY = "shm"  # fail at connect if shared memory cannot be used
     TCP = "tcp"  # the data plane, even on the same host
-
-
-@dataclass(frozen=True, slots=True)
-class PutResult:
-    num_written: int
-    num_present: int  # already stored (or being stored by another writer): not sent again
-
-
-@dataclass(frozen=True, slots=True)
-class FetchResult:
-    num_fetched: int
-    num_present: int
-    bytes_moved: int
-
-
-@dataclass(frozen=True, slots=True)
-class RemoveResult:
-    num_removed: int
-    num_busy: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,9 +24,9 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from kvstore.dataplane.protocol import FLAG_HAS_PARENT, FLAG_VERIFY, split_keys
+from kvstore.dataplane.protocol import FLAG_HAS_PARENT, FLAG_VERIFY
 from kvstore.errors import ProtocolError
-from kvstore.types import KEY_BYTES, BlockKey, NamespaceId
+from kvstore.types import KEY_BYTES, BlockKey, NamespaceId, unpack_keys
 
 _ID = struct.Struct("<Q")
 _COUNT = struct.Struct("<I")
@@ -68,7 +68,7 @@ def parse_chain(body: bytes, max_keys: int) -> ChainRequest:
         raise ProtocolError(f"request body of {len(body)} bytes is shorter than its fixed part")
     flags = body[KEY_BYTES]
     parent = BlockKey(body[KEY_BYTES + 1 : fixed]) if flags & FLAG_HAS_PARENT else None
-    keys = split_keys(body[fixed:], max_keys, "request")
+    keys = unpack_keys(body[fixed:], max_keys=max_keys, what="request keys", error=ProtocolError)
     return ChainRequest(NamespaceId(body[:KEY_BYTES]), keys, parent, bool(flags & FLAG_VERIFY))
 
 

@@ -37,7 +37,7 @@ import xxhash
 
 from kvstore.errors import PeerUnavailableError, ProtocolError
 from kvstore.status import error_from_code_number
-from kvstore.types import KEY_BYTES, BlockKey, NamespaceId
+from kvstore.types import KEY_BYTES, BlockKey, NamespaceId, unpack_keys
 
 MAGIC = b"KVDP"
 VERSION = 1
@@ -227,7 +227,7 @@ def pack_get(request: GetRequest) -> bytes:
 def parse_get(body: bytes, max_keys: int) -> GetRequest:
     if len(body) < KEY_BYTES + 1:
         raise ProtocolError(f"GET body of {len(body)} bytes is shorter than its fixed part")
-    keys = split_keys(body[KEY_BYTES + 1 :], max_keys, "GET")
+    keys = unpack_keys(body[KEY_BYTES + 1 :], max_keys=max_keys, what="GET keys", error=ProtocolError)
     return GetRequest(NamespaceId(body[:KEY_BYTES]), keys, bool(body[KEY_BYTES] & FLAG_VERIFY))
 
 
@@ -267,7 +267,7 @@ def parse_put(body: bytes, max_keys: int) -> PutRequest:
         raise ProtocolError(f"PUT of {count} blocks exceeds the limit of {max_keys}")
     if len(body) != fixed + count * (KEY_BYTES + 8):
         raise ProtocolError(f"PUT claims {count} blocks in a {len(body)}-byte body")
-    keys = split_keys(body[fixed : fixed + count * KEY_BYTES], max_keys, "PUT")
+    keys = unpack_keys(body[fixed : fixed + count * KEY_BYTES], max_keys=max_keys, what="PUT keys", error=ProtocolError)
     checksums = list(struct.unpack_from(f"<{count}Q", body, fixed + count * KEY_BYTES))
     has_parent = body[KEY_BYTES] & FLAG_HAS_PARENT
     parent = BlockKey(body[KEY_BYTES + 1 : 2 * KEY_BYTES + 1]) if has_parent else None
@@ -313,12 +313,3 @@ def parse_error(body: bytes) -> ErrorReply:
     name = body[_ERROR.size : _ERROR.size + name_length].decode("ascii", "replace")
     message = body[_ERROR.size + name_length :].decode("utf-8", "replace")
     return ErrorReply(code, name, message)
-
-
-def split_keys(packed: bytes, max_keys: int, what: str) -> list[BlockKey]:
-    if len(packed) % KEY_BYTES:
-        raise ProtocolError(f"{what} keys take {len(packed)} bytes, not a multiple of {KEY_BYTES}")
-    count = len(packed) // KEY_BYTES
-    if count > max_keys:
-        raise ProtocolError(f"{what} of {count} keys exceeds the limit of {max_keys}")
-    return [BlockKey(packed[i : i + KEY_BYTES]) for i in range(0, len(packed), KEY_BYTES)]

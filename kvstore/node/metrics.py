@@ -10,6 +10,7 @@ Owner: the node server. Thread-safe (prometheus_client's metrics are).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -19,6 +20,15 @@ from kvstore.stats import StoreStats
 
 _LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
 _TRANSFER_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
+
+@dataclass(frozen=True, slots=True)
+class LookupCounts:
+    """Lookup calls and the blocks they asked for, counted by the node (Stats and /metrics)."""
+
+    lookups: int
+    hit_blocks: int
+    miss_blocks: int
 
 
 class NodeMetrics:
@@ -31,15 +41,14 @@ class NodeMetrics:
             registry=registry,
             buckets=_LATENCY_BUCKETS_S,
         )
-        self.lookup_blocks = Counter(
-            "kvstore_lookup_blocks", "blocks asked for by Lookup, by result", ["result"], registry=registry
-        )
         self.local_bytes = Counter(
             "kvstore_local_bytes",
             "bytes handed to same-host clients through shared memory (reserved for writes, leased for reads)",
             ["direction"],
             registry=registry,
         )
+        self.local_reserved_bytes = self.local_bytes.labels("reserved")  # bound once: called per batch
+        self.local_leased_bytes = self.local_bytes.labels("leased")
         self.dataplane_bytes = Counter(
             "kvstore_dataplane_bytes", "bytes moved over the TCP data plane", ["direction"], registry=registry
         )
@@ -73,9 +82,15 @@ class NodeMetrics:
 class StoreCollector(Collector):
     """Tier usage and counters, read from the store at each scrape."""
 
-    def __init__(self, stats: Callable[[], StoreStats], last_event: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        stats: Callable[[], StoreStats],
+        last_event: Callable[[], int],
+        lookups: Callable[[], LookupCounts],
+    ) -> None:
         self._stats = stats
         self._last_event = last_event
+        self._lookups = lookups
 
     def collect(self) -> Iterator[Metric]:
         stats = self._stats()
@@ -111,3 +126,11 @@ class StoreCollector(Collector):
             "kvstore_unhashed_blocks", "blocks waiting for their checksum", value=stats.num_unhashed
         )
         yield CounterMetricFamily("kvstore_events", "block events recorded", value=self._last_event())
+        counts = self._lookups()
+        yield CounterMetricFamily("kvstore_lookups", "Lookup calls", value=counts.lookups)
+        blocks = CounterMetricFamily(
+            "kvstore_lookup_blocks", "blocks asked for by Lookup, by result", labels=["result"]
+        )
+        blocks.add_metric(["hit"], counts.hit_blocks)
+        blocks.add_metric(["miss"], counts.miss_blocks)
+        yield blocks

@@ -27,8 +27,7 @@ from kvstore.errors import (
 )
 from kvstore.events import BlockEvent, EventKind
 from kvstore.hostid import host_id
-from kvstore.manager import RemoveResult
-from kvstore.node.metrics import NodeMetrics
+from kvstore.node.metrics import LookupCounts, NodeMetrics
 from kvstore.node.transfers import IncomingBlocks, OutgoingBlocks, open_read, open_write
 from kvstore.stats import StoreStats
 from kvstore.store import Store
@@ -36,10 +35,12 @@ from kvstore.tiers.dram import DramTier
 from kvstore.types import (
     BlockInfo,
     BlockKey,
+    FetchResult,
     LeaseId,
     LookupResult,
     Namespace,
     NamespaceId,
+    RemoveResult,
     ReservationId,
     TierKind,
 )
@@ -60,20 +61,6 @@ class NodeInfo:
     namespaces: tuple[Namespace, ...]
     is_draining: bool
     uptime_s: float
-
-
-@dataclass(frozen=True, slots=True)
-class FetchResult:
-    num_fetched: int
-    num_present: int
-    bytes_moved: int
-
-
-@dataclass(frozen=True, slots=True)
-class LookupCounts:
-    lookups: int
-    hit_blocks: int
-    miss_blocks: int
 
 
 class Node:
@@ -138,8 +125,6 @@ class Node:
     def lookup(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> LookupResult:
         result = self.store.lookup(namespace_id, keys)
         misses = len(keys) - result.num_hits
-        self.metrics.lookup_blocks.labels("hit").inc(result.num_hits)
-        self.metrics.lookup_blocks.labels("miss").inc(misses)
         with self._lookup_lock:
             counts = self._lookups
             self._lookups = LookupCounts(
@@ -156,7 +141,7 @@ class Node:
         """DRAM slots for the keys of the chain not stored yet: `indexes` says which."""
         self._check_accepting()
         reservation = self.store.manager.reserve(namespace_id, keys, parent=parent, tier=TierKind.DRAM)
-        self.metrics.local_bytes.labels("reserved").inc(reservation.size_bytes * len(reservation.keys))
+        self.metrics.local_reserved_bytes.inc(reservation.size_bytes * len(reservation.keys))
         position = {key: index for index, key in enumerate(keys)}
         return Grant(
             reservation.reservation_id,
@@ -183,7 +168,7 @@ class Node:
         """A lease on the leading run of `keys` held in DRAM, as slot offsets and checksums."""
         self._check_accepting()
         lease = self.store.manager.acquire(namespace_id, keys, verify=verify, tier=TierKind.DRAM)
-        self.metrics.local_bytes.labels("leased").inc(lease.size_bytes * len(lease))
+        self.metrics.local_leased_bytes.inc(lease.size_bytes * len(lease))
         return Grant(
             lease.lease_id,
             lease.size_bytes,

@@ -73,7 +73,13 @@ class NodeServer:
                 metrics=self.metrics,
                 peers=DataPlanePool(token=config.token, timeout_s=PEER_TIMEOUT_S),
             )
-            self.registry.register(StoreCollector(self.store.stats, lambda: self.store.manager.events.last_sequence))
+            self.registry.register(
+                StoreCollector(
+                    self.store.stats,
+                    lambda: self.store.manager.events.last_sequence,
+                    self.node.lookup_counts,
+                )
+            )
             self._health = health.HealthServicer()
             self._grpc, self.grpc_port = self._build_grpc()
         except BaseException:

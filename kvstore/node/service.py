@@ -22,7 +22,7 @@ from kvstore.node.node import Node
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.status import ERROR_METADATA_KEY, code_of
-from kvstore.types import BlockKey
+from kvstore.types import BlockKey, unpack_keys
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class KVStoreService(pb_grpc.KVStoreServicer):
             self._node.metrics.rpc_seconds.labels(method, code.name).observe(time.perf_counter() - started)
 
     def _keys(self, packed: bytes) -> list[BlockKey]:
-        return wire.unpack_keys(packed, max_keys=self._max_keys)
+        return unpack_keys(packed, max_keys=self._max_keys)
 
     # -- identity -------------------------------------------------------------------------------
 
