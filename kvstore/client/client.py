@@ -3,8 +3,9 @@
 Batched first: every data call takes a chain of keys. Where the bytes go depends on where the
 node is. On the same host (same host id, and its shared-memory segment maps) the client copies
 payloads straight into and out of the node's DRAM slots: `put_blocks` is Reserve -> copy (and
-hash while copying) -> Commit, `get_into` is Acquire -> copy -> Release, and only metadata
-crosses gRPC. Otherwise the bytes go over the node's TCP data plane, straight into the
+hash while copying, unless the node hashes big blocks itself) -> Commit, `get_into` is
+Acquire -> copy -> Release, and only metadata crosses, over the node's Unix socket
+(`control`). Otherwise the bytes go over the node's TCP data plane, straight into the
 caller's buffers, and are checked against their checksums before they count.
 
 Every call has a deadline (`timeout_s`). Idempotent calls (Info, Lookup, Stats, ListBlocks,
@@ -17,10 +18,8 @@ Owner: the caller. Thread-safe: gRPC channels are, and the data-plane pool is.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -32,18 +31,8 @@ import numpy as np
 import numpy.typing as npt
 
 from kvstore import wire
+from kvstore.client.control import GrpcControl, SlotControl, SocketControl
 from kvstore.dataplane.client import DataPlanePool
-from kvstore.dataplane.local_frames import (
-    ChainRequest,
-    Grant,
-    pack_chain,
-    pack_commit,
-    pack_id,
-    parse_acquire_ok,
-    parse_lookup_ok,
-    parse_reserve_ok,
-)
-from kvstore.dataplane.protocol import FrameType
 from kvstore.errors import InvalidArgumentError, KVStoreError, PeerUnavailableError, UnknownNamespaceError
 from kvstore.events import BlockEvent
 from kvstore.hashing import checksum
@@ -64,14 +53,12 @@ from kvstore.types import (
     NamespaceId,
     PutResult,
     RemoveResult,
-    TierKind,
 )
 
 log = logging.getLogger(__name__)
 
 Reply = TypeVar("Reply")
 
-_MAX_KEYS = 1 << 20  # replies longer than this are malformed
 EXPIRY_MARGIN_S = 1.0  # stop copying this long before a lease or reservation lapses
 _IDEMPOTENT = ("Info", "Lookup", "Stats", "ListBlocks", "RegisterNamespace", "Remove", "Pin", "Unpin")
 _SERVICE = "kvstore.v1.KVStore"
@@ -128,9 +115,8 @@ class Client:
         self._namespaces: dict[NamespaceId, Namespace] = {}
         self._pool = DataPlanePool(token=token, timeout_s=timeout_s)
         self._segment: SharedSegment | None = None
-        self._local_address = ""  # the node's Unix socket for local metadata calls, when reachable
-        self._releases: set[Any] = set()  # Release calls in flight (see _release_later)
-        self._releases_lock = threading.Lock()
+        # The shared-memory path's metadata calls: the node's Unix socket once Info names it.
+        self._slots: SlotControl = GrpcControl(self._stub, self._call, timeout_s=timeout_s, metadata=self._metadata)
         try:
             info = self._call(self._stub.Info, pb.InfoRequest())
             self.node_id = info.node_id
@@ -138,7 +124,8 @@ class Client:
             self._remember(info.namespaces)
             if transport is not Transport.TCP:
                 self._segment = _attach_segment(info)
-                self._local_address = info.local_address if self._segment is not None else ""
+                if self._segment is not None and info.local_address:
+                    self._slots = _socket_control(self._pool, info.local_address, self._slots)
                 if self._segment is None and transport is Transport.SHARED_MEMORY:
                     raise InvalidArgumentError(
                         f"node {info.node_id} at {address} is not reachable through shared memory from here"
@@ -152,11 +139,7 @@ class Client:
         return self._segment is not None
 
     def close(self) -> None:
-        with self._releases_lock:
-            pending = list(self._releases)
-        for future in pending:  # let releases in flight land, so no lease waits for its expiry
-            with contextlib.suppress(grpc.RpcError, grpc.FutureTimeoutError, grpc.FutureCancelledError):
-                future.result(timeout=self.timeout_s)
+        self._slots.close()
         self._pool.close()
         if self._segment is not None:
             self._segment.close()
@@ -185,15 +168,7 @@ class Client:
         return tuple(wire.namespace_from_proto(item.namespace) for item in infos)
 
     def lookup(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> LookupResult:
-        if self._local_address:
-            body = self._local(
-                FrameType.LOOKUP, pack_chain(ChainRequest(namespace_id, list(keys))), FrameType.LOOKUP_OK
-            )
-            num_hits, tiers = parse_lookup_ok(body)
-            return LookupResult(num_hits, tuple(TierKind(tier) for tier in tiers))
-        request = pb.LookupRequest(namespace_id=namespace_id, keys=wire.pack_keys(keys))
-        reply = self._call(self._stub.Lookup, request)
-        return LookupResult(reply.num_hits, wire.tiers_from_proto(reply.tiers))
+        return self._slots.lookup(namespace_id, keys)
 
     # -- data ----------------------------------------------------------------------------------
 
@@ -215,7 +190,7 @@ class Client:
         if self._segment is None:
             return self._put_remote(namespace_id, keys, flats, parent)
         asked = time.monotonic()
-        grant = self._reserve(namespace_id, keys, parent)
+        grant = self._slots.reserve(namespace_id, keys, parent)
         deadline = _copy_deadline(asked, grant.expires_in_s)
         try:
             array, size = self._segment.array, grant.block_bytes
@@ -229,7 +204,7 @@ class Client:
         except BaseException:
             self._abort_quietly(grant.grant_id)
             raise
-        self._commit(grant.grant_id, checksums)
+        self._slots.commit(grant.grant_id, checksums)
         return PutResult(len(grant.indexes), len(keys) - len(grant.indexes))
 
     def get_into(
@@ -245,7 +220,7 @@ class Client:
         if self._segment is None:
             return self._get_remote(namespace_id, keys, targets)
         asked = time.monotonic()
-        grant = self._acquire(namespace_id, keys, verify)
+        grant = self._slots.acquire(namespace_id, keys, verify)
         deadline = _copy_deadline(asked, grant.expires_in_s)
         try:
             array, size = self._segment.array, grant.block_bytes
@@ -257,7 +232,7 @@ class Client:
                     return index
             return len(grant.offsets)
         finally:
-            self._release_later(grant.grant_id)
+            self._slots.release(grant.grant_id)
 
     def get_blocks(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> list[npt.NDArray[np.uint8]]:
         """The longest stored leading run of `keys`, as new flat uint8 arrays."""
@@ -362,78 +337,9 @@ class Client:
         for item in infos:
             self._namespaces[NamespaceId(item.namespace_id)] = wire.namespace_from_proto(item.namespace)
 
-    def _release_later(self, lease_id: int) -> None:
-        """Release without waiting for the reply: the copy is done, and a round trip costs as
-        much as copying a few MiB here. A release that fails is logged; the lease then expires."""
-        if self._local_address:
-            try:
-                with self._pool.connection(self._local_address) as connection:
-                    connection.send_only(FrameType.RELEASE, pack_id(lease_id))
-            except KVStoreError as error:
-                log.warning("release of lease %d failed (it expires instead): %s", lease_id, error)
-            return
-        future = self._stub.Release.future(
-            pb.ReleaseRequest(lease_id=lease_id), timeout=self.timeout_s, metadata=self._metadata
-        )
-        with self._releases_lock:
-            self._releases.add(future)
-        future.add_done_callback(self._release_done)
-
-    def _release_done(self, future: Any) -> None:
-        with self._releases_lock:
-            self._releases.discard(future)
-        _log_release_failure(future)
-
-    def _local(self, kind: FrameType, body: bytes, reply: FrameType) -> bytes:
-        """One metadata call over the node's Unix socket (see kvstore.dataplane.local_frames)."""
-        with self._pool.connection(self._local_address) as connection:
-            return connection.call(kind, body, reply)
-
-    def _reserve(self, namespace_id: NamespaceId, keys: Sequence[BlockKey], parent: BlockKey | None) -> Grant:
-        if self._local_address:
-            request = ChainRequest(namespace_id, list(keys), parent)
-            return parse_reserve_ok(
-                self._local(FrameType.RESERVE, pack_chain(request), FrameType.RESERVE_OK), _MAX_KEYS
-            )
-        request_pb = pb.ReserveRequest(namespace_id=namespace_id, keys=wire.pack_keys(keys), parent=parent or b"")
-        reply = self._call(self._stub.Reserve, request_pb)
-        return Grant(
-            reply.reservation_id,
-            reply.block_bytes,
-            reply.expires_in_s,
-            list(reply.offsets),
-            list(reply.indexes),
-            [],
-            reply.node_hashes,
-        )
-
-    def _commit(self, reservation_id: int, checksums: list[int]) -> None:
-        if self._local_address:
-            self._local(FrameType.COMMIT, pack_commit(reservation_id, checksums), FrameType.OK)
-            return
-        self._call(self._stub.Commit, pb.CommitRequest(reservation_id=reservation_id, checksums=checksums))
-
-    def _acquire(self, namespace_id: NamespaceId, keys: Sequence[BlockKey], verify: bool) -> Grant:
-        if self._local_address:
-            request = ChainRequest(namespace_id, list(keys), verify=verify)
-            return parse_acquire_ok(
-                self._local(FrameType.ACQUIRE, pack_chain(request), FrameType.ACQUIRE_OK), _MAX_KEYS
-            )
-        request_pb = pb.AcquireRequest(namespace_id=namespace_id, keys=wire.pack_keys(keys), verify=verify)
-        reply = self._call(self._stub.Acquire, request_pb)
-        return Grant(
-            reply.lease_id, reply.block_bytes, reply.expires_in_s, list(reply.offsets), [], list(reply.checksums)
-        )
-
     def _abort_quietly(self, reservation_id: int) -> None:
-        if self._local_address:
-            try:
-                self._local(FrameType.ABORT, pack_id(reservation_id), FrameType.OK)
-            except KVStoreError as error:  # expiry frees it anyway; the original error matters more
-                log.warning("abort of reservation %d failed: %s", reservation_id, error)
-            return
         try:
-            self._call(self._stub.Abort, pb.AbortRequest(reservation_id=reservation_id))
+            self._slots.abort(reservation_id)
         except KVStoreError as error:  # expiry frees it anyway; the original error matters more
             log.warning("abort of reservation %d failed: %s", reservation_id, error)
 
@@ -466,11 +372,6 @@ class Client:
             if have != want:
                 return index  # the receiver is the trust boundary: on doubt, miss
         return count
-
-
-def _log_release_failure(future: Any) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.warning("release of a lease failed (it expires instead): %s", future.exception())
 
 
 def _copy_deadline(asked: float, expires_in_s: float) -> float:
@@ -511,6 +412,18 @@ def _translate(error: grpc.RpcError) -> KVStoreError:
         if item.key == ERROR_METADATA_KEY:
             name = item.value if isinstance(item.value, str) else item.value.decode()
     return error_from_status(code, details or "", name)
+
+
+def _socket_control(pool: DataPlanePool, address: str, fallback: SlotControl) -> SlotControl:
+    """The node's Unix socket when a connection to it works (it may not from another network
+    namespace, a container sharing only /dev/shm); otherwise `fallback`, the same calls over gRPC."""
+    try:
+        with pool.connection(address):
+            pass  # connected and authenticated: kept in the pool for the first call
+    except KVStoreError as error:
+        log.info("node socket %s is not reachable (%s); metadata goes over gRPC", address, error)
+        return fallback
+    return SocketControl(pool, address)
 
 
 def _attach_segment(info: pb.InfoResponse) -> SharedSegment | None:

@@ -169,3 +169,21 @@ def test_the_local_channel_serves_metadata_and_maps_errors_to_their_classes(node
     assert (after.num_blocks, after.num_reservations) == (before.num_blocks, 0)
     text = urllib.request.urlopen(f"http://127.0.0.1:{node.metrics_port}/metrics", timeout=5).read().decode()
     assert 'kvstore_rpc_seconds_count{code="FAILED_PRECONDITION",method="Reserve"} 1.0' in text
+
+
+def test_without_the_node_socket_the_local_path_falls_back_to_grpc(node):
+    node.node.local_address = "unix:@kvstore-test-no-such-socket"  # as from another network namespace
+    namespace = factories.namespace()
+    with Client(node.grpc_address, transport=Transport.SHARED_MEMORY) as client:
+        namespace_id = client.register_namespace(namespace)
+        keys = factories.chain(namespace_id, 3)
+        payloads = factories.payloads(namespace, 3)
+        assert client.put_blocks(namespace_id, keys, payloads).num_written == 3
+        assert client.lookup(namespace_id, keys).num_hits == 3
+        dests = [np.zeros(namespace.block_bytes, dtype=np.uint8) for _ in keys]
+        assert client.get_into(namespace_id, keys, dests, verify=True) == 3
+        for dest, payload in zip(dests, payloads, strict=True):
+            np.testing.assert_array_equal(dest, payload)
+    assert eventually(lambda: node.store.stats().num_leases == 0)  # close waited for the gRPC release
+    text = urllib.request.urlopen(f"http://127.0.0.1:{node.metrics_port}/metrics", timeout=5).read().decode()
+    assert 'kvstore_rpc_seconds_count{code="OK",method="Acquire"} 1.0' in text
