@@ -36,12 +36,13 @@ from kvstore.errors import (
     UnknownNamespaceError,
     UnknownReservationError,
 )
-from kvstore.events import BlockEvent, EventKind, EventLog, tiers_of_mask
+from kvstore.events import BlockEvent, EventKind, EventLog
 from kvstore.expiry import ExpiringRegistry, Outcome
+from kvstore.listing import BlockEvents, block_infos, resident_rows
 from kvstore.movement import TierMover
 from kvstore.policy.base import EvictionPolicy
 from kvstore.stats import StoreStats, TierCounters
-from kvstore.table import ABSENT, NO_NAMESPACE, NO_TIER, BlockTable, check_keys
+from kvstore.table import ABSENT, NO_NAMESPACE, BlockTable, check_keys
 from kvstore.tiers.base import Tier
 from kvstore.tiers.nvme import NvmeTier
 from kvstore.tiers.nvme_index import NvmeRecord
@@ -152,7 +153,7 @@ class TierManager:
         if isinstance(self._nvme, NvmeTier):
             self._load_nvme(self._nvme)
         self.events = events or EventLog()
-        self._table.listener = _EventRecorder(self._table, self._namespaces, self.events)  # after the load
+        self._table.listener = BlockEvents(self._table, self._namespaces, self.events)  # after the load
 
     # -- namespaces ---------------------------------------------------------------------------
 
@@ -436,7 +437,7 @@ class TierManager:
             sequence = self.events.last_sequence
             events = [
                 BlockEvent(sequence, EventKind.SNAPSHOT, info.namespace_id, info.key, info.parent, info.tiers)
-                for info in self._infos(self._resident_rows(None))
+                for info in block_infos(self._table, self._namespaces, resident_rows(self._table, None))
             ]
             return sequence, events
 
@@ -450,11 +451,11 @@ class TierManager:
             raise InvalidArgumentError(f"need limit >= 1 and start_row >= 0, got {limit} and {start_row}")
         with self._lock:
             namespace = None if namespace_id is None else self._namespace_of(namespace_id)
-            rows = self._resident_rows(namespace)
+            rows = resident_rows(self._table, namespace)
             rows = rows[rows >= start_row]
             page = rows[:limit]
             following = int(rows[limit]) if len(rows) > limit else None
-            return self._infos(page), following
+            return block_infos(self._table, self._namespaces, page), following
 
     def inspect(self, keys: Sequence[BlockKey]) -> list[BlockInfo | None]:
         """Each key's block, or None where nothing readable is stored under it."""
@@ -467,7 +468,7 @@ class TierManager:
                     infos.append(None)
                     continue
                 self._checksums.settle_now([row])
-                infos.append(self._infos(np.array([row]))[0])
+                infos.append(block_infos(self._table, self._namespaces, np.array([row]))[0])
             return infos
 
     def drain_checksums(self) -> None:
@@ -507,33 +508,6 @@ class TierManager:
             slot = self._table.slot_of(row, tier)
             assert slot is not None
             return BlockRef(key, tier, slot, self._table.size_of(row), int(self._table.checksum[row]))
-
-    def _resident_rows(self, namespace: int | None) -> npt.NDArray[np.intp]:
-        table = self._table
-        mask = table.namespace != NO_NAMESPACE if namespace is None else table.namespace == namespace
-        mask &= table.fastest != NO_TIER
-        return np.flatnonzero(mask)
-
-    def _infos(self, rows: npt.NDArray[np.intp]) -> list[BlockInfo]:
-        table = self._table
-        infos = []
-        for row in rows.tolist():
-            key = table.keys[row]
-            assert key is not None  # resident rows have keys
-            namespace = self._namespaces[int(table.namespace[row])]
-            infos.append(
-                BlockInfo(
-                    key,
-                    namespace.namespace_id,
-                    table.parents[row],
-                    tiers_of_mask(table.tier_mask(row)),
-                    namespace.block_bytes,
-                    int(table.checksum[row]),
-                    int(table.leases[row]),
-                    bool(table.pinned[row]),
-                )
-            )
-        return infos
 
     # -- internals: validation ----------------------------------------------------------------
 
@@ -640,25 +614,6 @@ class TierManager:
 
 
 _TIERS = tuple(TierKind)
-
-
-class _EventRecorder:
-    """Turns the table's residency changes into block events (the table's listener)."""
-
-    def __init__(self, table: BlockTable, namespaces: list[Namespace], events: EventLog) -> None:
-        self._table = table
-        self._namespaces = namespaces  # shared with the manager, which appends to it
-        self._events = events
-
-    def residency_changed(self, row: int, namespace: int, before: int, after: int) -> None:
-        if before == after or namespace == NO_NAMESPACE:
-            return
-        key = self._table.keys[row]
-        assert key is not None  # only rows of stored blocks change residency
-        kind = EventKind.STORED if not before else EventKind.REMOVED if not after else EventKind.TIER_CHANGED
-        self._events.record(
-            kind, self._namespaces[namespace].namespace_id, key, self._table.parents[row], tiers_of_mask(after)
-        )
 
 
 def _tier_tuple(fastest: npt.NDArray[Any]) -> tuple[TierKind, ...]:
