@@ -22,7 +22,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 
@@ -326,3 +326,28 @@ def write_doc_section(path: Path, section: str, begin_marker: str, end_marker: s
 def write_json(path: Path, payload: dict[str, object]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def median_figures(runs: Sequence[Sequence[Figure]]) -> list[Figure]:
+    """Per measurement, the run whose ratio to the first reference is the median of the runs
+    (whole runs differ more than repeats within one: the machine's speed drifts over minutes);
+    every row of that measurement comes from that run, and its first row notes the runs' range."""
+    if len(runs) == 1:
+        return list(runs[0])
+    firsts: dict[str, list[Figure]] = {}
+    for figures in runs:
+        seen: set[str] = set()
+        for figure in figures:
+            if figure.name not in seen:
+                seen.add(figure.name)
+                firsts.setdefault(figure.name, []).append(figure)
+    merged: list[Figure] = []
+    for name, rows in firsts.items():
+        chosen = sorted(range(len(rows)), key=lambda i: rows[i].ratio)[len(rows) // 2]
+        ratios = sorted(row.ratio for row in rows)
+        spread = f"ratio over {len(rows)} runs: {ratios[0]:.2f}-{ratios[-1]:.2f}x"
+        for figure in runs[chosen]:
+            if figure.name == name:
+                note = spread if figure is rows[chosen] else ""
+                merged.append(replace(figure, note="; ".join(n for n in (figure.note, note) if n)))
+    return merged

@@ -84,7 +84,7 @@ from kvstore.errors import ConfigError
 from kvstore.node.config import parse_size_bytes
 from kvstore.types import BlockKey, DType, KVLayout, Namespace, NamespaceId
 from tools.bench import harness, node_refs
-from tools.bench.harness import Figure, Target, Trial, Unit
+from tools.bench.harness import Figure, Target, Trial, Unit, median_figures
 from tools.bench.node_refs import BATCH_BLOCKS, KiB, MiB, format_size, log_tail, split_blocks
 
 REPO = Path(__file__).resolve().parents[2]
@@ -892,28 +892,11 @@ def run_once(settings: Settings, progress: tqdm, log: Log) -> RunResult:
 
 
 def median_run(runs: list[RunResult]) -> RunResult:
-    """Per measurement, the run whose ratio to the first reference is the median of the runs
-    (as store.py: whole runs differ more than repeats within one); every row of that
-    measurement comes from that run, and its first row notes the runs' range."""
+    """`harness.median_figures` of the runs, with the last run's context."""
     if len(runs) == 1:
         return runs[0]
-    firsts: dict[str, list[Figure]] = {}
-    for run in runs:
-        seen: set[str] = set()
-        for figure in run.figures:
-            if figure.name not in seen:
-                seen.add(figure.name)
-                firsts.setdefault(figure.name, []).append(figure)
-    merged: list[Figure] = []
-    for name, rows in firsts.items():
-        chosen = sorted(range(len(rows)), key=lambda i: rows[i].ratio)[len(rows) // 2]
-        ratios = sorted(row.ratio for row in rows)
-        spread = f"ratio over {len(rows)} runs: {ratios[0]:.2f}-{ratios[-1]:.2f}x"
-        for figure in runs[chosen].figures:
-            if figure.name == name:
-                note = spread if figure is rows[chosen] else ""
-                merged.append(replace(figure, note="; ".join(n for n in (figure.note, note) if n)))
     last = runs[-1]
+    merged = median_figures([run.figures for run in runs])
     return RunResult(merged, last.context, last.missing, {"runs": [run.extra for run in runs]})
 
 

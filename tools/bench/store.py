@@ -42,7 +42,7 @@ import os
 import shlex
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +55,7 @@ if not __package__:  # run as a script (the documented way): make the `tools` pa
 from kvstore.config import MiB
 from kvstore.types import TierKind
 from tools.bench import harness
-from tools.bench.harness import Figure
+from tools.bench.harness import Figure, median_figures
 from tools.bench.plot import plot_ratios
 from tools.bench.store_common import (
     BLOCK_SIZES,
@@ -107,28 +107,8 @@ def run_all(settings: Settings, nvme_parent: Path) -> tuple[list[Figure], dict[s
 
 
 def median_run(runs: list[tuple[list[Figure], dict[str, str]]]) -> tuple[list[Figure], dict[str, str]]:
-    """Per measurement, the run whose ratio to the first reference is the median of the runs
-    (whole runs differ more than repeats within one: the machine's speed drifts over minutes);
-    every row of that measurement comes from that run, and notes the runs' range."""
-    if len(runs) == 1:
-        return runs[0]
-    first_rows: dict[str, list[Figure]] = {}
-    for figures, _ in runs:
-        seen: set[str] = set()
-        for figure in figures:
-            if figure.name not in seen:
-                seen.add(figure.name)
-                first_rows.setdefault(figure.name, []).append(figure)
-    merged: list[Figure] = []
-    for name, firsts in first_rows.items():
-        median_index = sorted(range(len(firsts)), key=lambda i: firsts[i].ratio)[len(firsts) // 2]
-        ratios = sorted(figure.ratio for figure in firsts)
-        spread = f"ratio over {len(runs)} runs: {ratios[0]:.2f}-{ratios[-1]:.2f}x"
-        for figure in runs[median_index][0]:
-            if figure.name == name:
-                note = spread if figure is firsts[median_index] else ""
-                merged.append(replace(figure, note="; ".join(n for n in (figure.note, note) if n)))
-    return merged, runs[-1][1]
+    """`harness.median_figures` of the runs, with the last run's context."""
+    return median_figures([figures for figures, _ in runs]), runs[-1][1]
 
 
 def render_markdown(figures: list[Figure], context: dict[str, str], settings: Settings, command: str) -> str:
