@@ -15,6 +15,7 @@ Owner: the tier manager, which calls it only under its lock. Policies read it.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -117,16 +118,12 @@ class BlockTable:
         Keys are validated here rather than up front: a key found in the table equals a stored,
         valid key, so only the keys from the first miss on need checking (none, on a full hit).
         """
-        rows: list[int] = []
-        get = self.ids.get
+        found: list[int | None]
         try:
-            for key in keys:
-                row = get(key)
-                if row is None:
-                    break
-                rows.append(row)
-        except TypeError:  # an unhashable key (a bytearray, a list)
-            pass
+            found = list(map(self.ids.get, keys))  # at C speed, past a miss too
+        except TypeError:  # an unhashable key (a bytearray, a list): the run ends before it
+            found = list(itertools.takewhile(lambda row: row is not None, map(self._get_hashable, keys)))
+        rows: list[int] = found[: found.index(None)] if None in found else found  # type: ignore[assignment]
         check_keys(keys[len(rows) :])
         index = np.array(rows, dtype=np.intp)
         foreign = self.namespace[index] != namespace  # tombstones carry NO_NAMESPACE
@@ -134,6 +131,12 @@ class BlockTable:
             cut = int(foreign.argmax())
             rows, index = rows[:cut], index[:cut]
         return rows, index, self.fastest[index]
+
+    def _get_hashable(self, key: BlockKey) -> int | None:
+        try:
+            return self.ids.get(key)
+        except TypeError:
+            return None
 
     def tier_mask(self, row: int) -> int:
         """Bit t set when the block has a copy in TierKind t."""

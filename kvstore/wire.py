@@ -66,7 +66,9 @@ def tiers_to_proto(tiers: Sequence[TierKind]) -> list[pb.Tier.ValueType]:
 
 
 def tiers_from_proto(values: Sequence[int]) -> tuple[TierKind, ...]:
-    return tuple(tier_from_proto(value) for value in values)
+    if values and not 1 <= min(values) <= max(values) <= len(_TIERS):
+        raise InvalidArgumentError(f"unknown tier in {sorted(set(values))}")
+    return tuple(map(_TIERS.__getitem__, [value - 1 for value in values]))
 
 
 # -- namespaces ------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from kvstore.dataplane.protocol import FrameType
 from kvstore.errors import KVStoreError
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
-from kvstore.types import BlockKey, LookupResult, NamespaceId, TierKind
+from kvstore.types import BlockKey, LookupResult, NamespaceId
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,7 @@ class SocketControl:
 
     def lookup(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> LookupResult:
         body = self._call(FrameType.LOOKUP, pack_chain(ChainRequest(namespace_id, list(keys))), FrameType.LOOKUP_OK)
-        num_hits, tiers = parse_lookup_ok(body)
-        return LookupResult(num_hits, tuple(TierKind(tier) for tier in tiers))
+        return parse_lookup_ok(body)
 
     def reserve(self, namespace_id: NamespaceId, keys: Sequence[BlockKey], parent: BlockKey | None) -> Grant:
         body = pack_chain(ChainRequest(namespace_id, list(keys), parent))

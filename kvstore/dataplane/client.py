@@ -89,9 +89,18 @@ class DataPlaneConnection:
         return protocol.parse_put_ok(self._expect(FrameType.PUT_OK))
 
     def call(self, kind: FrameType, body: bytes, reply: FrameType) -> bytes:
-        """One request, one reply of type `reply` (the local control channel)."""
+        """One request, one reply of type `reply` (the local control channel, where no payload
+        follows a reply, so it is read greedily)."""
         self._send(kind, body)
-        return self._expect(reply)
+        try:
+            got, reply_body = protocol.recv_reply(self._sock)
+        except (OSError, ConnectionError) as error:
+            self.close()
+            raise PeerUnavailableError(f"data plane at {self.address}: {error}") from None
+        except ProtocolError:
+            self.close()
+            raise
+        return protocol.expect(got, reply, reply_body)
 
     def send_only(self, kind: FrameType, body: bytes) -> None:
         """A request the server does not answer (RELEASE)."""

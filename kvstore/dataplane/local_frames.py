@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from kvstore.dataplane.protocol import FLAG_HAS_PARENT, FLAG_VERIFY
 from kvstore.errors import ProtocolError
-from kvstore.types import KEY_BYTES, BlockKey, NamespaceId, unpack_keys
+from kvstore.types import KEY_BYTES, BlockKey, LookupResult, NamespaceId, tier_kinds, unpack_keys
 
 _ID = struct.Struct("<Q")
 _COUNT = struct.Struct("<I")
@@ -98,17 +98,20 @@ def parse_commit(body: bytes, max_keys: int) -> tuple[int, list[int] | None]:
     return int(reservation_id), checksums or None
 
 
-def pack_lookup_ok(num_hits: int, tiers: list[int]) -> bytes:
-    return _COUNT.pack(num_hits) + bytes(tiers)
+def pack_lookup_ok(result: LookupResult) -> bytes:
+    return _COUNT.pack(result.num_hits) + bytes(result.tiers)
 
 
-def parse_lookup_ok(body: bytes) -> tuple[int, list[int]]:
+def parse_lookup_ok(body: bytes) -> LookupResult:
     if len(body) < _COUNT.size:
         raise ProtocolError("LOOKUP_OK body is shorter than its fixed part")
     (num_hits,) = _COUNT.unpack_from(body)
     if len(body) != _COUNT.size + num_hits:
         raise ProtocolError(f"LOOKUP_OK claims {num_hits} hits in a {len(body)}-byte body")
-    return int(num_hits), list(body[_COUNT.size :])
+    try:
+        return LookupResult(int(num_hits), tier_kinds(body[_COUNT.size :]))
+    except ValueError as error:
+        raise ProtocolError(f"LOOKUP_OK: {error}") from None
 
 
 def pack_reserve_ok(grant: Grant) -> bytes:

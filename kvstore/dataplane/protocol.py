@@ -45,6 +45,7 @@ HEADER = struct.Struct("<4sBBI")
 MAX_BODY_BYTES = 16 * 1024 * 1024  # a million keys; payloads never count against this
 MAX_TOKEN_BYTES = 4096
 HASH_CHUNK_BYTES = 256 * 1024  # received and hashed together, so the hash reads from cache
+_REPLY_READ_BYTES = 16 * 1024  # holds a reply of ~1000 slots in one read
 
 _U32 = struct.Struct("<I")
 _GET_OK = struct.Struct("<IQ")
@@ -107,8 +108,12 @@ class ErrorReply:
 # -- framing ---------------------------------------------------------------------------------
 
 
+def frame(kind: FrameType, body: bytes = b"") -> bytes:
+    return HEADER.pack(MAGIC, VERSION, kind, len(body)) + body
+
+
 def send_frame(sock: socket.socket, kind: FrameType, body: bytes = b"") -> None:
-    sock.sendall(HEADER.pack(MAGIC, VERSION, kind, len(body)) + body)
+    sock.sendall(frame(kind, body))
 
 
 def recv_frame(sock: socket.socket, max_body_bytes: int = MAX_BODY_BYTES) -> tuple[FrameType, bytes]:
@@ -116,7 +121,39 @@ def recv_frame(sock: socket.socket, max_body_bytes: int = MAX_BODY_BYTES) -> tup
     a bad header raises ProtocolError."""
     header = bytearray(HEADER.size)
     recv_exactly_into(sock, memoryview(header))
-    magic, version, kind, length = HEADER.unpack(header)
+    frame_type, length = parse_header(header, max_body_bytes)
+    body = bytearray(length)
+    if length:
+        recv_exactly_into(sock, memoryview(body))
+    return frame_type, bytes(body)
+
+
+def recv_reply(sock: socket.socket, max_body_bytes: int = MAX_BODY_BYTES) -> tuple[FrameType, bytes]:
+    """The next frame, read greedily (usually one `recv` for header and body): only for a
+    connection where nothing follows a reply until the next request (the local control
+    channel). Bytes beyond the frame raise ProtocolError."""
+    data = sock.recv(_REPLY_READ_BYTES)
+    while 0 < len(data) < HEADER.size:
+        data += sock.recv(_REPLY_READ_BYTES)
+    if not data:
+        raise ConnectionResetError("peer closed the connection before replying")
+    kind, length = parse_header(data, max_body_bytes)
+    end = HEADER.size + length
+    if len(data) > end:
+        raise ProtocolError(f"{len(data) - end} bytes follow a {kind.name} reply")
+    if len(data) == end:
+        return kind, data[HEADER.size :]
+    body = bytearray(length)
+    have = len(data) - HEADER.size
+    body[:have] = data[HEADER.size :]
+    recv_exactly_into(sock, memoryview(body)[have:])
+    return kind, bytes(body)
+
+
+def parse_header(buffer: bytes | bytearray, max_body_bytes: int) -> tuple[FrameType, int]:
+    """The type and body length of the frame whose header starts `buffer`; ProtocolError for
+    a header that is not ours or a body over `max_body_bytes`."""
+    magic, version, kind, length = HEADER.unpack_from(buffer)
     if magic != MAGIC:
         raise ProtocolError(f"bad frame magic {bytes(magic)!r} (expected {MAGIC!r}): not a kvstore data plane peer")
     if version != VERSION:
@@ -127,10 +164,7 @@ def recv_frame(sock: socket.socket, max_body_bytes: int = MAX_BODY_BYTES) -> tup
         raise ProtocolError(f"unknown frame type {kind}") from None
     if length > max_body_bytes:
         raise ProtocolError(f"frame body of {length} bytes exceeds the limit of {max_body_bytes}")
-    body = bytearray(length)
-    if length:
-        recv_exactly_into(sock, memoryview(body))
-    return frame_type, bytes(body)
+    return frame_type, length
 
 
 def recv_exactly_into(sock: socket.socket, view: memoryview, deadline: float | None = None) -> None:

@@ -7,6 +7,7 @@ out with `sendall` straight from slot memory and come in with `recv_into` straig
 reserved slots (see `protocol`). A PUT is committed only after every block matched its
 checksum; a connection that drops mid-payload aborts its reservation, so a truncated transfer
 is never visible. A malformed frame ends that connection only; everyone else is served on.
+(The shared-memory path's metadata calls have a server of their own: `local_server`.)
 
 Mechanism only: what to read or reserve comes from a `BlockService` (the node).
 Owner: the node server, which starts and closes it. Thread-safe.
@@ -23,12 +24,11 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
-from kvstore.dataplane import local_frames, protocol
-from kvstore.dataplane.local_frames import Grant
+from kvstore.dataplane import protocol
 from kvstore.dataplane.protocol import FrameType
 from kvstore.errors import AuthenticationError, KVStoreError, ProtocolError, StoreFullError
-from kvstore.status import code_number, code_of
-from kvstore.types import BlockKey, LookupResult, NamespaceId
+from kvstore.status import code_number
+from kvstore.types import BlockKey, NamespaceId
 
 log = logging.getLogger(__name__)
 
@@ -64,29 +64,10 @@ class BlockService(Protocol):
     def open_write(self, namespace_id: NamespaceId, keys: Sequence[BlockKey], parent: BlockKey | None) -> Incoming: ...
 
 
-class LocalControl(Protocol):
-    """The shared-memory path's metadata calls, served on the local (Unix socket) listener only.
-    Calls may raise KVStoreError (sent as ERROR frames)."""
-
-    def lookup(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> LookupResult: ...
-
-    def reserve(self, namespace_id: NamespaceId, keys: Sequence[BlockKey], parent: BlockKey | None) -> Grant: ...
-
-    def commit(self, reservation_id: int, checksums: Sequence[int] | None) -> None: ...
-
-    def abort(self, reservation_id: int) -> None: ...
-
-    def acquire(self, namespace_id: NamespaceId, keys: Sequence[BlockKey], *, verify: bool) -> Grant: ...
-
-    def release(self, lease_id: int) -> None: ...
-
-
 class TransferObserver(Protocol):
     def transferred(self, direction: str, num_bytes: int, seconds: float) -> None: ...
 
     def connections_changed(self, delta: int) -> None: ...
-
-    def local_call(self, method: str, code: str, seconds: float) -> None: ...
 
 
 class DataPlaneServer:
@@ -99,69 +80,44 @@ class DataPlaneServer:
         max_connections: int,
         max_keys: int,
         observer: TransferObserver,
-        local_address: str | None = None,
     ) -> None:
-        """Listen on host:port (TCP) and, with `local_address` (`unix:@name`), on a Unix socket
-        that also serves the local control frames."""
+        """Listen on host:port now (so `port` is known before `start`)."""
         self._service: BlockService | None = None
-        self._control: LocalControl | None = None
         self._token = token.encode() if token is not None else None
         self._max_keys = max_keys
         self._observer = observer
         self._slots = threading.BoundedSemaphore(max_connections)
         self._listener = socket.create_server((host, port), reuse_port=False, backlog=128)
         self.port: int = self._listener.getsockname()[1]
-        self._listeners = [self._listener]
-        self.local_address = local_address
-        if local_address is not None:
-            local = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                local.bind(protocol.unix_path(local_address))
-                local.listen(128)
-            except BaseException:
-                local.close()
-                self._listener.close()
-                raise
-            self._listeners.append(local)
         self._connections: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._closed = False
-        self._threads = [
-            threading.Thread(target=self._accept_loop, args=(listener,), name="dataplane-accept", daemon=True)
-            for listener in self._listeners
-        ]
+        self._thread = threading.Thread(target=self._accept_loop, name="dataplane-accept", daemon=True)
 
-    def start(self, service: BlockService, control: LocalControl | None = None) -> None:
-        """Serve `service` (the listening sockets are bound already, so `port` is known before),
-        and `control` on the local listener."""
+    def start(self, service: BlockService) -> None:
         self._service = service
-        self._control = control
-        for thread in self._threads:
-            thread.start()
+        self._thread.start()
 
     def close(self) -> None:
         """Stop accepting and cut every open connection (their reservations are aborted)."""
         with self._lock:
             self._closed = True
             connections = list(self._connections)
-        for listener in self._listeners:
-            with contextlib.suppress(OSError):
-                listener.shutdown(socket.SHUT_RDWR)
-            listener.close()
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
         for connection in connections:
             with contextlib.suppress(OSError):
                 connection.shutdown(socket.SHUT_RDWR)
-        for thread in self._threads:
-            if thread.is_alive():
-                thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
 
     # -- connections ------------------------------------------------------------------------
 
-    def _accept_loop(self, listener: socket.socket) -> None:
-        local = listener.family == socket.AF_UNIX
+    def _accept_loop(self) -> None:
         while not self._closed:
             try:
-                connection, _ = listener.accept()
+                connection, _ = self._listener.accept()
             except OSError:
                 return  # closed
             if not self._slots.acquire(blocking=False):
@@ -176,23 +132,19 @@ class DataPlaneServer:
                     self._slots.release()
                     return
                 self._connections.add(connection)
-            threading.Thread(target=self._serve, args=(connection, local), name="dataplane-conn", daemon=True).start()
+            threading.Thread(target=self._serve, args=(connection,), name="dataplane-conn", daemon=True).start()
 
-    def _serve(self, connection: socket.socket, local: bool) -> None:
+    def _serve(self, connection: socket.socket) -> None:
         self._observer.connections_changed(1)
         try:
-            if not local:
-                connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             connection.settimeout(HELLO_TIMEOUT_S)
             self._handshake(connection)
             while not self._closed:
                 connection.settimeout(None)  # idle connections are pooled by clients
                 kind, body = protocol.recv_frame(connection)
                 connection.settimeout(IO_TIMEOUT_S)
-                if local and kind in _LOCAL_REQUESTS:
-                    self._serve_local(connection, kind, body)
-                else:
-                    self._dispatch(connection, kind, body)
+                self._dispatch(connection, kind, body)
         except (ConnectionError, TimeoutError, OSError):
             pass  # the peer left, stalled, or we are closing: its transfer was aborted
         except (ProtocolError, AuthenticationError) as error:
@@ -272,65 +224,6 @@ class DataPlaneServer:
             return
         self._observer.transferred("received", num_bytes, time.perf_counter() - started)
         protocol.send_frame(connection, FrameType.PUT_OK, protocol.pack_put_ok(written, incoming.num_present))
-
-    def _serve_local(self, connection: socket.socket, kind: FrameType, body: bytes) -> None:
-        control = self._control
-        if control is None:
-            raise ProtocolError("this node serves no local control calls")
-        started, code = time.perf_counter(), "OK"
-        try:
-            self._answer_local(connection, control, kind, body)
-        except ProtocolError:
-            code = "INVALID_ARGUMENT"
-            raise  # the framing is broken: this connection ends
-        except KVStoreError as error:
-            code = code_of(error).name  # answered with an ERROR frame; the connection serves on
-        finally:
-            self._observer.local_call(_METHOD_NAMES[kind], code, time.perf_counter() - started)
-
-    def _answer_local(self, connection: socket.socket, control: LocalControl, kind: FrameType, body: bytes) -> None:
-        try:
-            if kind is FrameType.RELEASE:
-                try:
-                    control.release(local_frames.parse_id(body))
-                except KVStoreError as error:  # no reply to send it in: the lease expires instead
-                    log.info("local release failed", extra={"reason": str(error)})
-                return
-            reply_kind, reply = self._local_reply(control, kind, body)
-        except ProtocolError:
-            raise
-        except KVStoreError as error:
-            _send_error(connection, error)
-            raise  # for the caller to count
-        protocol.send_frame(connection, reply_kind, reply)
-
-    def _local_reply(self, control: LocalControl, kind: FrameType, body: bytes) -> tuple[FrameType, bytes]:
-        if kind is FrameType.COMMIT:
-            control.commit(*local_frames.parse_commit(body, self._max_keys))
-            return FrameType.OK, b""
-        if kind is FrameType.ABORT:
-            control.abort(local_frames.parse_id(body))
-            return FrameType.OK, b""
-        request = local_frames.parse_chain(body, self._max_keys)
-        if kind is FrameType.LOOKUP:
-            result = control.lookup(request.namespace_id, request.keys)
-            return FrameType.LOOKUP_OK, local_frames.pack_lookup_ok(result.num_hits, [int(t) for t in result.tiers])
-        if kind is FrameType.RESERVE:
-            grant = control.reserve(request.namespace_id, request.keys, request.parent)
-            return FrameType.RESERVE_OK, local_frames.pack_reserve_ok(grant)
-        grant = control.acquire(request.namespace_id, request.keys, verify=request.verify)
-        return FrameType.ACQUIRE_OK, local_frames.pack_acquire_ok(grant)
-
-
-_METHOD_NAMES = {  # the proto's names, so metrics count a call the same whichever way it came
-    FrameType.LOOKUP: "Lookup",
-    FrameType.RESERVE: "Reserve",
-    FrameType.COMMIT: "Commit",
-    FrameType.ABORT: "Abort",
-    FrameType.ACQUIRE: "Acquire",
-    FrameType.RELEASE: "Release",
-}
-_LOCAL_REQUESTS = frozenset(_METHOD_NAMES)
 
 
 def _send_error(connection: socket.socket, error: KVStoreError) -> None:

@@ -57,7 +57,7 @@ class ServerSection:
     max_workers: int = 32  # gRPC handler threads (each WatchEvents stream holds one)
     max_message_bytes: int = 16 * MiB  # larger gRPC messages are refused (no payloads travel there)
     max_keys_per_call: int = 65536  # larger batches are refused with INVALID_ARGUMENT
-    max_data_connections: int = 256  # concurrent data-plane connections; more are refused
+    max_data_connections: int = 256  # concurrent data-plane connections (and local-socket ones); more refused
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,6 +41,7 @@ class NodeMetrics:
             registry=registry,
             buckets=_LATENCY_BUCKETS_S,
         )
+        self._rpc_children: dict[tuple[str, str], Histogram] = {}
         self.local_bytes = Counter(
             "kvstore_local_bytes",
             "bytes handed to same-host clients through shared memory (reserved for writes, leased for reads)",
@@ -74,9 +75,13 @@ class NodeMetrics:
     def connections_changed(self, delta: int) -> None:
         self.dataplane_connections.inc(delta)
 
-    def local_call(self, method: str, code: str, seconds: float) -> None:
-        """A metadata call over the local Unix socket, counted with the gRPC calls it stands for."""
-        self.rpc_seconds.labels(method, code).observe(seconds)
+    def call_done(self, method: str, code: str, seconds: float) -> None:
+        """One call's latency by method and status code: gRPC calls, and the local socket's
+        calls counted with the gRPC calls they stand for."""
+        child = self._rpc_children.get((method, code))
+        if child is None:  # `labels` costs more than `observe`: bind each pair once
+            child = self._rpc_children.setdefault((method, code), self.rpc_seconds.labels(method, code))
+        child.observe(seconds)
 
 
 class StoreCollector(Collector):

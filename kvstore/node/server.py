@@ -1,8 +1,9 @@
 """`NodeServer`: one node daemon assembled from its config (what `kvstore serve` runs).
 
 It owns the store, the gRPC server (the `KVStore` service, standard health and reflection,
-the token interceptor, optional TLS), the data-plane server, the Prometheus endpoint and a
-housekeeping thread that expires the leases and reservations of clients that died.
+the token interceptor, optional TLS), the data-plane server, the local control server (the
+shared-memory path's Unix socket), the Prometheus endpoint and a housekeeping thread that
+expires the leases and reservations of clients that died.
 
 Shutdown (`shutdown`, called on SIGTERM): health turns NOT_SERVING and new reads and writes
 are refused; leases and writes in flight get up to `drain_timeout_s` to finish; memory-only
@@ -23,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from kvstore.dataplane.client import DataPlanePool
+from kvstore.dataplane.local_server import LocalControlServer
 from kvstore.dataplane.server import DataPlaneServer
 from kvstore.events import EventLog
 from kvstore.node.auth import TokenInterceptor
@@ -51,6 +53,7 @@ class NodeServer:
         self._grpc: grpc.Server | None = None
         self._metrics_server: Any = None
         self.dataplane: DataPlaneServer | None = None
+        self.local_control: LocalControlServer | None = None
         try:
             dram = self.store.tiers[TierKind.DRAM]
             assert isinstance(dram, DramTier)  # Store always builds its DRAM tier as one
@@ -62,14 +65,20 @@ class NodeServer:
                 max_connections=server.max_data_connections,
                 max_keys=server.max_keys_per_call,
                 observer=self.metrics,
-                local_address=f"unix:@{dram.segment.name}.sock",
+            )
+            self.local_control = LocalControlServer(
+                f"unix:@{dram.segment.name}.sock",
+                token=config.token,
+                max_connections=server.max_data_connections,
+                max_keys=server.max_keys_per_call,
+                observer=self.metrics,
             )
             advertise = server.advertise_host or server.bind_host
             self.node = Node(
                 self.store,
                 node_id=config.node_id,
                 data_address=f"{advertise}:{self.dataplane.port}",
-                local_address=self.dataplane.local_address or "",
+                local_address=self.local_control.address,
                 metrics=self.metrics,
                 peers=DataPlanePool(token=config.token, timeout_s=PEER_TIMEOUT_S),
             )
@@ -99,8 +108,9 @@ class NodeServer:
         return self.node.data_address
 
     def start(self) -> None:
-        assert self._grpc is not None and self.dataplane is not None
-        self.dataplane.start(self.node, self.node)
+        assert self._grpc is not None and self.dataplane is not None and self.local_control is not None
+        self.dataplane.start(self.node)
+        self.local_control.start(self.node)
         self._grpc.start()
         if self.config.server.metrics_port >= 0:
             self._metrics_server, _ = start_http_server(
@@ -148,6 +158,8 @@ class NodeServer:
             self._grpc.stop(grace=1.0).wait()
         if self.dataplane is not None:
             self.dataplane.close()
+        if self.local_control is not None:
+            self.local_control.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()

@@ -53,7 +53,7 @@ class KVStoreService(pb_grpc.KVStoreServicer):
             log.exception("internal error in %s", method)
             context.abort(code, f"internal error in {method}; see the node's log")
         finally:
-            self._node.metrics.rpc_seconds.labels(method, code.name).observe(time.perf_counter() - started)
+            self._node.metrics.call_done(method, code.name, time.perf_counter() - started)
 
     def _keys(self, packed: bytes) -> list[BlockKey]:
         return unpack_keys(packed, max_keys=self._max_keys)

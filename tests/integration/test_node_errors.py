@@ -15,6 +15,7 @@ from kvstore.errors import ChecksumError
 from kvstore.hashing import checksum
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
+from kvstore.types import LookupResult, TierKind
 from tests import factories
 from tests.nodes import eventually, running_node
 
@@ -192,5 +193,6 @@ def test_local_calls_with_unknown_ids_answer_not_found_and_the_connection_serves
         request = local_frames.ChainRequest(namespace_id, keys)
         protocol.send_frame(sock, FrameType.LOOKUP, local_frames.pack_chain(request))
         kind, reply = protocol.recv_frame(sock)
-        assert local_frames.parse_lookup_ok(protocol.expect(kind, FrameType.LOOKUP_OK, reply)) == (3, [1, 1, 1])
+        result = local_frames.parse_lookup_ok(protocol.expect(kind, FrameType.LOOKUP_OK, reply))
+        assert result == LookupResult(3, (TierKind.DRAM,) * 3)
     assert fingerprint(server) == before
