@@ -132,11 +132,12 @@ def recv_reply(sock: socket.socket, max_body_bytes: int = MAX_BODY_BYTES) -> tup
     """The next frame, read greedily (usually one `recv` for header and body): only for a
     connection where nothing follows a reply until the next request (the local control
     channel). Bytes beyond the frame raise ProtocolError."""
-    data = sock.recv(_REPLY_READ_BYTES)
-    while 0 < len(data) < HEADER.size:
-        data += sock.recv(_REPLY_READ_BYTES)
-    if not data:
-        raise ConnectionResetError("peer closed the connection before replying")
+    data = b""
+    while len(data) < HEADER.size:
+        chunk = sock.recv(_REPLY_READ_BYTES)
+        if not chunk:
+            raise ConnectionResetError(f"peer closed the connection after {len(data)} bytes of a reply")
+        data += chunk
     kind, length = parse_header(data, max_body_bytes)
     end = HEADER.size + length
     if len(data) > end:

@@ -166,3 +166,12 @@ def test_a_reply_split_across_reads_is_put_together():
         kind, body = protocol.recv_reply(left)
         assert kind is FrameType.LOOKUP_OK
         assert local_frames.parse_lookup_ok(body) == LookupResult(2, (TierKind.NVME, TierKind.NVME))
+
+
+def test_a_reply_cut_off_inside_its_header_is_a_closed_connection():
+    left, right = socket.socketpair()
+    with left:
+        right.sendall(protocol.frame(FrameType.OK)[:3])
+        right.close()
+        with pytest.raises(ConnectionResetError, match="after 3 bytes"):
+            protocol.recv_reply(left)
