@@ -161,6 +161,7 @@ class Namespace:
     _block_shape: tuple[int, ...] = field(init=False, repr=False, compare=False)
     _block_bytes: int = field(init=False, repr=False, compare=False)
     _numpy_dtype: np.dtype[Any] | None = field(init=False, repr=False, compare=False)
+    _namespace_id: NamespaceId = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_id, str) or not self.model_id:
@@ -184,6 +185,7 @@ class Namespace:
         object.__setattr__(self, "_block_shape", shape)
         object.__setattr__(self, "_block_bytes", self.dtype.itemsize * math.prod(shape))
         object.__setattr__(self, "_numpy_dtype", _NUMPY_DTYPES.get(self.dtype))
+        object.__setattr__(self, "_namespace_id", NamespaceId(xxhash.xxh3_128_digest(self.canonical_bytes())))
 
     @property
     def block_shape(self) -> tuple[int, ...]:
@@ -260,7 +262,8 @@ class Namespace:
 
     @property
     def namespace_id(self) -> NamespaceId:
-        return NamespaceId(xxhash.xxh3_128_digest(self.canonical_bytes()))
+        """xxh3_128 of `canonical_bytes` (computed once: events name it per block)."""
+        return self._namespace_id
 
 
 _NUMPY_DTYPES = {
