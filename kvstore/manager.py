@@ -17,7 +17,7 @@ Owner: one `Store`. Thread-safe: every public method takes `self._lock`.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +42,7 @@ from kvstore.listing import BlockEvents, block_infos, resident_rows
 from kvstore.movement import TierMover
 from kvstore.policy.base import EvictionPolicy
 from kvstore.stats import StoreStats, TierCounters
-from kvstore.table import ABSENT, NO_NAMESPACE, BlockTable, check_keys
+from kvstore.table import ABSENT, NO_NAMESPACE, BlockTable, ResidencyListener, ResidencyListeners, check_keys
 from kvstore.tiers.base import Tier
 from kvstore.tiers.nvme import NvmeTier
 from kvstore.tiers.nvme_index import NvmeRecord
@@ -429,6 +429,18 @@ class TierManager:
                     self._mover.copy_down(rows, kind, TierKind.NVME)
                 on_nvme = self._table.resident_mask(TierKind.NVME)
             return self._counters[TierKind.NVME].demotions_in - before
+
+    def add_residency_listener(self, make: Callable[[BlockTable, list[Namespace]], ResidencyListener]) -> None:
+        """Build a listener over the block table and the namespaces (index = the table's
+        namespace column) and tell it of every block held now (as stored: from no tier to its
+        tiers), then of every change, under the lock, like the event log."""
+        with self._lock:
+            table = self._table
+            listener = make(table, self._namespaces)
+            for row in resident_rows(table, None).tolist():
+                listener.residency_changed(row, int(table.namespace[row]), 0, table.tier_mask(row))
+            current = table.listener
+            table.listener = listener if current is None else ResidencyListeners(current, listener)
 
     def watch_snapshot(self) -> tuple[int, list[BlockEvent]]:
         """Every stored block as a SNAPSHOT event, and the sequence number of the last event the

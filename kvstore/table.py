@@ -46,6 +46,17 @@ class ResidencyListener(Protocol):
     def residency_changed(self, row: int, namespace: int, before: int, after: int) -> None: ...
 
 
+class ResidencyListeners:
+    """Several listeners as one, told in order."""
+
+    def __init__(self, *listeners: ResidencyListener) -> None:
+        self._listeners = listeners
+
+    def residency_changed(self, row: int, namespace: int, before: int, after: int) -> None:
+        for listener in self._listeners:
+            listener.residency_changed(row, namespace, before, after)
+
+
 class BlockTable:
     """Columns indexed by block id (a row number). Row ids are reused after removal."""
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from kvstore.hostid import host_id
 from kvstore.layout import payloads_bytes
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
+from kvstore.shared_index import IndexReader
 from kvstore.stats import TierStats
 from kvstore.status import ERROR_METADATA_KEY, error_from_status
 from kvstore.tiers.base import copy_with_checksum
@@ -101,7 +103,10 @@ class Client:
         timeout_s: float = 10.0,
         transport: Transport = Transport.AUTO,
         max_attempts: int = 3,
+        shared_index: bool = True,
     ) -> None:
+        """`shared_index`: on the node's host, answer Lookups from the index the node publishes
+        in shared memory when it can (False: always ask the node)."""
         self.address = address
         self.timeout_s = timeout_s
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
@@ -115,6 +120,8 @@ class Client:
         self._namespaces: dict[NamespaceId, Namespace] = {}
         self._pool = DataPlanePool(token=token, timeout_s=timeout_s)
         self._segment: SharedSegment | None = None
+        self._index: IndexReader | None = None
+        self._tally = LookupTally()
         # The shared-memory path's metadata calls: the node's Unix socket once Info names it.
         self._slots: SlotControl = GrpcControl(self._stub, self._call, timeout_s=timeout_s, metadata=self._metadata)
         try:
@@ -126,6 +133,8 @@ class Client:
                 self._segment = _attach_segment(info)
                 if self._segment is not None and info.local_address:
                     self._slots = _socket_control(self._pool, info.local_address, self._slots)
+                if self._segment is not None and info.index_segment_name and shared_index:
+                    self._index = _attach_index(info.index_segment_name)
                 if self._segment is None and transport is Transport.SHARED_MEMORY:
                     raise InvalidArgumentError(
                         f"node {info.node_id} at {address} is not reachable through shared memory from here"
@@ -138,12 +147,20 @@ class Client:
     def uses_shared_memory(self) -> bool:
         return self._segment is not None
 
+    @property
+    def uses_shared_index(self) -> bool:
+        return self._index is not None
+
     def close(self) -> None:
+        self._report_lookups(force=True)
         self._slots.close()
         self._pool.close()
         if self._segment is not None:
             self._segment.close()
             self._segment = None
+        if self._index is not None:
+            self._index.close()
+            self._index = None
         self._channel.close()
 
     def __enter__(self) -> Client:
@@ -168,6 +185,16 @@ class Client:
         return tuple(wire.namespace_from_proto(item.namespace) for item in infos)
 
     def lookup(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> LookupResult:
+        """How many leading keys the node holds, and each one's fastest tier. On the node's
+        host this is answered here, from the index the node publishes in shared memory, unless
+        the index cannot be sure (then, as elsewhere, by the node)."""
+        index = self._index
+        if index is not None and self._is_registered(namespace_id):
+            result = index.lookup(namespace_id, keys)
+            if result is not None:
+                self._tally.add(result.num_hits, len(keys) - result.num_hits)
+                self._report_lookups()
+                return result
         return self._slots.lookup(namespace_id, keys)
 
     # -- data ----------------------------------------------------------------------------------
@@ -333,9 +360,22 @@ class Client:
             raise UnknownNamespaceError(f"namespace {shown} is not registered on node {self.node_id}")
         return namespace
 
+    def _is_registered(self, namespace_id: NamespaceId) -> bool:
+        """Whether the node has the namespace (asking it once about one this client has not seen)."""
+        if namespace_id not in self._namespaces:
+            self._remember(self._call(self._stub.Info, pb.InfoRequest()).namespaces)
+        return namespace_id in self._namespaces
+
     def _remember(self, infos: Sequence[pb.NamespaceInfo]) -> None:
         for item in infos:
             self._namespaces[NamespaceId(item.namespace_id)] = wire.namespace_from_proto(item.namespace)
+
+    def _report_lookups(self, *, force: bool = False) -> None:
+        """Tell the node, now and then, of the Lookups answered from the shared index, so its
+        statistics count them."""
+        counts = self._tally.take(force=force)
+        if counts is not None:
+            self._slots.report_lookups(*counts)
 
     def _abort_quietly(self, reservation_id: int) -> None:
         try:
@@ -424,6 +464,43 @@ def _socket_control(pool: DataPlanePool, address: str, fallback: SlotControl) ->
         log.info("node socket %s is not reachable (%s); metadata goes over gRPC", address, error)
         return fallback
     return SocketControl(pool, address)
+
+
+class LookupTally:
+    """Lookups answered from the shared index, until they are reported (every REPORT_EVERY_S)."""
+
+    REPORT_EVERY_S = 1.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = [0, 0, 0]  # lookups, hit blocks, missed blocks
+        self._reported_at = time.monotonic()
+
+    def add(self, hits: int, misses: int) -> None:
+        with self._lock:
+            counts = self._counts
+            counts[0] += 1
+            counts[1] += hits
+            counts[2] += misses
+
+    def take(self, *, force: bool = False) -> tuple[int, int, int] | None:
+        """The counts since the last take, when a report is due (or `force`) and there are any."""
+        now = time.monotonic()
+        with self._lock:
+            if not self._counts[0] or (not force and now - self._reported_at < self.REPORT_EVERY_S):
+                return None
+            lookups, hits, misses = self._counts
+            self._counts = [0, 0, 0]
+            self._reported_at = now
+            return lookups, hits, misses
+
+
+def _attach_index(name: str) -> IndexReader | None:
+    try:
+        return IndexReader(name)
+    except (OSError, ValueError) as error:
+        log.info("the node's shared index %s is not readable (%s); Lookups go to the node", name, error)
+        return None
 
 
 def _attach_segment(info: pb.InfoResponse) -> SharedSegment | None:

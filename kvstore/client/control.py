@@ -29,6 +29,7 @@ from kvstore.dataplane.local_frames import (
     pack_chain,
     pack_commit,
     pack_id,
+    pack_lookups_done,
     parse_acquire_ok,
     parse_lookup_ok,
     parse_reserve_ok,
@@ -59,6 +60,8 @@ class SlotControl(Protocol):
     def acquire(self, namespace_id: NamespaceId, keys: Sequence[BlockKey], verify: bool) -> Grant: ...
 
     def release(self, lease_id: int) -> None: ...
+
+    def report_lookups(self, lookups: int, hit_blocks: int, miss_blocks: int) -> None: ...
 
     def close(self) -> None: ...
 
@@ -94,6 +97,13 @@ class SocketControl:
                 connection.send_only(FrameType.RELEASE, pack_id(lease_id))  # the node sends no reply
         except KVStoreError as error:
             log.warning("release of lease %d failed (it expires instead): %s", lease_id, error)
+
+    def report_lookups(self, lookups: int, hit_blocks: int, miss_blocks: int) -> None:
+        try:
+            with self._pool.connection(self._address) as connection:
+                connection.send_only(FrameType.LOOKUPS_DONE, pack_lookups_done(lookups, hit_blocks, miss_blocks))
+        except KVStoreError as error:
+            log.info("could not report %d Lookups to the node: %s", lookups, error)
 
     def close(self) -> None:
         pass  # releases are sent when made; the pool is the client's
@@ -151,6 +161,9 @@ class GrpcControl:
         with self._releases_lock:
             self._releases.add(future)
         future.add_done_callback(self._release_done)
+
+    def report_lookups(self, lookups: int, hit_blocks: int, miss_blocks: int) -> None:
+        pass  # the proto has no call for it: such a node's statistics miss these Lookups
 
     def close(self) -> None:
         with self._releases_lock:

@@ -17,6 +17,8 @@ unreleased lease expires).
     ACQUIRE  namespace, flags, keys            -> ACQUIRE_OK  id, block_bytes, expires_in_s,
                                                               offsets, checksums
     RELEASE  id                                   (no reply)
+    LOOKUPS_DONE  lookups, hit blocks, missed blocks  (no reply) what a client answered itself
+                                                      from the shared index, for the node's stats
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from kvstore.errors import ProtocolError
 from kvstore.types import KEY_BYTES, BlockKey, LookupResult, NamespaceId, tier_kinds, unpack_keys
 
 _ID = struct.Struct("<Q")
+_LOOKUPS = struct.Struct("<QQQ")
 _COUNT = struct.Struct("<I")
 _RESERVE_OK = struct.Struct("<QQdBI")
 _ACQUIRE_OK = struct.Struct("<QQdI")
@@ -96,6 +99,19 @@ def parse_commit(body: bytes, max_keys: int) -> tuple[int, list[int] | None]:
         raise ProtocolError(f"COMMIT claims {count} checksums in a {len(body)}-byte body")
     checksums = list(struct.unpack_from(f"<{count}Q", body, _ID.size + _COUNT.size))
     return int(reservation_id), checksums or None
+
+
+def pack_lookups_done(lookups: int, hit_blocks: int, miss_blocks: int) -> bytes:
+    return _LOOKUPS.pack(lookups, hit_blocks, miss_blocks)
+
+
+def parse_lookups_done(body: bytes) -> tuple[int, int, int]:
+    if len(body) != _LOOKUPS.size:
+        raise ProtocolError(f"LOOKUPS_DONE body is {_LOOKUPS.size} bytes, got {len(body)}")
+    lookups, hits, misses = _LOOKUPS.unpack(body)
+    if max(lookups, hits, misses) >= 1 << 48:
+        raise ProtocolError(f"LOOKUPS_DONE counts {lookups}, {hits}, {misses} are implausibly large")
+    return int(lookups), int(hits), int(misses)
 
 
 def pack_lookup_ok(result: LookupResult) -> bytes:

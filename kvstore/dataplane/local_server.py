@@ -10,10 +10,11 @@ lock, and so every other caller, for as long anyway.
 
 A connection first sends HELLO with the node's token (compared in constant time; a wrong or
 missing one gets ERROR UNAUTHENTICATED and is closed, as is one silent past HELLO_TIMEOUT_S).
-Then any number of calls, answered in order. A call the node refuses gets an ERROR frame and
-the connection serves on; a frame that breaks the framing gets an ERROR frame and the
-connection is closed. Either way nothing else is disturbed. Connections hold no state of their
-own: a client that dies leaves leases and reservations that expire.
+Then any number of calls, answered in order (RELEASE and LOOKUPS_DONE get no answer). A call
+the node refuses gets an ERROR frame and the connection serves on; a frame that breaks the
+framing gets an ERROR frame and the connection is closed. Either way nothing else is disturbed.
+Connections hold no state of their own: a client that dies leaves leases and reservations
+that expire.
 
 Mechanism only: what the calls do comes from a `LocalControl` (the node).
 Owner: the node server, which starts and closes it. Thread-safe (`close` from any thread).
@@ -60,6 +61,8 @@ class LocalControl(Protocol):
     def acquire(self, namespace_id: NamespaceId, keys: Sequence[BlockKey], *, verify: bool) -> Grant: ...
 
     def release(self, lease_id: int) -> None: ...
+
+    def count_lookups(self, lookups: int, hit_blocks: int, miss_blocks: int) -> None: ...
 
 
 class ControlObserver(Protocol):
@@ -230,8 +233,8 @@ class LocalControlServer:
             self._refuse(peer, error)  # the framing is broken: this connection ends
         except KVStoreError as error:
             code = code_of(error).name
-            if kind is FrameType.RELEASE:  # no reply to send it in: the lease expires instead
-                log.info("local release failed", extra={"reason": str(error)})
+            if kind in _NO_REPLY:  # no reply to send it in (a lease not released expires)
+                log.info("local %s failed", method, extra={"reason": str(error)})
             else:
                 peer.outbox += _error_frame(error)  # the connection serves on
         finally:
@@ -242,6 +245,9 @@ class LocalControlServer:
         assert control is not None  # set by start(), before the loop runs
         if kind is FrameType.RELEASE:
             control.release(local_frames.parse_id(body))
+            return None
+        if kind is FrameType.LOOKUPS_DONE:
+            control.count_lookups(*local_frames.parse_lookups_done(body))
             return None
         if kind is FrameType.COMMIT:
             control.commit(*local_frames.parse_commit(body, self._max_keys))
@@ -310,7 +316,9 @@ _METHOD_NAMES = {  # the proto's names, so metrics count a call the same whichev
     FrameType.ABORT: "Abort",
     FrameType.ACQUIRE: "Acquire",
     FrameType.RELEASE: "Release",
+    FrameType.LOOKUPS_DONE: "LookupsDone",
 }
+_NO_REPLY = frozenset({FrameType.RELEASE, FrameType.LOOKUPS_DONE})
 
 
 def _error_frame(error: KVStoreError) -> bytes:

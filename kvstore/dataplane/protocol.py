@@ -75,6 +75,7 @@ class FrameType(IntEnum):
     ACQUIRE_OK = 16
     RELEASE = 17
     OK = 18
+    LOOKUPS_DONE = 19
 
 
 @dataclass(frozen=True, slots=True)

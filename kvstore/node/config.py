@@ -58,6 +58,9 @@ class ServerSection:
     max_message_bytes: int = 16 * MiB  # larger gRPC messages are refused (no payloads travel there)
     max_keys_per_call: int = 65536  # larger batches are refused with INVALID_ARGUMENT
     max_data_connections: int = 256  # concurrent data-plane connections (and local-socket ones); more refused
+    # Blocks the shared index (same-host clients' Lookups) is sized for; 0: one per 16 KiB of
+    # DRAM and NVMe capacity; -1: publish none (clients ask the node).
+    shared_index_blocks: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +114,13 @@ class NodeConfig:
     @property
     def node_id(self) -> str:
         return self.node.node_id or socket.gethostname()
+
+    def shared_index_blocks(self) -> int:
+        """Blocks the shared index is sized for (0: none is published)."""
+        blocks = self.server.shared_index_blocks
+        if blocks == -1:
+            return 0
+        return blocks or max(1024, (self.store.dram_capacity_bytes + self.store.nvme_capacity_bytes) // (16 * KiB))
 
     def store_config(self) -> StoreConfig:
         """The store's own configuration, validated by its dataclasses."""
@@ -307,6 +317,8 @@ def _validate(config: NodeConfig, origins: Mapping[str, str]) -> None:
     for name in ("max_workers", "max_keys_per_call", "max_data_connections"):
         if getattr(server, name) < 1:
             raise ConfigError(f"{where('server.' + name)} must be >= 1, got {getattr(server, name)}")
+    if server.shared_index_blocks < -1:
+        raise ConfigError(f"{where('server.shared_index_blocks')} must be -1 (off), 0 (sized from the tiers) or more")
     if server.max_message_bytes < 64 * KiB:
         raise ConfigError(f"{where('server.max_message_bytes')} must be >= 64 KiB")
     auth = config.auth

@@ -56,6 +56,7 @@ class NodeInfo:
     version: str
     data_address: str
     local_address: str
+    index_segment: str  # the shared index (kvstore.shared_index); "" when not published
     segment_name: str
     segment_bytes: int
     namespaces: tuple[Namespace, ...]
@@ -81,6 +82,7 @@ class Node:
         self.node_id = node_id
         self.data_address = data_address
         self.local_address = local_address
+        self.index_segment = ""  # set by the node server once it publishes the shared index
         self.metrics = metrics
         self._dram = dram
         self._peers = peers
@@ -99,6 +101,7 @@ class Node:
             VERSION,
             self.data_address,
             self.local_address,
+            self.index_segment,
             self._dram.segment.name,
             self._dram.segment.size_bytes,
             tuple(manager.namespaces()),
@@ -124,13 +127,16 @@ class Node:
 
     def lookup(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> LookupResult:
         result = self.store.lookup(namespace_id, keys)
-        misses = len(keys) - result.num_hits
+        self.count_lookups(1, result.num_hits, len(keys) - result.num_hits)
+        return result
+
+    def count_lookups(self, lookups: int, hit_blocks: int, miss_blocks: int) -> None:
+        """Add to the Lookup statistics (also what clients answered from the shared index)."""
         with self._lookup_lock:
             counts = self._lookups
             self._lookups = LookupCounts(
-                counts.lookups + 1, counts.hit_blocks + result.num_hits, counts.miss_blocks + misses
+                counts.lookups + lookups, counts.hit_blocks + hit_blocks, counts.miss_blocks + miss_blocks
             )
-        return result
 
     def lookup_counts(self) -> LookupCounts:
         return self._lookups

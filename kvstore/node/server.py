@@ -33,6 +33,7 @@ from kvstore.node.metrics import NodeMetrics, StoreCollector
 from kvstore.node.node import Node
 from kvstore.node.service import KVStoreService, generic_handler
 from kvstore.proto import kvstore_pb2 as pb
+from kvstore.shared_index import IndexListener, IndexWriter, buckets_for, supported
 from kvstore.store import Store
 from kvstore.tiers.dram import DramTier
 from kvstore.types import TierKind
@@ -54,6 +55,7 @@ class NodeServer:
         self._metrics_server: Any = None
         self.dataplane: DataPlaneServer | None = None
         self.local_control: LocalControlServer | None = None
+        self.shared_index: IndexWriter | None = None
         try:
             dram = self.store.tiers[TierKind.DRAM]
             assert isinstance(dram, DramTier)  # Store always builds its DRAM tier as one
@@ -82,6 +84,7 @@ class NodeServer:
                 metrics=self.metrics,
                 peers=DataPlanePool(token=config.token, timeout_s=PEER_TIMEOUT_S),
             )
+            self._publish_index(f"{dram.segment.name}.index")
             self.registry.register(
                 StoreCollector(
                     self.store.stats,
@@ -160,6 +163,8 @@ class NodeServer:
             self.dataplane.close()
         if self.local_control is not None:
             self.local_control.close()
+        if self.shared_index is not None:
+            self.shared_index.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
@@ -168,6 +173,18 @@ class NodeServer:
             node.close()
         else:
             self.store.close()
+
+    def _publish_index(self, name: str) -> None:
+        blocks = self.config.shared_index_blocks()
+        if not blocks:
+            return
+        if not supported():
+            log.info("no shared index on this CPU architecture: same-host Lookups go to the node")
+            return
+        writer = IndexWriter(name, buckets_for(blocks))
+        self.shared_index = writer
+        self.store.manager.add_residency_listener(lambda table, namespaces: IndexListener(writer, table, namespaces))
+        self.node.index_segment = name
 
     def _build_grpc(self) -> tuple[grpc.Server, int]:
         config = self.config

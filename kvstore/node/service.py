@@ -69,6 +69,7 @@ class KVStoreService(pb_grpc.KVStoreServicer):
                 version=info.version,
                 data_address=info.data_address,
                 local_address=info.local_address,
+                index_segment_name=info.index_segment,
                 segment_name=info.segment_name,
                 segment_bytes=info.segment_bytes,
                 namespaces=[

@@ -120,7 +120,7 @@ def _process_exists(pid: int) -> bool:
 
 
 _DEFAULT_PREFIX = "kvstore-"
-_DEFAULT_NAME = re.compile(r"kvstore-(\d+)-[0-9a-f]{8}")
+_DEFAULT_NAME = re.compile(r"kvstore-(\d+)-[0-9a-f]{8}(\.index)?")  # a DRAM segment, or its shared index
 
 
 class DramTier(SlabTier):

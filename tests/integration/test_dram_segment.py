@@ -16,7 +16,7 @@ import xxhash
 
 from kvstore.config import DramConfig, KiB, MiB
 from kvstore.errors import InvalidArgumentError
-from kvstore.tiers.dram import SHM_DIR, DramTier, SharedSegment
+from kvstore.tiers.dram import SHM_DIR, DramTier, SharedSegment, remove_stale_segments
 
 SIZE = 5000
 
@@ -152,3 +152,27 @@ def test_segments_of_dead_stores_are_removed_at_start():
     finally:
         for path in (stale, alive, other):
             path.unlink(missing_ok=True)
+
+
+def test_segments_and_indexes_of_dead_stores_are_removed():
+    dead = next(pid for pid in range(4_000_000, 4_100_000) if not _alive(pid))
+    names = [f"kvstore-{dead}-0123abcd", f"kvstore-{dead}-0123abcd.index", f"kvstore-{os.getpid()}-0123abcd.index"]
+    for name in names:
+        (SHM_DIR / name).write_bytes(b"x")
+    try:
+        removed = remove_stale_segments()
+        assert sorted(set(removed) & set(names)) == sorted(names[:2])
+        assert (SHM_DIR / names[2]).exists()  # a live process's index stays
+    finally:
+        for name in names:
+            (SHM_DIR / name).unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

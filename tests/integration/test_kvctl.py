@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kvstore.client import Client
+from kvstore.client import Client, Transport
 from kvstore.errors import NodeDrainingError
 from kvstore.hashing import block_keys, checksum
 from kvstore.kvctl import top
@@ -174,9 +174,10 @@ def test_top_draws_the_tiers_then_rates(capsys, node):
 
 
 def test_top_rates_come_from_the_counters_between_refreshes(node):
-    """A clock that moves only when top sleeps, and three lookups of 12 cached blocks while it does."""
+    """A clock that moves only when top sleeps, and three lookups of 12 cached blocks while it does
+    (over TCP: a same-host client answers Lookups itself and tells the node within a second)."""
     now = [100.0]
-    with Client(node.address) as client:
+    with Client(node.address, transport=Transport.TCP) as client:
 
         def sleep(seconds: float) -> None:
             for _ in range(3):

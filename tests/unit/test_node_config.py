@@ -69,6 +69,7 @@ def test_token_from_a_file_or_the_environment(tmp_path):
         (["store.low_watermark_fraction=0.99"], {}, "low_watermark_fraction"),
         (["store.dram_slab_bytes=1000"], {}, "dram.slab_bytes must be a positive multiple of 4096"),
         (["noequals"], {}, "section.field=value"),
+        (["server.shared_index_blocks=-2"], {}, "server.shared_index_blocks must be -1 (off), 0"),
     ],
 )
 def test_bad_values_name_the_key_and_the_source(overrides, environ, message):
@@ -95,3 +96,13 @@ def test_store_config_follows_the_sections(tmp_path):
     store = config.store_config()
     assert store.nvme.directory is None
     assert store.dram.capacity_bytes == 64 * MiB
+
+
+def test_the_shared_index_is_sized_from_the_tiers_unless_given():
+    def blocks(*overrides: str) -> int:
+        return load_node_config(None, environ={}, overrides=list(overrides)).shared_index_blocks()
+
+    default = blocks("store.dram_capacity_bytes=1GiB", "store.nvme_capacity_bytes=3GiB")
+    assert default == 4 * 1024 * 1024 // 16  # one per 16 KiB
+    assert blocks("server.shared_index_blocks=5000") == 5000
+    assert blocks("server.shared_index_blocks=-1") == 0
