@@ -214,7 +214,8 @@ class _EngineState:
         """`threads` callers of their own call `rpc` in a closed loop from `start_at`
         (time.monotonic, shared by every process) for `seconds`; returns the nanoseconds of
         every call that started in that window. "lookup": Client.lookup of `keys` (this
-        process's Client, then new ones); "health": the standard grpc.health.v1 Check on a
+        process's Client, then new ones); "socket lookup": the same from new same-host Clients
+        that ask the node instead of reading its shared index; "health": the standard grpc.health.v1 Check on a
         channel of its own, the least a unary call to the node costs."""
         calls: list[Callable[[], None]] = []
         closers: list[Callable[[], None]] = []
@@ -224,6 +225,10 @@ class _EngineState:
                 client = self.client if index == 0 else Client(self.client.address, transport=Transport.TCP)
                 if index:
                     closers.append(client.close)
+                calls.append(functools.partial(_lookup_all, client, namespace_id, keys))
+            elif rpc == "socket lookup":  # on the node's host, without its shared index
+                client = Client(self.client.address, transport=Transport.SHARED_MEMORY, shared_index=False)
+                closers.append(client.close)
                 calls.append(functools.partial(_lookup_all, client, namespace_id, keys))
             else:
                 channel = grpc.insecure_channel(self.client.address)
