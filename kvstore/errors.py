@@ -79,3 +79,8 @@ class AuthenticationError(KVStoreError):
 
 class ProtocolError(InvalidArgumentError):
     """A data-plane frame is malformed: bad magic or version, unknown type, impossible lengths."""
+
+
+class TraceFormatError(InvalidArgumentError):
+    """A request trace file (Mooncake's JSON-lines format) has a malformed line; the message
+    names the file, the 1-based line number and what is wrong."""

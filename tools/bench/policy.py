@@ -1,0 +1,200 @@
+"""The cache-policy benchmark (issue 4): hit ratios of the store's policies against the offline
+optimum, on Mooncake's conversation trace and on generated traces.
+
+    .venv/bin/python tools/bench/policy.py [--trace PATH] [--capacities 1000,2000,...]
+        [--split-minutes 30] [--generated] [--plot PATH]
+
+Every policy registered in kvstore.policy is replayed through tools/bench/policy_sim.py (the
+real policy object and block table, as the tier manager drives them) over an empty tier of each
+capacity; Belady with bypass (`policy_sim.belady`) is the ceiling. Each trace is reported whole
+and in two parts replayed separately, each from an empty tier: the first `--split-minutes`
+(where a policy is tuned) and the rest (where it is judged). With `--generated`, two traces
+from tools/traces/generate.py with different shapes are reported the same way.
+
+Prints one markdown table per trace part (block and token hit ratios in percent, and the
+microseconds the policy's calls took per request) and draws hit ratio against capacity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+from tqdm import tqdm  # type: ignore[import-untyped]  # no stubs installed
+
+matplotlib.use("Agg")  # no display: render to a file
+import matplotlib.pyplot as plt
+from matplotlib.ticker import NullFormatter
+
+if not __package__:  # run as a script: make the `tools` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from kvstore.errors import InvalidArgumentError
+from kvstore.policy import POLICIES
+from kvstore.trace import TraceRequest, load_trace
+from tools.bench.policy_sim import BELADY, ReplayResult, belady, replay
+from tools.traces.generate import TraceParams, generate_trace
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_TRACE = REPO / "../shared/data/traces/conversation_trace.jsonl"
+DEFAULT_CAPACITIES = (1000, 2000, 5000, 10000, 20000, 50000)
+GENERATED = {
+    # many short chats on a few popular system prompts
+    "generated-chat (seed 1)": TraceParams(seed=1, duration_minutes=60.0),
+    # fewer, longer sessions over deep shared documents, flatter popularity
+    "generated-docs (seed 2)": TraceParams(
+        seed=2,
+        duration_minutes=60.0,
+        session_rate_per_s=0.6,
+        mean_turns=5.0,
+        mean_think_s=120.0,
+        num_prefixes=1000,
+        zipf_exponent=0.8,
+        min_prefix_blocks=8,
+        max_prefix_blocks=48,
+        mean_tail_tokens=800,
+    ),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TracePart:
+    """A named run of requests, replayed from an empty tier."""
+
+    name: str
+    requests: list[TraceRequest]
+
+
+def split(name: str, requests: list[TraceRequest], split_minutes: float) -> list[TracePart]:
+    """The whole trace, its first `split_minutes`, and the rest."""
+    cut_ms = split_minutes * 60_000
+    first = [request for request in requests if request.timestamp_ms < cut_ms]
+    rest = requests[len(first) :]
+    end_minutes = requests[-1].timestamp_ms / 60_000 if requests else 0.0
+    return [
+        TracePart(f"{name}, whole ({end_minutes:.0f} min)", requests),
+        TracePart(f"{name}, first {split_minutes:g} min (tune)", first),
+        TracePart(f"{name}, last {end_minutes - split_minutes:.0f} min (judge)", rest),
+    ]
+
+
+def run_part(part: TracePart, capacities: Sequence[int], progress: tqdm) -> list[ReplayResult]:
+    """Every policy and the optimum at every capacity."""
+    results = []
+    for capacity in capacities:
+        for name, make in sorted(POLICIES.items()):
+            progress.set_postfix_str(f"{name} @ {capacity}")
+            requests = tqdm(part.requests, desc=part.name, unit="req", leave=False, mininterval=1.0)
+            results.append(replay(requests, make(), capacity))
+            progress.update()
+        progress.set_postfix_str(f"belady @ {capacity}")
+        results.append(belady(part.requests, capacity))
+        progress.update()
+    return results
+
+
+def markdown_table(part: TracePart, results: list[ReplayResult]) -> str:
+    """Rows: capacities; per policy, block and token hit ratios (%) and policy us per request."""
+    policies = list(dict.fromkeys(result.policy for result in results))
+    by_cell = {(result.policy, result.capacity_blocks): result for result in results}
+    capacities = sorted({result.capacity_blocks for result in results})
+    num_blocks = sum(len(request.hash_ids) for request in part.requests)
+    header = ["capacity (blocks)"]
+    for policy in policies:
+        header += [f"{policy} block %", f"{policy} token %"] + ([] if policy == BELADY else [f"{policy} us/req"])
+    lines = [
+        f"### {part.name}: {len(part.requests)} requests, {num_blocks} blocks",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---:|" * len(header),
+    ]
+    for capacity in capacities:
+        cells = [str(capacity)]
+        for policy in policies:
+            result = by_cell[policy, capacity]
+            cells += [f"{100 * result.block_hit_ratio:.2f}", f"{100 * result.token_hit_ratio:.2f}"]
+            if policy != BELADY:
+                cells.append(f"{result.policy_us_per_request:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_hit_ratios(parts: list[tuple[TracePart, list[ReplayResult]]], path: Path) -> None:
+    """One panel per trace part: block hit ratio against capacity (log scale), a line per policy."""
+    columns = 3
+    rows = -(-len(parts) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.6 * rows), squeeze=False)
+    for axis, (part, results) in zip(axes.flat, parts, strict=False):
+        for policy in dict.fromkeys(result.policy for result in results):
+            points = sorted((r.capacity_blocks, 100 * r.block_hit_ratio) for r in results if r.policy == policy)
+            style = "--" if policy == BELADY else "-"
+            axis.plot([c for c, _ in points], [h for _, h in points], style, marker="o", label=policy)
+        axis.set_xscale("log")
+        capacities = sorted({r.capacity_blocks for r in results})
+        axis.set_xticks(capacities, labels=[f"{c / 1000:g}k" if c >= 1000 else str(c) for c in capacities])
+        axis.xaxis.set_minor_formatter(NullFormatter())
+        axis.set_title(part.name, fontsize=9)
+        axis.set_xlabel("tier capacity (512-token blocks)")
+        axis.set_ylabel("block hit ratio (%)")
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=8)
+    for axis in list(axes.flat)[len(parts) :]:
+        axis.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Hit ratios of the store's cache policies against Belady.")
+    parser.add_argument("--trace", type=Path, default=DEFAULT_TRACE, help="Mooncake-format trace (JSON lines)")
+    parser.add_argument(
+        "--capacities",
+        default=",".join(map(str, DEFAULT_CAPACITIES)),
+        help="tier sizes in blocks, comma-separated",
+    )
+    parser.add_argument("--split-minutes", type=float, default=30.0, help="tune on the trace before this minute")
+    parser.add_argument("--generated", action="store_true", help="also report two generated traces")
+    parser.add_argument("--no-trace", action="store_true", help="skip --trace (with --generated)")
+    parser.add_argument("--plot", type=Path, default=Path("policy_hit_ratio.png"), help="PNG to write")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        capacities = [int(value) for value in args.capacities.split(",")]
+    except ValueError:
+        raise SystemExit(f"--capacities must be comma-separated integers, got {args.capacities!r}") from None
+    if not capacities or min(capacities) < 1:
+        raise SystemExit(f"--capacities must be positive, got {args.capacities!r}")
+    parts: list[TracePart] = []
+    if not args.no_trace:
+        trace_path = args.trace.resolve()
+        if not trace_path.is_file():
+            raise SystemExit(f"no trace at {trace_path} (pass --trace PATH)")
+        try:
+            requests = load_trace(trace_path)
+        except InvalidArgumentError as error:
+            raise SystemExit(str(error)) from None
+        parts += split(trace_path.stem, requests, args.split_minutes)
+    if args.generated:
+        for name, params in GENERATED.items():
+            parts += split(name, generate_trace(params), args.split_minutes)
+    num_runs = len(parts) * len(capacities) * (len(POLICIES) + 1)
+    reports: list[tuple[TracePart, list[ReplayResult]]] = []
+    with tqdm(total=num_runs, desc="replays", unit="run") as progress:
+        for part in parts:
+            reports.append((part, run_part(part, capacities, progress)))
+    for part, results in reports:
+        print(markdown_table(part, results), end="\n\n")
+    plot_hit_ratios(reports, args.plot)
+    print(f"plot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Synthetic request traces in Mooncake's format, for the benchmarks (see generate.py)."""
