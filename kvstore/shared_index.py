@@ -41,23 +41,18 @@ the tier manager's lock (as its residency listener). Readers are per client, one
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import mmap
-import os
 import platform
-import weakref
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
 from kvstore.table import NO_NAMESPACE, BlockTable, check_keys
+from kvstore.tiers.dram import SharedSegment
 from kvstore.types import KEY_BYTES, BlockKey, LookupResult, Namespace, NamespaceId, TierKind, tier_kinds
 
 log = logging.getLogger(__name__)
 
-SHM_DIR = Path("/dev/shm")
 MAGIC = b"KVIX"
 VERSION = 1
 ENTRIES_PER_BUCKET = 4
@@ -113,21 +108,10 @@ class IndexWriter:
             raise ValueError(f"the bucket count must be a power of two, got {num_buckets}")
         self.name = name
         self.num_buckets = num_buckets
-        size = segment_bytes(num_buckets)
-        path = SHM_DIR / name
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.fchmod(fd, 0o600)
-            os.ftruncate(fd, size)
-            mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
-        except BaseException:
-            os.unlink(path)
-            raise
-        finally:
-            os.close(fd)
-        self._finalizer = weakref.finalize(self, _release, mapping, path)
-        self._header = np.frombuffer(mapping, dtype=HEADER_DTYPE, count=1)
-        self._buckets = np.frombuffer(mapping, dtype=BUCKET_DTYPE, offset=HEADER_DTYPE.itemsize)
+        self._segment = SharedSegment.create(name, segment_bytes(num_buckets))
+        memory = self._segment.array
+        self._header = memory[: HEADER_DTYPE.itemsize].view(HEADER_DTYPE)
+        self._buckets = memory[HEADER_DTYPE.itemsize :].view(BUCKET_DTYPE)
         self._seq = self._buckets["seq"]
         self._overflow = self._buckets["overflow"]
         self._tiers = self._buckets["tiers"]
@@ -174,10 +158,11 @@ class IndexWriter:
 
     def close(self) -> None:
         """Mark the index incomplete (readers that still map it ask the node), unmap, unlink."""
-        with contextlib.suppress(ValueError, TypeError):
+        if len(self._header):
             self._header["complete"] = 0
             self._header["seq"] += 2
-        self._finalizer()
+            self._header = self._header[:0]
+        self._segment.close()
 
     def _free_entry(self, key: BlockKey) -> tuple[int, int] | None:
         home = int.from_bytes(key[:8], "little", signed=True) & (self.num_buckets - 1)
@@ -201,30 +186,25 @@ class IndexReader:
     """An engine's side: a read-only mapping of a node's index."""
 
     def __init__(self, name: str) -> None:
-        fd = os.open(SHM_DIR / name, os.O_RDONLY)
+        self._segment = SharedSegment.attach(name, writable=False)
+        memory = self._segment.array
         try:
-            size = os.fstat(fd).st_size
-            mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-        finally:
-            os.close(fd)
-        self._finalizer = weakref.finalize(self, _release, mapping, None)
-        try:
-            if size < HEADER_DTYPE.itemsize:
-                raise ValueError(f"shared index {name} is {size} bytes: too short for its header")
-            header = np.frombuffer(mapping, dtype=HEADER_DTYPE, count=1)[0]
+            if memory.size < HEADER_DTYPE.itemsize:
+                raise ValueError(f"shared index {name} is {memory.size} bytes: too short for its header")
+            header = memory[: HEADER_DTYPE.itemsize].view(HEADER_DTYPE)[0]
             num_buckets = int(header["num_buckets"])
             if bytes(header["magic"]) != MAGIC or int(header["version"]) != VERSION:
                 raise ValueError(f"shared index {name} is not a version {VERSION} kvstore index")
-            if size != segment_bytes(num_buckets) or num_buckets & (num_buckets - 1):
-                raise ValueError(f"shared index {name} is {size} bytes, which {num_buckets} buckets do not fill")
+            if memory.size != segment_bytes(num_buckets) or num_buckets & (num_buckets - 1):
+                raise ValueError(f"shared index {name} is {memory.size} bytes, which {num_buckets} buckets do not fill")
         except BaseException:
-            self._finalizer()
+            self._segment.close()
             raise
         self.name = name
         # Plain integer views, not the structured dtype: field access on a structured array
         # costs microseconds a call, and a Lookup is a few dozen such calls.
-        self._header = np.frombuffer(mapping, dtype="<u8", count=HEADER_DTYPE.itemsize // 8)
-        self._words = np.frombuffer(mapping, dtype="<i8", offset=HEADER_DTYPE.itemsize).reshape(num_buckets, 16)
+        self._header = memory[: HEADER_DTYPE.itemsize].view("<u8")
+        self._words = memory[HEADER_DTYPE.itemsize :].view("<i8").reshape(num_buckets, 16)
         self._seqs = self._words.view("<u4")[:, 0]
         self._mask = np.int64(num_buckets - 1)
 
@@ -268,7 +248,7 @@ class IndexReader:
         return LookupResult(run, tier_kinds(tiers[:run][found[:run]].tobytes()))
 
     def close(self) -> None:
-        self._finalizer()
+        self._segment.close()
 
 
 _BOTH_TRUE = np.uint16(0x0101)  # two adjacent True bytes, read as one uint16
@@ -304,11 +284,3 @@ class IndexListener:
 
 _TIERS = tuple(TierKind)
 _DRAM_BIT = 1 << TierKind.DRAM
-
-
-def _release(mapping: mmap.mmap, path: Path | None) -> None:
-    with contextlib.suppress(BufferError):  # numpy views still exported: unmapped at exit
-        mapping.close()
-    if path is not None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)

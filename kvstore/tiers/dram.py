@@ -59,13 +59,17 @@ class SharedSegment:
         return cls(name, mapping, owner=True)
 
     @classmethod
-    def attach(cls, name: str) -> SharedSegment:
-        """Map an existing segment (another process's store) read-write."""
+    def attach(cls, name: str, *, writable: bool = True) -> SharedSegment:
+        """Map an existing segment (another process's store), read-write or read-only (then
+        `array` is a read-only array)."""
         _check_name(name)
-        fd = os.open(SHM_DIR / name, os.O_RDWR)
+        fd = os.open(SHM_DIR / name, os.O_RDWR if writable else os.O_RDONLY)
         try:
             size = os.fstat(fd).st_size
-            mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+            if writable:
+                mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+            else:
+                mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
         finally:
             os.close(fd)
         return cls(name, mapping, owner=False)

@@ -125,7 +125,7 @@ def test_connections_past_the_limit_are_refused(node):
     finally:
         for sock in held:
             sock.close()
-    eventually(lambda: server.local_control.num_connections == 1)
+    assert eventually(lambda: server.local_control.num_connections == 1)
     assert client.lookup(namespace_id, keys).num_hits == 3
 
 
