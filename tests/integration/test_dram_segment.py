@@ -166,4 +166,3 @@ def test_segments_and_indexes_of_dead_stores_are_removed():
     finally:
         for name in names:
             (SHM_DIR / name).unlink(missing_ok=True)
-
