@@ -352,6 +352,16 @@ class TierManager:
                 expires,
             )
 
+    def touch(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> int:
+        """Count a read of the leading run of `keys` that took no lease (a same-host client
+        copied them out of DRAM itself): recency for the policy, hits for the statistics.
+        Returns the run's length."""
+        with self._lock:
+            rows, index, fastest = self._table.leading_run(keys, self._namespace_of(namespace_id))
+            self._policy.on_access(index)
+            self._count_hits(_tier_tuple(fastest))
+            return len(rows)
+
     def release(self, lease_id: LeaseId) -> None:
         with self._lock:
             self._expire()

@@ -44,9 +44,12 @@ from __future__ import annotations
 import logging
 import platform
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
+from kvstore.config import ALIGNMENT_BYTES
 from kvstore.table import NO_NAMESPACE, BlockTable, check_keys
 from kvstore.tiers.dram import SharedSegment
 from kvstore.types import KEY_BYTES, BlockKey, LookupResult, Namespace, NamespaceId, TierKind, tier_kinds
@@ -182,6 +185,26 @@ class IndexWriter:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class ReadPlan:
+    """Blocks to copy straight from the node's DRAM segment, and how to check them afterwards."""
+
+    count: int
+    ends_at_miss: bool  # the run covers every key, or stops at one the node does not hold
+    buckets: npt.NDArray[np.int64]  # each block's home bucket
+    seqs: npt.NDArray[np.uint32]  # the buckets' sequence numbers when the plan was made
+    offsets: npt.NDArray[np.int64]  # each block's slot, in bytes from the segment's start
+
+
+@dataclass(frozen=True, slots=True)
+class _Probe:
+    run: int  # leading keys found, in this namespace
+    found: npt.NDArray[np.bool_]  # (keys, 4): which entry of each home bucket is the key
+    words: npt.NDArray[np.int64]  # (keys, 16): the home buckets, as read
+    homes: npt.NDArray[np.int64]  # the home buckets' numbers
+    seqs: npt.NDArray[np.uint32]  # their sequence numbers, stable and even while read
+
+
 class IndexReader:
     """An engine's side: a read-only mapping of a node's index."""
 
@@ -213,9 +236,41 @@ class IndexReader:
         tier, as the node would answer; None when the index cannot be sure (ask the node).
         Keys are checked as the node checks them only when they do not add up to 16 bytes each
         (any 16-byte buffers are read as keys here)."""
-        count = len(keys)
-        if not count:
+        if not keys:
             return LookupResult(0, ())
+        probe = self._probe(namespace_id, keys)
+        if probe is None:
+            return None
+        run, found = probe.run, probe.found
+        tiers = probe.words[:, :1].view(np.uint8)[:, 4:8]
+        return LookupResult(run, tier_kinds(tiers[:run][found[:run]].tobytes()))
+
+    def locate(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> ReadPlan | None:
+        """Where the leading run of `keys` held in DRAM lies in the node's segment, for a read
+        that takes no lease: copy, then keep only the blocks `unchanged` still vouches for.
+        None when the index cannot say (ask the node)."""
+        probe = self._probe(namespace_id, keys) if keys else None
+        if probe is None:
+            return None
+        run, found, homes, seqs = probe.run, probe.found, probe.homes, probe.seqs
+        drams = probe.words[:, 14:16].view("<u4")[:run][found[:run]]
+        ends_at_miss = True
+        if run and drams.max() == NO_SLOT:
+            run = int((drams == NO_SLOT).argmax())  # the run ends at the first block not in DRAM
+            drams, ends_at_miss = drams[:run], False
+        return ReadPlan(run, ends_at_miss, homes[:run], seqs[:run], drams.astype(np.int64) * ALIGNMENT_BYTES)
+
+    def unchanged(self, plan: ReadPlan) -> int:
+        """How many leading blocks of `plan` are still what they were when it was made: their
+        buckets were not rewritten since, so their slots were not freed, let alone reused (the
+        node rewrites a bucket before it frees a slot; x86 orders these loads after the copy's)."""
+        same = self._seqs[plan.buckets] == plan.seqs
+        return plan.count if same.all() else int(same.argmin())
+
+    def _probe(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> _Probe | None:
+        """The leading run of hits, which entry of each home bucket matched, the home buckets'
+        words, their numbers and their (stable, even) sequence numbers; None when unsure."""
+        count = len(keys)
         try:
             packed = b"".join(keys)
         except TypeError:
@@ -239,13 +294,12 @@ class IndexReader:
         probe = wanted.take(_FOUR_ENTRIES, axis=1)
         probe[:, 1::2] ^= np.int64(namespace_tag(namespace_id))
         found = (words[:, 6:14] == probe).view(np.uint16) == _BOTH_TRUE
-        tiers = words[:, :1].view(np.uint8)[:, 4:8]
-        found &= tiers != EMPTY
+        found &= words[:, :1].view(np.uint8)[:, 4:8] != EMPTY
         hit = found.view(np.uint32)[:, 0] != 0  # any of the 4 entries
         run = count if hit.all() else int(hit.argmin())
         if run < count and words[run, 1] & 0xFF:
             return None  # a miss whose home bucket overflowed: it may live in a later one
-        return LookupResult(run, tier_kinds(tiers[:run][found[:run]].tobytes()))
+        return _Probe(run, found, words, homes, seq_after)
 
     def close(self) -> None:
         self._segment.close()

@@ -237,20 +237,55 @@ class Client:
     def get_into(
         self, namespace_id: NamespaceId, keys: Sequence[BlockKey], dests: Sequence[Any], *, verify: bool = False
     ) -> int:
-        """Copy the longest stored leading run of `keys` into `dests`; returns its length.
-        Bytes from another host are always checked against their checksums; `verify` also
-        checks shared-memory copies. A block that fails ends the run."""
+        """Copy the longest stored leading run of `keys` into `dests`; returns its length
+        (destinations past it may have been written). Bytes from another host are always
+        checked against their checksums; `verify` also checks shared-memory copies. A block
+        that fails ends the run.
+
+        On the node's host, blocks the shared index places in DRAM are copied without a lease
+        and kept only if the index still vouches for them afterwards; the rest (blocks in NVMe
+        or in doubt, and every read with `verify`) take the Acquire -> copy -> Release path."""
         namespace = self._namespace(namespace_id)
         if len(keys) != len(dests):
             raise InvalidArgumentError(f"{len(keys)} keys but {len(dests)} destinations")
         targets = payloads_bytes(dests, namespace, "destination", writable=True)
         if self._segment is None:
             return self._get_remote(namespace_id, keys, targets)
+        copied = 0
+        if self._index is not None and self._slots.reports_reads and not verify and keys:
+            copied, finished = self._get_unleased(namespace_id, keys, targets, namespace.block_bytes)
+            if finished:
+                return copied
+        return copied + self._get_leased(namespace_id, keys[copied:], targets[copied:], verify)
+
+    def _get_unleased(
+        self, namespace_id: NamespaceId, keys: Sequence[BlockKey], targets: list[npt.NDArray[np.uint8]], size: int
+    ) -> tuple[int, bool]:
+        """Copy the leading run the shared index places in DRAM, then keep what it still vouches
+        for. Returns (blocks copied and kept, whether that answers the whole request)."""
+        assert self._index is not None and self._segment is not None
+        plan = self._index.locate(namespace_id, keys)
+        array = self._segment.array
+        if plan is None or (plan.count and int(plan.offsets.max()) + size > array.size):
+            return 0, False
+        for target, offset in zip(targets, plan.offsets.tolist(), strict=False):
+            np.copyto(target, array[offset : offset + size])
+        kept = self._index.unchanged(plan)
+        if kept:
+            self._slots.read_done(namespace_id, keys[:kept])
+        return kept, kept == plan.count and plan.ends_at_miss
+
+    def _get_leased(
+        self, namespace_id: NamespaceId, keys: Sequence[BlockKey], targets: list[npt.NDArray[np.uint8]], verify: bool
+    ) -> int:
+        if not keys:
+            return 0
         asked = time.monotonic()
         grant = self._slots.acquire(namespace_id, keys, verify)
         deadline = _copy_deadline(asked, grant.expires_in_s)
+        assert self._segment is not None  # only called for a node whose segment is mapped
+        array, size = self._segment.array, grant.block_bytes
         try:
-            array, size = self._segment.array, grant.block_bytes
             for index, offset in enumerate(grant.offsets):
                 if time.monotonic() > deadline:
                     return index  # the lease is about to lapse: the rest may be reused slots

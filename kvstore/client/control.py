@@ -63,11 +63,19 @@ class SlotControl(Protocol):
 
     def report_lookups(self, lookups: int, hit_blocks: int, miss_blocks: int) -> None: ...
 
+    # Whether `read_done` reaches the node: reads that take no lease are made only then, so the
+    # node's policy still sees every read.
+    reports_reads: bool
+
+    def read_done(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> None: ...
+
     def close(self) -> None: ...
 
 
 class SocketControl:
     """Over the node's Unix socket (kvstore.dataplane.local_frames): about 20 us a call here."""
+
+    reports_reads = True
 
     def __init__(self, pool: DataPlanePool, address: str) -> None:
         self._pool = pool
@@ -92,18 +100,20 @@ class SocketControl:
         return parse_acquire_ok(self._call(FrameType.ACQUIRE, body, FrameType.ACQUIRE_OK), _MAX_KEYS)
 
     def release(self, lease_id: int) -> None:
-        try:
-            with self._pool.connection(self._address) as connection:
-                connection.send_only(FrameType.RELEASE, pack_id(lease_id))  # the node sends no reply
-        except KVStoreError as error:
-            log.warning("release of lease %d failed (it expires instead): %s", lease_id, error)
+        self._send_only(FrameType.RELEASE, pack_id(lease_id))  # a lease not released expires
 
     def report_lookups(self, lookups: int, hit_blocks: int, miss_blocks: int) -> None:
+        self._send_only(FrameType.LOOKUPS_DONE, pack_lookups_done(lookups, hit_blocks, miss_blocks))
+
+    def read_done(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> None:
+        self._send_only(FrameType.READ_DONE, pack_chain(ChainRequest(namespace_id, list(keys))))
+
+    def _send_only(self, kind: FrameType, body: bytes) -> None:
         try:
             with self._pool.connection(self._address) as connection:
-                connection.send_only(FrameType.LOOKUPS_DONE, pack_lookups_done(lookups, hit_blocks, miss_blocks))
+                connection.send_only(kind, body)  # the node sends no reply
         except KVStoreError as error:
-            log.info("could not report %d Lookups to the node: %s", lookups, error)
+            log.info("could not tell the node %s: %s", kind.name, error)
 
     def close(self) -> None:
         pass  # releases are sent when made; the pool is the client's
@@ -115,6 +125,8 @@ class SocketControl:
 
 class GrpcControl:
     """Over gRPC: for a client that maps the node's memory but cannot reach its socket."""
+
+    reports_reads = False  # the proto has no call for it
 
     def __init__(self, stub: pb_grpc.KVStoreStub, call: Call, *, timeout_s: float, metadata: Any) -> None:
         self._stub = stub
@@ -164,6 +176,9 @@ class GrpcControl:
 
     def report_lookups(self, lookups: int, hit_blocks: int, miss_blocks: int) -> None:
         pass  # the proto has no call for it: such a node's statistics miss these Lookups
+
+    def read_done(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> None:
+        raise NotImplementedError("reads without a lease are made only where they can be reported")
 
     def close(self) -> None:
         with self._releases_lock:

@@ -19,6 +19,8 @@ unreleased lease expires).
     RELEASE  id                                   (no reply)
     LOOKUPS_DONE  lookups, hit blocks, missed blocks  (no reply) what a client answered itself
                                                       from the shared index, for the node's stats
+    READ_DONE  namespace, flags, keys              (no reply) blocks a client copied out of DRAM
+                                                      without a lease: recency and hit counts
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ lock, and so every other caller, for as long anyway.
 
 A connection first sends HELLO with the node's token (compared in constant time; a wrong or
 missing one gets ERROR UNAUTHENTICATED and is closed, as is one silent past HELLO_TIMEOUT_S).
-Then any number of calls, answered in order (RELEASE and LOOKUPS_DONE get no answer). A call
+Then any number of calls, answered in order (RELEASE, LOOKUPS_DONE and READ_DONE get no answer). A call
 the node refuses gets an ERROR frame and the connection serves on; a frame that breaks the
 framing gets an ERROR frame and the connection is closed. Either way nothing else is disturbed.
 Connections hold no state of their own: a client that dies leaves leases and reservations
@@ -63,6 +63,8 @@ class LocalControl(Protocol):
     def release(self, lease_id: int) -> None: ...
 
     def count_lookups(self, lookups: int, hit_blocks: int, miss_blocks: int) -> None: ...
+
+    def touch(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> None: ...
 
 
 class ControlObserver(Protocol):
@@ -256,6 +258,9 @@ class LocalControlServer:
             control.abort(local_frames.parse_id(body))
             return FrameType.OK, b""
         request = local_frames.parse_chain(body, self._max_keys)
+        if kind is FrameType.READ_DONE:
+            control.touch(request.namespace_id, request.keys)
+            return None
         if kind is FrameType.LOOKUP:
             return FrameType.LOOKUP_OK, local_frames.pack_lookup_ok(control.lookup(request.namespace_id, request.keys))
         if kind is FrameType.RESERVE:
@@ -317,8 +322,9 @@ _METHOD_NAMES = {  # the proto's names, so metrics count a call the same whichev
     FrameType.ACQUIRE: "Acquire",
     FrameType.RELEASE: "Release",
     FrameType.LOOKUPS_DONE: "LookupsDone",
+    FrameType.READ_DONE: "ReadDone",
 }
-_NO_REPLY = frozenset({FrameType.RELEASE, FrameType.LOOKUPS_DONE})
+_NO_REPLY = frozenset({FrameType.RELEASE, FrameType.LOOKUPS_DONE, FrameType.READ_DONE})
 
 
 def _error_frame(error: KVStoreError) -> bytes:

@@ -76,6 +76,7 @@ class FrameType(IntEnum):
     RELEASE = 17
     OK = 18
     LOOKUPS_DONE = 19
+    READ_DONE = 20
 
 
 @dataclass(frozen=True, slots=True)

@@ -187,6 +187,10 @@ class Node:
     def release(self, lease_id: int) -> None:
         self.store.manager.release(LeaseId(lease_id))
 
+    def touch(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> None:
+        """A same-host client read these blocks without a lease (through the shared index)."""
+        self.store.manager.touch(namespace_id, keys)
+
     # -- data plane (this node serving) --------------------------------------------------------
 
     def open_read(self, namespace_id: NamespaceId, keys: Sequence[BlockKey], *, verify: bool) -> OutgoingBlocks:

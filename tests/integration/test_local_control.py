@@ -77,13 +77,13 @@ def test_a_client_that_never_reads_its_replies_stalls_only_itself(node):
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:  # until both socket buffers are full
             try:
-                sent += greedy.send(flood[sent % len(flood) :])
+                sent += greedy.send(flood[sent % len(flood) :])  # frames in order, never cut short
             except BlockingIOError:
                 time.sleep(0.05)
                 try:
-                    greedy.send(flood[:1])
+                    sent += greedy.send(flood[sent % len(flood) :])
                 except BlockingIOError:
-                    break
+                    break  # still full after the node had time to read: it stopped reading
         else:
             pytest.fail("the node kept reading from a client that reads nothing")
         assert client.lookup(namespace_id, keys).num_hits == 3  # everyone else is served on
