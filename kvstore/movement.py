@@ -222,8 +222,9 @@ class TierMover:
             slot = self._table.slot_of(row, kind)
             if slot is None:
                 continue
-            tier.free(self._table.size_of(row), [slot])
-            self._table.clear_resident(row, kind)
+            size = self._table.size_of(row)
+            self._table.clear_resident(row, kind)  # listeners (the shared index) forget it first,
+            tier.free(size, [slot])  # then its slot may be reused
 
     def _slot(self, row: int, kind: TierKind) -> Slot:
         slot = self._table.slot_of(row, kind)
