@@ -5,8 +5,11 @@ node is. On the same host (same host id, and its shared-memory segment maps) the
 payloads straight into and out of the node's DRAM slots: `put_blocks` is Reserve -> copy (and
 hash while copying, unless the node hashes big blocks itself) -> Commit, `get_into` is
 Acquire -> copy -> Release, and only metadata crosses, over the node's Unix socket
-(`control`). Otherwise the bytes go over the node's TCP data plane, straight into the
-caller's buffers, and are checked against their checksums before they count.
+(`control`). Lookups, and reads of blocks in DRAM, need not even that: the node publishes
+what it holds in a read-only shared index (`kvstore.shared_index`), which answers Lookups and
+locates blocks to copy without a lease, checked after the copy. Otherwise the bytes go over
+the node's TCP data plane, straight into the caller's buffers, and are checked against their
+checksums before they count.
 
 Every call has a deadline (`timeout_s`). Idempotent calls (Info, Lookup, Stats, ListBlocks,
 RegisterNamespace, Remove, Pin, Unpin) are retried by gRPC on UNAVAILABLE with backoff; calls

@@ -349,7 +349,10 @@ def size_measurements(rig: Rig, block_bytes: int) -> Iterator[Measurement]:
         gets,
         {MEMCPY: engine_trial(rig.reader, "time_memcpy", block_bytes=block_bytes), **redis_get},
         [MOONCAKE_GET],
-        {MEMCPY: "reader process: Acquire, copy per block, Release; written by the writer process"},
+        {
+            MEMCPY: "reader process: located in the node's shared index, copied per block without a "
+            "lease, checked after; written by the writer process"
+        },
     )
 
     # Remote: node B pulls the writer's batch from node A; removed from B after each call, untimed.
