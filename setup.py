@@ -1,4 +1,6 @@
-"""Build hook: generate the gRPC modules from kvstore/proto/kvstore.proto before packaging.
+"""Build hooks: generate the gRPC modules from kvstore/proto/kvstore.proto before packaging, and
+compile the shared index's probe (kvstore/_index_probe.c; optional: without a C compiler the
+package uses the numpy probe, which answers the same).
 
 Everything else about the package is declared in pyproject.toml.
 """
@@ -6,7 +8,7 @@ Everything else about the package is declared in pyproject.toml.
 import importlib.util
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_py import build_py
 
 
@@ -21,4 +23,9 @@ class BuildPyWithProto(build_py):
         super().run()
 
 
-setup(cmdclass={"build_py": BuildPyWithProto})
+setup(
+    cmdclass={"build_py": BuildPyWithProto},
+    ext_modules=[
+        Extension("kvstore._index_probe", ["kvstore/_index_probe.c"], extra_compile_args=["-O2"], optional=True)
+    ],
+)

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import logging
 import platform
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +55,13 @@ from kvstore.config import ALIGNMENT_BYTES
 from kvstore.table import NO_NAMESPACE, BlockTable, check_keys
 from kvstore.tiers.dram import SharedSegment
 from kvstore.types import KEY_BYTES, BlockKey, LookupResult, Namespace, NamespaceId, TierKind, tier_kinds
+
+NativeProbe = Callable[[bytes, int, object, object], "tuple[int, bytes, bytes, bytes, bytes] | None"]
+native_probe: NativeProbe | None
+try:  # the compiled probe (kvstore/_index_probe.c), when the build had a C compiler
+    from kvstore._index_probe import probe as native_probe
+except ImportError:  # where nothing was compiled: the numpy probe answers the same
+    native_probe = None
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +217,9 @@ class _Probe:
 class IndexReader:
     """An engine's side: a read-only mapping of a node's index."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, native: bool = True) -> None:
+        """Map the index `name`; `native`: probe with the compiled probe when it was built
+        (else, or with False, with numpy: the same answers, ~10x slower)."""
         self._segment = SharedSegment.attach(name, writable=False)
         memory = self._segment.array
         try:
@@ -232,6 +241,7 @@ class IndexReader:
         self._words = memory[HEADER_DTYPE.itemsize :].view("<i8").reshape(num_buckets, 16)
         self._seqs = self._words.view("<u4")[:, 0]
         self._mask = np.int64(num_buckets - 1)
+        self.native = native and native_probe is not None
 
     def lookup(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> LookupResult | None:
         """The longest leading run of `keys` stored in the namespace and each one's fastest
@@ -240,6 +250,9 @@ class IndexReader:
         (any 16-byte buffers are read as keys here)."""
         if not keys:
             return LookupResult(0, ())
+        if self.native:
+            answer = self._native(namespace_id, keys)
+            return None if answer is None else LookupResult(answer[0], tier_kinds(answer[1]))
         probe = self._probe(namespace_id, keys)
         if probe is None:
             return None
@@ -251,11 +264,22 @@ class IndexReader:
         """Where the leading run of `keys` held in DRAM lies in the node's segment, for a read
         that takes no lease: copy, then keep only the blocks `unchanged` still vouches for.
         None when the index cannot say (ask the node)."""
-        probe = self._probe(namespace_id, keys) if keys else None
-        if probe is None:
+        if not keys:
             return None
-        run, found, homes, seqs = probe.run, probe.found, probe.homes, probe.seqs
-        drams = probe.words[:, 14:16].view("<u4")[:run][found[:run]]
+        if self.native:
+            answer = self._native(namespace_id, keys)
+            if answer is None:
+                return None
+            run, _, home_bytes, seq_bytes, dram_bytes = answer
+            homes = np.frombuffer(home_bytes, dtype=np.int64)
+            seqs = np.frombuffer(seq_bytes, dtype=np.uint32)
+            drams = np.frombuffer(dram_bytes, dtype=np.uint32)
+        else:
+            probe = self._probe(namespace_id, keys)
+            if probe is None:
+                return None
+            run, homes, seqs = probe.run, probe.homes[: probe.run], probe.seqs[: probe.run]
+            drams = probe.words[:, 14:16].view("<u4")[:run][probe.found[:run]]
         ends_at_miss = True
         if run and drams.max() == NO_SLOT:
             run = int((drams == NO_SLOT).argmax())  # the run ends at the first block not in DRAM
@@ -268,6 +292,23 @@ class IndexReader:
         node rewrites a bucket before it frees a slot; x86 orders these loads after the copy's)."""
         same = self._seqs[plan.buckets] == plan.seqs
         return plan.count if same.all() else int(same.argmin())
+
+    def _native(
+        self, namespace_id: NamespaceId, keys: Sequence[BlockKey]
+    ) -> tuple[int, bytes, bytes, bytes, bytes] | None:
+        """The compiled probe's answer (run, tiers, home buckets, sequence numbers, DRAM slots)."""
+        try:
+            packed = b"".join(keys)
+        except TypeError:
+            packed = b""
+        if len(packed) != KEY_BYTES * len(keys):
+            check_keys(keys)  # raises the node's error
+            return None
+        assert native_probe is not None
+        answer: tuple[int, bytes, bytes, bytes, bytes] | None = native_probe(
+            packed, namespace_tag(namespace_id), self._words, self._header
+        )
+        return answer
 
     def _probe(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> _Probe | None:
         """The leading run of hits, which entry of each home bucket matched, the home buckets'

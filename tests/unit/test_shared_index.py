@@ -17,6 +17,7 @@ from kvstore.shared_index import (
     IndexWriter,
     buckets_for,
     namespace_tag,
+    native_probe,
     segment_bytes,
     supported,
 )
@@ -25,6 +26,10 @@ from kvstore.types import BlockKey, LookupResult, NamespaceId, TierKind
 pytestmark = pytest.mark.skipif(not supported(), reason="the shared index is published on x86-64 only")
 
 NAMESPACES = (NamespaceId(b"A" * 16), NamespaceId(b"B" * 16))
+PROBES = [
+    pytest.param(False, id="numpy"),
+    pytest.param(True, id="compiled", marks=pytest.mark.skipif(native_probe is None, reason="not compiled here")),
+]
 
 
 def _key(i: int) -> BlockKey:
@@ -32,11 +37,17 @@ def _key(i: int) -> BlockKey:
     return BlockKey((i % 4).to_bytes(8, "little") + i.to_bytes(8, "little"))
 
 
+@pytest.fixture(params=PROBES)
+def native(request):
+    return request.param
+
+
 @pytest.fixture
-def index(request):
+def index(request, native):
     name = f"kvstore-test-{os.getpid()}-{request.node.name[:40]}.index"
     writer = IndexWriter(name, getattr(request, "param", 4))
-    reader = IndexReader(name)
+    reader = IndexReader(name, native=native)
+    assert reader.native is native
     yield writer, reader
     reader.close()
     writer.close()
@@ -58,13 +69,14 @@ operations = st.lists(
 )
 
 
+@pytest.mark.parametrize("native", PROBES)
 @settings(max_examples=60, deadline=None)
 @given(operations=operations, chains=st.lists(st.lists(st.integers(0, 39), max_size=12), min_size=1, max_size=8))
-def test_an_answer_is_the_nodes_answer_or_none(operations, chains):
+def test_an_answer_is_the_nodes_answer_or_none(native, operations, chains):
     name = f"kvstore-test-{os.getpid()}-model.index"
     writer, reader = IndexWriter(name, 4), None
     try:
-        reader = IndexReader(name)
+        reader = IndexReader(name, native=native)
         held: dict[BlockKey, tuple[NamespaceId, TierKind]] = {}
         for insert, i, owner, tier in operations:
             key = _key(i)
@@ -140,8 +152,10 @@ def test_bucket_counts_keep_the_index_half_empty():
     assert buckets_for(1025) == 1024
 
 
-def _read_while_churning(name: str, stable: list[bytes], churned: list[bytes], never: list[bytes], out) -> None:
-    reader = IndexReader(name)
+def _read_while_churning(
+    name: str, native: bool, stable: list[bytes], churned: list[bytes], never: list[bytes], out
+) -> None:
+    reader = IndexReader(name, native=native)
     wrong = answered = 0
     chain = [BlockKey(key) for key in stable + never]
     for _ in range(3000):
@@ -157,7 +171,7 @@ def _read_while_churning(name: str, stable: list[bytes], churned: list[bytes], n
     out.put((wrong, answered))
 
 
-def test_no_wrong_answer_while_the_writer_rewrites_buckets(request):
+def test_no_wrong_answer_while_the_writer_rewrites_buckets(native):
     name = f"kvstore-test-{os.getpid()}-churn.index"
     writer = IndexWriter(name, 64)
     rng = np.random.default_rng(0)
@@ -169,7 +183,7 @@ def test_no_wrong_answer_while_the_writer_rewrites_buckets(request):
         writer.upsert(BlockKey(key), tag, TierKind.DRAM, 1)
     context = multiprocessing.get_context("fork")
     out = context.Queue()
-    reader = context.Process(target=_read_while_churning, args=(name, stable, churned, never, out))
+    reader = context.Process(target=_read_while_churning, args=(name, native, stable, churned, never, out))
     reader.start()
     try:
         while reader.is_alive():
