@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ import numpy.typing as npt
 
 from kvstore import wire
 from kvstore.client.control import GrpcControl, SlotControl, SocketControl
+from kvstore.client.reports import NodeReports
 from kvstore.dataplane.client import DataPlanePool
 from kvstore.errors import InvalidArgumentError, KVStoreError, PeerUnavailableError, UnknownNamespaceError
 from kvstore.events import BlockEvent
@@ -124,7 +124,7 @@ class Client:
         self._pool = DataPlanePool(token=token, timeout_s=timeout_s)
         self._segment: SharedSegment | None = None
         self._index: IndexReader | None = None
-        self._tally = LookupTally()
+        self._reports: NodeReports | None = None  # what the shared index's users tell the node
         # The shared-memory path's metadata calls: the node's Unix socket once Info names it.
         self._slots: SlotControl = GrpcControl(self._stub, self._call, timeout_s=timeout_s, metadata=self._metadata)
         try:
@@ -138,6 +138,8 @@ class Client:
                     self._slots = _socket_control(self._pool, info.local_address, self._slots)
                 if self._segment is not None and info.index_segment_name and shared_index:
                     self._index = _attach_index(info.index_segment_name)
+                if self._index is not None:
+                    self._reports = NodeReports(self._slots)
                 if self._segment is None and transport is Transport.SHARED_MEMORY:
                     raise InvalidArgumentError(
                         f"node {info.node_id} at {address} is not reachable through shared memory from here"
@@ -155,7 +157,9 @@ class Client:
         return self._index is not None
 
     def close(self) -> None:
-        self._report_lookups(force=True)
+        if self._reports is not None:
+            self._reports.close()
+            self._reports = None
         self._slots.close()
         self._pool.close()
         if self._segment is not None:
@@ -195,8 +199,8 @@ class Client:
         if index is not None and self._is_registered(namespace_id):
             result = index.lookup(namespace_id, keys)
             if result is not None:
-                self._tally.add(result.num_hits, len(keys) - result.num_hits)
-                self._report_lookups()
+                assert self._reports is not None  # made with the index
+                self._reports.lookup(result.num_hits, len(keys) - result.num_hits)
                 return result
         return self._slots.lookup(namespace_id, keys)
 
@@ -274,8 +278,8 @@ class Client:
         for target, offset in zip(targets, plan.offsets.tolist(), strict=False):
             np.copyto(target, array[offset : offset + size])
         kept = self._index.unchanged(plan)
-        if kept:
-            self._slots.read_done(namespace_id, keys[:kept])
+        if kept and self._reports is not None:
+            self._reports.read(namespace_id, keys[:kept])
         return kept, kept == plan.count and plan.ends_at_miss
 
     def _get_leased(
@@ -408,13 +412,6 @@ class Client:
         for item in infos:
             self._namespaces[NamespaceId(item.namespace_id)] = wire.namespace_from_proto(item.namespace)
 
-    def _report_lookups(self, *, force: bool = False) -> None:
-        """Tell the node, now and then, of the Lookups answered from the shared index, so its
-        statistics count them."""
-        counts = self._tally.take(force=force)
-        if counts is not None:
-            self._slots.report_lookups(*counts)
-
     def _abort_quietly(self, reservation_id: int) -> None:
         try:
             self._slots.abort(reservation_id)
@@ -502,35 +499,6 @@ def _socket_control(pool: DataPlanePool, address: str, fallback: SlotControl) ->
         log.info("node socket %s is not reachable (%s); metadata goes over gRPC", address, error)
         return fallback
     return SocketControl(pool, address)
-
-
-class LookupTally:
-    """Lookups answered from the shared index, until they are reported (every REPORT_EVERY_S)."""
-
-    REPORT_EVERY_S = 1.0
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts = [0, 0, 0]  # lookups, hit blocks, missed blocks
-        self._reported_at = time.monotonic()
-
-    def add(self, hits: int, misses: int) -> None:
-        with self._lock:
-            counts = self._counts
-            counts[0] += 1
-            counts[1] += hits
-            counts[2] += misses
-
-    def take(self, *, force: bool = False) -> tuple[int, int, int] | None:
-        """The counts since the last take, when a report is due (or `force`) and there are any."""
-        now = time.monotonic()
-        with self._lock:
-            if not self._counts[0] or (not force and now - self._reported_at < self.REPORT_EVERY_S):
-                return None
-            lookups, hits, misses = self._counts
-            self._counts = [0, 0, 0]
-            self._reported_at = now
-            return lookups, hits, misses
 
 
 def _attach_index(name: str) -> IndexReader | None:
