@@ -44,7 +44,7 @@ from kvstore.hostid import host_id
 from kvstore.layout import payloads_bytes
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
-from kvstore.shared_index import IndexReader
+from kvstore.shared_index import IndexReader, native_copy_blocks
 from kvstore.stats import TierStats
 from kvstore.status import ERROR_METADATA_KEY, error_from_status
 from kvstore.tiers.base import copy_with_checksum
@@ -275,8 +275,11 @@ class Client:
         array = self._segment.array
         if plan is None or (plan.count and int(plan.offsets.max()) + size > array.size):
             return 0, False
-        for target, offset in zip(targets, plan.offsets.tolist(), strict=False):
-            np.copyto(target, array[offset : offset + size])
+        if native_copy_blocks is not None:  # one C call, GIL released: no ~1 us of Python per block
+            native_copy_blocks(array, plan.offsets, size, targets)
+        else:
+            for target, offset in zip(targets, plan.offsets.tolist(), strict=False):
+                np.copyto(target, array[offset : offset + size])
         kept = self._index.unchanged(plan)
         if kept and self._reports is not None:
             self._reports.read(namespace_id, keys[:kept])

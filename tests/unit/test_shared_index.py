@@ -17,6 +17,7 @@ from kvstore.shared_index import (
     IndexWriter,
     buckets_for,
     namespace_tag,
+    native_copy_blocks,
     native_probe,
     segment_bytes,
     supported,
@@ -199,3 +200,26 @@ def test_no_wrong_answer_while_the_writer_rewrites_buckets(native):
         writer.close()
     assert answered > 0
     assert wrong == 0
+
+
+@pytest.mark.skipif(native_copy_blocks is None, reason="not compiled here")
+def test_the_compiled_copy_copies_each_block_and_checks_everything_first():
+    assert native_copy_blocks is not None
+    source = np.arange(1 << 16, dtype=np.uint8)
+    dests = [np.zeros(4096, np.uint8) for _ in range(3)]
+    native_copy_blocks(source, np.array([0, 8192, 4096], np.int64), 4096, dests)
+    for dest, start in zip(dests, (0, 8192, 4096), strict=True):
+        np.testing.assert_array_equal(dest, source[start : start + 4096])
+    untouched = [np.full(4096, 7, np.uint8), np.full(4096, 7, np.uint8)]
+    for offsets, size, match in [
+        ([0, -1], 4096, "block 1 at offset -1"),
+        ([0, (1 << 16) - 10], 4096, "does not lie in the source"),
+        ([0, 0], 4000, "destination 0 has 4096 bytes"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            native_copy_blocks(source, np.array(offsets, np.int64), size, untouched)
+        assert all((dest == 7).all() for dest in untouched)  # nothing copied before every check passed
+    read_only = np.zeros(4096, np.uint8)
+    read_only.flags.writeable = False
+    with pytest.raises((ValueError, BufferError)):
+        native_copy_blocks(source, np.array([0], np.int64), 4096, [read_only])
