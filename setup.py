@@ -1,6 +1,6 @@
 """Build hooks: generate the gRPC modules from kvstore/proto/kvstore.proto before packaging, and
-compile the shared index's probe (kvstore/_index_probe.c; optional: without a C compiler the
-package uses the numpy probe, which answers the same).
+compile the shared index's read path (kvstore/_index_probe.c; optional: without a C compiler
+the package does the same with numpy, more slowly).
 
 Everything else about the package is declared in pyproject.toml.
 """
