@@ -196,7 +196,7 @@ class Client:
         host this is answered here, from the index the node publishes in shared memory, unless
         the index cannot be sure (then, as elsewhere, by the node)."""
         index = self._index
-        if index is not None and self._is_registered(namespace_id):
+        if index is not None and self._known_namespace(namespace_id) is not None:
             result = index.lookup(namespace_id, keys)
             if result is not None:
                 assert self._reports is not None  # made with the index
@@ -396,20 +396,19 @@ class Client:
             raise _translate(error) from None
 
     def _namespace(self, namespace_id: NamespaceId) -> Namespace:
-        namespace = self._namespaces.get(namespace_id)
-        if namespace is None:
-            self._remember(self._call(self._stub.Info, pb.InfoRequest()).namespaces)
-            namespace = self._namespaces.get(namespace_id)
+        namespace = self._known_namespace(namespace_id)
         if namespace is None:
             shown = namespace_id.hex() if isinstance(namespace_id, bytes) else repr(namespace_id)
             raise UnknownNamespaceError(f"namespace {shown} is not registered on node {self.node_id}")
         return namespace
 
-    def _is_registered(self, namespace_id: NamespaceId) -> bool:
-        """Whether the node has the namespace (asking it once about one this client has not seen)."""
-        if namespace_id not in self._namespaces:
+    def _known_namespace(self, namespace_id: NamespaceId) -> Namespace | None:
+        """The namespace, if the node has it (asking it once about one this client has not seen)."""
+        namespace = self._namespaces.get(namespace_id)
+        if namespace is None:
             self._remember(self._call(self._stub.Info, pb.InfoRequest()).namespaces)
-        return namespace_id in self._namespaces
+            namespace = self._namespaces.get(namespace_id)
+        return namespace
 
     def _remember(self, infos: Sequence[pb.NamespaceInfo]) -> None:
         for item in infos:

@@ -15,7 +15,7 @@ from kvstore.errors import ChecksumError
 from kvstore.hashing import checksum
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
-from kvstore.types import LookupResult, TierKind
+from kvstore.types import LookupResult, NamespaceId, TierKind
 from tests import factories
 from tests.nodes import eventually, running_node
 
@@ -160,6 +160,9 @@ def test_a_truncated_data_plane_put_is_never_committed(setup):
         (FrameType.ACQUIRE, b"\0" * 33 + b"x" * 5, "not a multiple of 16"),
         (FrameType.COMMIT, b"\0" * 12 + b"\1", "COMMIT claims"),
         (FrameType.ABORT, b"\0" * 3, "id body is 8 bytes"),
+        (FrameType.LOOKUPS_DONE, b"\0" * 23, "LOOKUPS_DONE body is 24 bytes"),
+        (FrameType.LOOKUPS_DONE, b"\xff" * 24, "implausibly large"),
+        (FrameType.READ_DONE, b"\0" * 33 + b"x" * 5, "not a multiple of 16"),
     ],
 )
 def test_malformed_local_frames_end_only_their_connection(setup, kind, body, message):
@@ -190,6 +193,8 @@ def test_local_calls_with_unknown_ids_answer_not_found_and_the_connection_serves
         assert kind is FrameType.ERROR
         assert protocol.parse_error(reply).error_name == "UnknownReservationError"
         protocol.send_frame(sock, FrameType.RELEASE, local_frames.pack_id(424242))  # no reply, logged
+        unknown = local_frames.ChainRequest(NamespaceId(b"\x07" * 16), keys)
+        protocol.send_frame(sock, FrameType.READ_DONE, local_frames.pack_chain(unknown))  # no reply, logged
         request = local_frames.ChainRequest(namespace_id, keys)
         protocol.send_frame(sock, FrameType.LOOKUP, local_frames.pack_chain(request))
         kind, reply = protocol.recv_frame(sock)
