@@ -259,7 +259,7 @@ class Client:
         if self._segment is None:
             return self._get_remote(namespace_id, keys, targets)
         copied = 0
-        if self._index is not None and self._slots.reports_reads and not verify and keys:
+        if self._index is not None and not verify and keys:
             copied, finished = self._get_unleased(namespace_id, keys, targets, namespace.block_bytes)
             if finished:
                 return copied

@@ -63,10 +63,6 @@ class SlotControl(Protocol):
 
     def report_lookups(self, lookups: int, hit_blocks: int, miss_blocks: int) -> None: ...
 
-    # Whether `read_done` reaches the node: reads that take no lease are made only then, so the
-    # node's policy still sees every read.
-    reports_reads: bool
-
     def read_done(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> None: ...
 
     def close(self) -> None: ...
@@ -74,8 +70,6 @@ class SlotControl(Protocol):
 
 class SocketControl:
     """Over the node's Unix socket (kvstore.dataplane.local_frames): about 20 us a call here."""
-
-    reports_reads = True
 
     def __init__(self, pool: DataPlanePool, address: str) -> None:
         self._pool = pool
@@ -126,15 +120,13 @@ class SocketControl:
 class GrpcControl:
     """Over gRPC: for a client that maps the node's memory but cannot reach its socket."""
 
-    reports_reads = False  # the proto has no call for it
-
     def __init__(self, stub: pb_grpc.KVStoreStub, call: Call, *, timeout_s: float, metadata: Any) -> None:
         self._stub = stub
         self._call = call
         self._timeout_s = timeout_s
         self._metadata = metadata
-        self._releases: set[Any] = set()  # Release futures in flight
-        self._releases_lock = threading.Lock()
+        self._in_flight: set[Any] = set()  # calls sent without waiting (Release, reports)
+        self._in_flight_lock = threading.Lock()
 
     def lookup(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> LookupResult:
         reply = self._call(self._stub.Lookup, pb.LookupRequest(namespace_id=namespace_id, keys=wire.pack_keys(keys)))
@@ -167,28 +159,33 @@ class GrpcControl:
         )
 
     def release(self, lease_id: int) -> None:
-        future = self._stub.Release.future(
-            pb.ReleaseRequest(lease_id=lease_id), timeout=self._timeout_s, metadata=self._metadata
-        )
-        with self._releases_lock:
-            self._releases.add(future)
-        future.add_done_callback(self._release_done)
+        self._send_only(self._stub.Release, pb.ReleaseRequest(lease_id=lease_id))
+
+    def _send_only(self, method: Any, request: Any) -> None:
+        """A call whose answer nobody waits for (a failed one is logged; `close` lets them land)."""
+        future = method.future(request, timeout=self._timeout_s, metadata=self._metadata)
+        with self._in_flight_lock:
+            self._in_flight.add(future)
+        future.add_done_callback(self._sent)
 
     def report_lookups(self, lookups: int, hit_blocks: int, miss_blocks: int) -> None:
-        pass  # the proto has no call for it: such a node's statistics miss these Lookups
+        request = pb.ReportLookupsRequest(lookups=lookups, hit_blocks=hit_blocks, miss_blocks=miss_blocks)
+        self._send_only(self._stub.ReportLookups, request)
 
     def read_done(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> None:
-        raise NotImplementedError("reads without a lease are made only where they can be reported")
+        self._send_only(
+            self._stub.ReportReads, pb.ReportReadsRequest(namespace_id=namespace_id, keys=wire.pack_keys(keys))
+        )
 
     def close(self) -> None:
-        with self._releases_lock:
-            pending = list(self._releases)
-        for future in pending:  # let releases in flight land, so no lease waits for its expiry
+        with self._in_flight_lock:
+            pending = list(self._in_flight)
+        for future in pending:  # let them land: no lease waits for its expiry, no report is lost
             with contextlib.suppress(grpc.RpcError, grpc.FutureTimeoutError, grpc.FutureCancelledError):
                 future.result(timeout=self._timeout_s)
 
-    def _release_done(self, future: Any) -> None:
-        with self._releases_lock:
-            self._releases.discard(future)
+    def _sent(self, future: Any) -> None:
+        with self._in_flight_lock:
+            self._in_flight.discard(future)
         if not future.cancelled() and future.exception() is not None:
-            log.warning("release of a lease failed (it expires instead): %s", future.exception())
+            log.warning("a call sent without waiting failed (a lease not released expires): %s", future.exception())

@@ -321,8 +321,8 @@ _METHOD_NAMES = {  # the proto's names, so metrics count a call the same whichev
     FrameType.ABORT: "Abort",
     FrameType.ACQUIRE: "Acquire",
     FrameType.RELEASE: "Release",
-    FrameType.LOOKUPS_DONE: "LookupsDone",
-    FrameType.READ_DONE: "ReadDone",
+    FrameType.LOOKUPS_DONE: "ReportLookups",
+    FrameType.READ_DONE: "ReportReads",
 }
 _NO_REPLY = frozenset({FrameType.RELEASE, FrameType.LOOKUPS_DONE, FrameType.READ_DONE})
 

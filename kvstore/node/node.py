@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from kvstore.dataplane.client import DataPlanePool
 from kvstore.dataplane.local_frames import Grant
 from kvstore.errors import (
+    InvalidArgumentError,
     KVStoreError,
     NamespaceMismatchError,
     NodeDrainingError,
@@ -132,6 +133,8 @@ class Node:
 
     def count_lookups(self, lookups: int, hit_blocks: int, miss_blocks: int) -> None:
         """Add to the Lookup statistics (also what clients answered from the shared index)."""
+        if not 0 <= min(lookups, hit_blocks, miss_blocks) <= max(lookups, hit_blocks, miss_blocks) < 1 << 48:
+            raise InvalidArgumentError(f"Lookup counts {lookups}, {hit_blocks}, {miss_blocks} are implausible")
         with self._lookup_lock:
             counts = self._lookups
             self._lookups = LookupCounts(

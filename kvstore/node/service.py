@@ -165,6 +165,22 @@ class KVStoreService(pb_grpc.KVStoreServicer):
 
         return self._call("Release", context, handle)
 
+    def ReportLookups(
+        self, request: pb.ReportLookupsRequest, context: grpc.ServicerContext
+    ) -> pb.ReportLookupsResponse:
+        def handle() -> pb.ReportLookupsResponse:
+            self._node.count_lookups(request.lookups, request.hit_blocks, request.miss_blocks)
+            return pb.ReportLookupsResponse()
+
+        return self._call("ReportLookups", context, handle)
+
+    def ReportReads(self, request: pb.ReportReadsRequest, context: grpc.ServicerContext) -> pb.ReportReadsResponse:
+        def handle() -> pb.ReportReadsResponse:
+            self._node.touch(wire.namespace_id_from(request.namespace_id), self._keys(request.keys))
+            return pb.ReportReadsResponse()
+
+        return self._call("ReportReads", context, handle)
+
     # -- between nodes ----------------------------------------------------------------------------
 
     def Fetch(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> pb.FetchResponse:

@@ -140,6 +140,8 @@ def grpc_requests(target: Target, methods: tuple[str, ...]) -> st.SearchStrategy
         ),
         "RegisterNamespace": namespace_messages(),
         "Fetch": st.builds(pb.FetchRequest, namespace_id=ns, keys=keys, parent=parents(target), peer=peers(target)),
+        "ReportLookups": st.builds(pb.ReportLookupsRequest, lookups=UINT64, hit_blocks=UINT64, miss_blocks=UINT64),
+        "ReportReads": st.builds(pb.ReportReadsRequest, namespace_id=ns, keys=keys),
     }
     return st.one_of([requests[name].map(functools.partial(named, name)) for name in methods])
 

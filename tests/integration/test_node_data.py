@@ -184,6 +184,11 @@ def test_without_the_node_socket_the_local_path_falls_back_to_grpc(node):
         assert client.get_into(namespace_id, keys, dests, verify=True) == 3
         for dest, payload in zip(dests, payloads, strict=True):
             np.testing.assert_array_equal(dest, payload)
+        assert client.get_into(namespace_id, keys, dests) == 3  # through the shared index, no lease
     assert eventually(lambda: node.store.stats().num_leases == 0)  # close waited for the gRPC release
     text = urllib.request.urlopen(f"http://127.0.0.1:{node.metrics_port}/metrics", timeout=5).read().decode()
     assert 'kvstore_rpc_seconds_count{code="OK",method="Acquire"} 1.0' in text
+    # What the client did without the node was reported over gRPC when it closed.
+    assert 'kvstore_rpc_seconds_count{code="OK",method="ReportReads"} 1.0' in text
+    assert 'kvstore_rpc_seconds_count{code="OK",method="ReportLookups"} 1.0' in text
+    assert node.node.lookup_counts().lookups == 1

@@ -60,6 +60,14 @@ CASES = [
     ("Commit", lambda ns, keys: pb.CommitRequest(reservation_id=999), "NOT_FOUND", "never issued"),
     ("Abort", lambda ns, keys: pb.AbortRequest(reservation_id=999), "NOT_FOUND", "never issued"),
     ("Release", lambda ns, keys: pb.ReleaseRequest(lease_id=999), "NOT_FOUND", "never issued"),
+    ("ReportLookups", lambda ns, keys: pb.ReportLookupsRequest(lookups=1 << 60), "INVALID_ARGUMENT", "implausible"),
+    ("ReportReads", lambda ns, keys: pb.ReportReadsRequest(namespace_id=ns, keys=b"k" * 17), "INVALID_ARGUMENT", "17"),
+    (
+        "ReportReads",
+        lambda ns, keys: pb.ReportReadsRequest(namespace_id=b"\3" * 16, keys=keys[0]),
+        "NOT_FOUND",
+        "not registered",
+    ),
     ("Acquire", lambda ns, keys: pb.AcquireRequest(namespace_id=ns, keys=b"k" * 15), "INVALID_ARGUMENT", "15 bytes"),
     ("Fetch", lambda ns, keys: pb.FetchRequest(namespace_id=ns, keys=keys[0]), "INVALID_ARGUMENT", "peer"),
     ("Remove", lambda ns, keys: pb.RemoveRequest(namespace_id=b"", keys=keys[0]), "INVALID_ARGUMENT", "namespace_id"),
@@ -161,7 +169,6 @@ def test_a_truncated_data_plane_put_is_never_committed(setup):
         (FrameType.COMMIT, b"\0" * 12 + b"\1", "COMMIT claims"),
         (FrameType.ABORT, b"\0" * 3, "id body is 8 bytes"),
         (FrameType.LOOKUPS_DONE, b"\0" * 23, "LOOKUPS_DONE body is 24 bytes"),
-        (FrameType.LOOKUPS_DONE, b"\xff" * 24, "implausibly large"),
         (FrameType.READ_DONE, b"\0" * 33 + b"x" * 5, "not a multiple of 16"),
     ],
 )
@@ -195,9 +202,12 @@ def test_local_calls_with_unknown_ids_answer_not_found_and_the_connection_serves
         protocol.send_frame(sock, FrameType.RELEASE, local_frames.pack_id(424242))  # no reply, logged
         unknown = local_frames.ChainRequest(NamespaceId(b"\x07" * 16), keys)
         protocol.send_frame(sock, FrameType.READ_DONE, local_frames.pack_chain(unknown))  # no reply, logged
+        huge = local_frames.pack_lookups_done(1 << 60, 0, 0)
+        protocol.send_frame(sock, FrameType.LOOKUPS_DONE, huge)  # no reply, logged, not counted
         request = local_frames.ChainRequest(namespace_id, keys)
         protocol.send_frame(sock, FrameType.LOOKUP, local_frames.pack_chain(request))
         kind, reply = protocol.recv_frame(sock)
         result = local_frames.parse_lookup_ok(protocol.expect(kind, FrameType.LOOKUP_OK, reply))
         assert result == LookupResult(3, (TierKind.DRAM,) * 3)
     assert fingerprint(server) == before
+    assert server.node.lookup_counts().lookups < 1 << 60
