@@ -60,8 +60,7 @@ class DataPlaneConnection:
         if total != self._pending:
             raise ProtocolError(f"{total} bytes of buffers for {self._pending} announced bytes")
         try:
-            received = [protocol.recv_hashed_into(self._sock, view, deadline) for view in views]
-            self._sock.settimeout(self._timeout_s)
+            received = protocol.recv_blocks_hashed(self._sock, views, deadline)
         except OSError as error:
             self.close()
             raise PeerUnavailableError(f"data plane transfer from {self.address} broke off: {error}") from None

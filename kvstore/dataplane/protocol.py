@@ -30,6 +30,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -48,6 +49,7 @@ HASH_CHUNK_BYTES = 256 * 1024  # received and hashed together, so the hash reads
 _REPLY_READ_BYTES = 16 * 1024  # holds a reply of ~1000 slots in one read
 
 _U32 = struct.Struct("<I")
+_TIMEVAL = struct.Struct("@ll")  # struct timeval: seconds, microseconds
 _GET_OK = struct.Struct("<IQ")
 _PUT_OK = struct.Struct("<II")
 _ERROR = struct.Struct("<HB")
@@ -183,15 +185,51 @@ def recv_exactly_into(sock: socket.socket, view: memoryview, deadline: float | N
         received += count
 
 
-def recv_hashed_into(sock: socket.socket, view: memoryview, deadline: float | None = None) -> int:
-    """`recv_exactly_into`, hashing (xxh3_64) each chunk while it is still in cache: a second
-    pass over the block afterwards would read it from memory again. Returns the checksum."""
-    hasher = xxhash.xxh3_64()
-    for start in range(0, len(view), HASH_CHUNK_BYTES):
-        chunk = view[start : start + HASH_CHUNK_BYTES]
-        recv_exactly_into(sock, chunk, deadline)
-        hasher.update(chunk)
-    return hasher.intdigest()
+def recv_blocks_hashed(sock: socket.socket, views: Sequence[memoryview], deadline: float | None = None) -> list[int]:
+    """Fill each of `views` in turn from the socket by `deadline` (time.monotonic), hashing
+    (xxh3_64) every chunk while it is still in cache: a second pass over a block afterwards
+    would read it from memory again. Returns one checksum per view.
+
+    Bulk payloads are read with the socket blocking and MSG_WAITALL, bounded by SO_RCVTIMEO:
+    one system call per chunk. A socket with a Python timeout polls before every recv and the
+    kernel hands back whatever has arrived, several calls per chunk. The socket's timeout is
+    restored afterwards, also when the transfer fails. Without a deadline, each chunk must
+    arrive within the socket's timeout, as for a plain recv."""
+    timeout = sock.gettimeout()
+    sock.settimeout(None)
+    try:
+        checksums = []
+        for view in views:
+            hasher = xxhash.xxh3_64()
+            for start in range(0, len(view), HASH_CHUNK_BYTES):
+                chunk = view[start : start + HASH_CHUNK_BYTES]
+                chunk_deadline = deadline
+                if chunk_deadline is None and timeout is not None:
+                    chunk_deadline = time.monotonic() + timeout
+                _recv_waitall(sock, chunk, chunk_deadline)
+                hasher.update(chunk)
+            checksums.append(hasher.intdigest())
+        return checksums
+    finally:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.pack(0, 0))
+        sock.settimeout(timeout)
+
+
+def _recv_waitall(sock: socket.socket, view: memoryview, deadline: float | None) -> None:
+    received, total = 0, len(view)
+    while received < total:
+        if deadline is not None:
+            remaining = _remaining(deadline)
+            seconds = int(remaining)
+            microseconds = max(1, int((remaining - seconds) * 1e6))  # (0, 0) would mean no limit
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.pack(seconds, microseconds))
+        try:
+            count = sock.recv_into(view[received:], total - received, socket.MSG_WAITALL)
+        except BlockingIOError:  # SO_RCVTIMEO expired with nothing received
+            continue  # _remaining raises once the deadline has passed
+        if count == 0:
+            raise ConnectionResetError(f"peer closed the connection after {received} of {total} bytes")
+        received += count
 
 
 def send_all_by(sock: socket.socket, view: memoryview, deadline: float) -> None:

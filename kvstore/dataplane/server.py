@@ -209,10 +209,9 @@ class DataPlaneServer:
         try:
             started = time.perf_counter()
             protocol.send_frame(connection, FrameType.PUT_READY, protocol.pack_indexes(incoming.written))
-            received = [
-                protocol.recv_hashed_into(connection, incoming.views[index], incoming.deadline)
-                for index in incoming.written
-            ]
+            received = protocol.recv_blocks_hashed(
+                connection, [incoming.views[index] for index in incoming.written], incoming.deadline
+            )
         except BaseException:
             incoming.abort()  # truncated, stalled or closing: nothing becomes visible
             raise
