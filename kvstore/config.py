@@ -86,6 +86,7 @@ class StoreConfig:
     reservation_ttl_s: float = 30.0  # an uncommitted reservation is freed after this
     lease_ttl_s: float = 30.0  # a read lease not released is dropped after this
     promote_on_hit: bool = True  # an NVMe hit is copied up to DRAM (when the policy agrees)
+    eviction_policy: str = "prefix-lrfu"  # a name in kvstore.policy.POLICIES (docs/policy.md)
     checksum_in_background: bool = True  # memory commits without a writer checksum are hashed off the commit path
     # ... when their blocks are at least this big: xxhash holds the GIL below ~100 KiB, so a
     # thread hashing small blocks would only stall the caller; those are hashed as they are copied.
@@ -104,6 +105,10 @@ class StoreConfig:
         for name in ("reservation_ttl_s", "lease_ttl_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        from kvstore.policy import POLICIES  # noqa: PLC0415 - a cycle at import: policies read the table, which reads this
+
+        if self.eviction_policy not in POLICIES:
+            raise ConfigError(f"eviction_policy must be one of {sorted(POLICIES)}, got {self.eviction_policy!r}")
 
 
 def _check_multiple(name: str, value: int, unit: int) -> None:

@@ -132,6 +132,7 @@ class TierManager:
         self._clock = clock
         self._lock = threading.Lock()
         self._table = BlockTable(initial_rows)
+        self._policy.attach(self._table)
         self._policy.resize(self._table.capacity)
         self._namespaces: list[Namespace] = []
         self._namespace_index: dict[NamespaceId, int] = {}
@@ -324,6 +325,7 @@ class TierManager:
             table = self._table
             rows, index, fastest = table.leading_run(keys, namespace_index)
             table.leases[index] += 1  # uint32: no block is leased 4 billion times at once
+            self._policy.on_access(index)  # first: whether a hit is promoted depends on this read
             if rows and int(fastest.max()) == TierKind.NVME:
                 kept = self._mover.promote(rows, fastest.tolist())
                 rows, index = rows[: len(kept)], index[: len(kept)]
@@ -336,7 +338,6 @@ class TierManager:
                     rows, index = rows[:cut], index[:cut]
                 fastest = np.full(len(rows), tier, dtype=np.uint8)
             tiers = _tier_tuple(fastest)
-            self._policy.on_access(index)
             if verify:
                 self._checksums.settle_now(rows)
             expires = self._clock.now() + (self._config.lease_ttl_s if ttl_s is None else ttl_s)

@@ -115,12 +115,26 @@ class TierMover:
         lower = [tier for tier in self._tiers if tier > kind]
         if lower:
             dirty = [row for row in rows if all(self._table.slot_of(row, t) is None for t in lower)]
-            admitted = [row for row, ok in zip(dirty, self._policy.admit(dirty, lower[0]), strict=True) if ok]
+            admitted = self._admitted(dirty, lower[0])
             if admitted:
                 self.copy_down(admitted, kind, lower[0])
         if kind is TierKind.NVME and self._nvme is not None:
             self._nvme.remove_records([self._key(row) for row in rows])  # before the slots are reused
         self._release_copies(rows, kind)
+
+    def _admitted(self, rows: list[int], target: TierKind) -> list[int]:
+        """The rows that get a copy in `target`: all of them when it has free room (a copy that
+        evicts nothing costs nothing), else those the policy admits."""
+        if not rows:
+            return rows
+        allocator = self._tiers[target].allocator
+        needed: dict[int, int] = {}
+        for row in rows:
+            size = self._table.size_of(row)
+            needed[size] = needed.get(size, 0) + 1
+        if all(allocator.num_available(size) >= count for size, count in needed.items()):
+            return rows
+        return [row for row, ok in zip(rows, self._policy.admit(rows, target), strict=True) if ok]
 
     def copy_down(self, rows: list[int], source: TierKind, target: TierKind) -> None:
         """Copy rows from `source` into `target` (best effort: rows that find no room stay
@@ -176,9 +190,7 @@ class TierMover:
             return rows
         table = self._table
         candidates = [row for row, tier in zip(rows, fastest, strict=True) if tier == TierKind.NVME]
-        admitted = [
-            row for row, ok in zip(candidates, self._policy.admit(candidates, TierKind.DRAM), strict=True) if ok
-        ]
+        admitted = self._admitted(candidates, TierKind.DRAM)
         corrupt: set[int] = set()
         by_size: dict[int, list[int]] = {}
         for row in admitted:

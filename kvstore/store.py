@@ -25,7 +25,7 @@ from kvstore.errors import InvalidArgumentError
 from kvstore.events import EventLog
 from kvstore.layout import payload_bytes, payloads_bytes
 from kvstore.manager import Lease, TierManager
-from kvstore.policy import EvictionPolicy, LeafFirstLRU
+from kvstore.policy import EvictionPolicy, make_policy
 from kvstore.stats import StoreStats
 from kvstore.tiers.base import Tier
 from kvstore.tiers.dram import DramTier
@@ -56,7 +56,8 @@ class Store:
             total = sum(tier.allocator.capacity_bytes for tier in tiers.values())
             rows = min(_MAX_INITIAL_ROWS, max(1024, total // 65536))
             self.clock = clock or MonotonicClock()
-            self.manager = TierManager(config, tiers, policy or LeafFirstLRU(), self.clock, rows, events=events)
+            policy = policy or make_policy(config.eviction_policy)
+            self.manager = TierManager(config, tiers, policy, self.clock, rows, events=events)
         except BaseException:
             for tier in tiers.values():
                 tier.close()

@@ -75,6 +75,9 @@ class BlockTable:
         self.checksum: npt.NDArray[Any] = np.empty(0, dtype=np.uint64)
         self.leases: npt.NDArray[Any] = np.empty(0, dtype=np.uint32)
         self.pinned: npt.NDArray[Any] = np.empty(0, dtype=np.bool_)
+        # bumped each time a row starts holding a block: per-row state kept elsewhere (a policy's)
+        # tells a reused row from the block it held before by comparing it
+        self.incarnation: npt.NDArray[Any] = np.empty(0, dtype=np.uint32)
         self.listener: ResidencyListener | None = None
         self._grow(initial_rows)
 
@@ -97,6 +100,7 @@ class BlockTable:
         self.checksum[row] = checksum
         self.leases[row] = 0
         self.pinned[row] = False
+        self.incarnation[row] += 1  # uint32 wraps after 4 billion reuses of one row: still a change
         return row
 
     # -- reading ------------------------------------------------------------------------------
@@ -214,6 +218,7 @@ class BlockTable:
         self.checksum = _resized(self.checksum, new, 0)
         self.leases = _resized(self.leases, new, 0)
         self.pinned = _resized(self.pinned, new, False)
+        self.incarnation = _resized(self.incarnation, new, 0)
         self.keys.extend([None] * extra)
         self.parents.extend([None] * extra)
         self._free_rows.extend(range(new - 1, old - 1, -1))

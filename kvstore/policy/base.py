@@ -4,10 +4,12 @@ The tier manager (mechanism) owns the table, the tiers and the locking; a policy
 and admits. Every method is called by the manager under its lock, in this order of a block's
 life:
 
+    attach(table)              once, first: the table whose rows every other call names
     resize(num_rows)           the block table grew; per-row state must cover `num_rows`
     on_access(rows)            a chain of blocks (root first) was written or read
     on_insert(rows, tier)      blocks gained a copy in `tier` (commit, demotion, promotion)
-    admit(rows, tier)          should each block get a copy in `tier` (demotion, promotion)?
+    admit(rows, tier)          should each block get a copy in `tier` (demotion, promotion)? Asked
+                               only when `tier` lacks free room for them: the copy would evict
     victims(tier, table)       blocks to take out of `tier`, best victim first
     on_evict(rows, tier)       blocks lost their copy in `tier`
 
@@ -32,6 +34,8 @@ from kvstore.types import TierKind
 
 class EvictionPolicy(Protocol):
     name: str
+
+    def attach(self, table: BlockTable) -> None: ...
 
     def resize(self, num_rows: int) -> None: ...
 

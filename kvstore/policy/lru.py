@@ -30,6 +30,9 @@ class LeafFirstLRU:
         self._stamp = np.zeros(0, dtype=np.uint64)
         self._tick = 1
 
+    def attach(self, table: BlockTable) -> None:
+        """Nothing to keep: `victims` is handed the table."""
+
     def resize(self, num_rows: int) -> None:
         if num_rows > len(self._stamp):
             grown = np.zeros(num_rows, dtype=np.uint64)

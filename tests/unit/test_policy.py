@@ -19,6 +19,7 @@ def build(policy: EvictionPolicy, chains: list[list[str]]) -> tuple[BlockTable, 
     """Commit each chain (root first) into DRAM, accessing them in order."""
     table = BlockTable(16)
     table.namespace_bytes.append(4096)
+    policy.attach(table)
     policy.resize(table.capacity)
     rows: dict[str, int] = {}
     for chain in chains:
@@ -47,6 +48,7 @@ def names(rows: dict[str, int], victims) -> list[str]:
 
 def test_an_empty_table_has_no_victims(policy):
     table = BlockTable(8)
+    policy.attach(table)
     policy.resize(table.capacity)
     assert list(policy.victims(DRAM, table)) == []
 

@@ -2,7 +2,7 @@
 optimum, on Mooncake's conversation trace and on generated traces.
 
     .venv/bin/python tools/bench/policy.py [--trace PATH] [--capacities 1000,2000,...]
-        [--split-minutes 30] [--generated] [--plot PATH]
+        [--policies a,b] [--split-minutes 30] [--generated] [--plot PATH]
 
 Every policy registered in kvstore.policy is replayed through tools/bench/policy_sim.py (the
 real policy object and block table, as the tier manager drives them) over an empty tier of each
@@ -82,11 +82,12 @@ def split(name: str, requests: list[TraceRequest], split_minutes: float) -> list
     ]
 
 
-def run_part(part: TracePart, capacities: Sequence[int], progress: tqdm) -> list[ReplayResult]:
+def run_part(part: TracePart, capacities: Sequence[int], policies: Sequence[str], progress: tqdm) -> list[ReplayResult]:
     """Every policy and the optimum at every capacity."""
     results = []
     for capacity in capacities:
-        for name, make in sorted(POLICIES.items()):
+        for name in policies:
+            make = POLICIES[name]
             progress.set_postfix_str(f"{name} @ {capacity}")
             requests = tqdm(part.requests, desc=part.name, unit="req", leave=False, mininterval=1.0)
             results.append(replay(requests, make(), capacity))
@@ -98,14 +99,14 @@ def run_part(part: TracePart, capacities: Sequence[int], progress: tqdm) -> list
 
 
 def markdown_table(part: TracePart, results: list[ReplayResult]) -> str:
-    """Rows: capacities; per policy, block and token hit ratios (%) and policy us per request."""
+    """Rows: capacities; per policy, block and token hit ratios (%) and policy us per block access."""
     policies = list(dict.fromkeys(result.policy for result in results))
     by_cell = {(result.policy, result.capacity_blocks): result for result in results}
     capacities = sorted({result.capacity_blocks for result in results})
     num_blocks = sum(len(request.hash_ids) for request in part.requests)
     header = ["capacity (blocks)"]
     for policy in policies:
-        header += [f"{policy} block %", f"{policy} token %"] + ([] if policy == BELADY else [f"{policy} us/req"])
+        header += [f"{policy} block %", f"{policy} token %"] + ([] if policy == BELADY else [f"{policy} us/access"])
     lines = [
         f"### {part.name}: {len(part.requests)} requests, {num_blocks} blocks",
         "",
@@ -118,7 +119,7 @@ def markdown_table(part: TracePart, results: list[ReplayResult]) -> str:
             result = by_cell[policy, capacity]
             cells += [f"{100 * result.block_hit_ratio:.2f}", f"{100 * result.token_hit_ratio:.2f}"]
             if policy != BELADY:
-                cells.append(f"{result.policy_us_per_request:.1f}")
+                cells.append(f"{result.policy_us_per_access:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -157,6 +158,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=",".join(map(str, DEFAULT_CAPACITIES)),
         help="tier sizes in blocks, comma-separated",
     )
+    parser.add_argument(
+        "--policies", default=",".join(sorted(POLICIES)), help="store policies to replay, comma-separated"
+    )
     parser.add_argument("--split-minutes", type=float, default=30.0, help="tune on the trace before this minute")
     parser.add_argument("--generated", action="store_true", help="also report two generated traces")
     parser.add_argument("--no-trace", action="store_true", help="skip --trace (with --generated)")
@@ -172,6 +176,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"--capacities must be comma-separated integers, got {args.capacities!r}") from None
     if not capacities or min(capacities) < 1:
         raise SystemExit(f"--capacities must be positive, got {args.capacities!r}")
+    policies = [name for name in args.policies.split(",") if name]
+    unknown = sorted(set(policies) - set(POLICIES))
+    if unknown or not policies:
+        raise SystemExit(f"--policies must name store policies {sorted(POLICIES)}, got {args.policies!r}")
     parts: list[TracePart] = []
     if not args.no_trace:
         trace_path = args.trace.resolve()
@@ -185,11 +193,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.generated:
         for name, params in GENERATED.items():
             parts += split(name, generate_trace(params), args.split_minutes)
-    num_runs = len(parts) * len(capacities) * (len(POLICIES) + 1)
+    num_runs = len(parts) * len(capacities) * (len(policies) + 1)
     reports: list[tuple[TracePart, list[ReplayResult]]] = []
     with tqdm(total=num_runs, desc="replays", unit="run") as progress:
         for part in parts:
-            reports.append((part, run_part(part, capacities, progress)))
+            reports.append((part, run_part(part, capacities, policies, progress)))
     for part, results in reports:
         print(markdown_table(part, results), end="\n\n")
     plot_hit_ratios(reports, args.plot)

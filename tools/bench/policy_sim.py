@@ -16,7 +16,7 @@ Per request, as an engine using the store would see it:
    cannot make room for all (a chain longer than the free and evictable space), only the
    leading blocks that fit are stored.
 3. commit: the new blocks get rows (parent = the previous id of the chain) and become resident;
-   the policy sees `resize`, `on_access`, `on_insert`. The lease is released.
+   the policy sees `resize`, `on_access`, `on_insert` (it was `attach`ed to the table first). The lease is released.
 
 `belady` computes the offline optimum for the same model; see its docstring.
 """
@@ -65,6 +65,11 @@ class ReplayResult:
     def policy_us_per_request(self) -> float:
         return self.policy_s * 1e6 / self.num_requests if self.num_requests else 0.0
 
+    @property
+    def policy_us_per_access(self) -> float:
+        """Per block of a request (looked up, then hit or stored)."""
+        return self.policy_s * 1e6 / self.requested_blocks if self.requested_blocks else 0.0
+
 
 class _Totals:
     """Running sums of a replay."""
@@ -109,6 +114,7 @@ class SimulatedTier:
         self.table.namespace_bytes.append(ALIGNMENT_BYTES)
         self._free_slots = list(range(capacity_blocks - 1, -1, -1))
         self.policy_ns = 0
+        self._timed(policy.attach, self.table)
         self._timed(policy.resize, self.table.capacity)
 
     def serve(self, hash_ids: Sequence[int]) -> int:

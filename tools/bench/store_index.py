@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from kvstore.config import DramConfig, KiB, StoreConfig
 from kvstore.hashing import block_keys
-from kvstore.policy import LeafFirstLRU
+from kvstore.policy import make_policy
 from kvstore.store import Store
 from kvstore.table import BlockTable
 from kvstore.types import BlockKey, NamespaceId, Slot, TierKind
@@ -32,6 +32,8 @@ from tools.bench.store_common import (
     Settings,
     namespace_for,
 )
+
+POLICY = StoreConfig().eviction_policy  # the store's default, whose state every block pays for
 
 # -- 2. lookup, 3. key hashing, 4. index memory --------------------------------------------------
 
@@ -133,7 +135,8 @@ def index_figure(entries: int, rng: np.random.Generator) -> Figure:
     checksums = rng.integers(0, 2**63, entries, dtype=np.uint64).tolist()
 
     def build_table() -> object:
-        table, policy = BlockTable(initial_rows=entries), LeafFirstLRU()
+        table, policy = BlockTable(initial_rows=entries), make_policy(POLICY)
+        policy.attach(table)
         policy.resize(table.capacity)
         parent: BlockKey | None = None
         for i in range(entries):
@@ -156,7 +159,7 @@ def index_figure(entries: int, rng: np.random.Generator) -> Figure:
     target = Target.value_at_most(200.0)
     return Figure(
         group=INDEX_GROUP,
-        name="index memory per block (BlockTable + LeafFirstLRU state)",
+        name=f"index memory per block (BlockTable + {POLICY} state)",
         unit=Unit.BYTES_PER_BLOCK,
         value=value,
         reference="one slotted object per block in a dict",
