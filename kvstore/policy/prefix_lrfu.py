@@ -24,9 +24,10 @@ What makes it prefix-aware:
   block re-enters as new and the frequency half of LRFU never builds up (on the conversation
   trace at 1k blocks the hit ratio falls from 8.1% to 5%).
 
-The time scale H is not a constant: it is twice the median interval between a block's accesses
-seen so far (in block accesses, from a decaying log2 histogram), so it follows the workload
-rather than one trace. Until enough reuses were seen, H is the table's size.
+The time scale H is not a constant: it is four times the median interval between a block's
+accesses seen so far (in block accesses, from a decaying log2 histogram), so it follows the
+workload rather than one trace; the factor was tuned on the first half of Mooncake's trace
+(docs/policy.md). Until enough reuses were seen, H is the table's size.
 
 Admission (`admit`, asked when a demotion to NVMe or the promotion of an NVMe hit to DRAM would
 evict): a block is admitted when it weighs at least as much as the tier's next victim, so a
@@ -58,7 +59,7 @@ _BUCKETS = 64  # log2 histogram of reuse intervals
 _HISTOGRAM_HALVING = 1 << 16  # samples after which the histogram is halved (it follows drift)
 _MIN_SAMPLES = 256  # reuses seen before the learned time scale replaces the default
 _ESTIMATE_EVERY = 1024  # reuses between two estimates of the time scale
-_SCALE_FACTOR = 2.0  # H = this x the median reuse interval
+_SCALE_FACTOR = 4.0  # H = this x the median reuse interval (tuned on the first half of a trace: docs/policy.md)
 _MAX_EXPONENT = 100.0  # weights are rebased before an access weighs 2 ** this (float32 history: 2 ** 127)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio: spreads keys over the history
 _TAG_MULTIPLIER = np.uint64(0xC2B2AE3D27D4EB4F)  # another odd constant: tags independent of positions
@@ -71,7 +72,12 @@ Entry = tuple[float, int, int]  # (weight, row, the row's incarnation: which blo
 class PrefixLRFU:
     name = "prefix-lrfu"
 
-    def __init__(self) -> None:
+    def __init__(self, scale_factor: float = _SCALE_FACTOR) -> None:
+        """`scale_factor`: H as a multiple of the median reuse interval (tools/bench/policy.py
+        tunes it on the first half of a trace; docs/policy.md)."""
+        if not scale_factor > 0:
+            raise ValueError(f"scale_factor must be > 0, got {scale_factor}")
+        self._scale_factor = scale_factor
         self._table: BlockTable | None = None
         self._weight = np.zeros(0, dtype=np.float64)
         self._last = np.zeros(0, dtype=np.float32)  # time of the last access; 0 = never (coarse: it
@@ -277,18 +283,19 @@ class PrefixLRFU:
         if cumulative[-1] > _HISTOGRAM_HALVING:
             self._intervals *= 0.5
         median = int(np.searchsorted(cumulative, cumulative[-1] / 2))
-        self._set_scale(_SCALE_FACTOR * float(2.0 ** (median + 0.5)))
+        self._set_scale(self._scale_factor * float(2.0 ** (median + 0.5)))
 
     def _set_scale(self, scale: float) -> None:
         """Change H. A weight w (relative to the origin) read at the old scale is the time
         log2(w) * H_old of one equivalent access; it becomes that access's term at the new one."""
         if scale == self._scale:
             return
-        self._rebase(requeue=False)  # log2 of every weight is then <= 0: no overflow either way
+        self._rebase(requeue=False)  # every access term is then <= 1
         ratio = self._scale / scale
         with np.errstate(divide="ignore"):  # log2(0) = -inf -> 2 ** -inf = 0: never accessed stays 0
             for weights in (self._weight, self._history_weight):
-                np.exp2(np.log2(weights) * ratio, out=weights)
+                exponents = np.log2(weights) * ratio
+                np.exp2(np.minimum(exponents, _MAX_EXPONENT, out=exponents), out=weights)  # a sum of terms may exceed 1
         self._scale = scale
         self._requeue()
 

@@ -36,7 +36,8 @@ def test_a_run_prints_the_tables_and_writes_the_plot(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "### trace, whole (40 min): 4 requests, 9 blocks" in out
     # capacity 2: LRU hits 0, 2 (block 2 finds no room: 0 and 1 are leased), 2, 1 = 5 of 9; so does Belady
-    assert "| 2 | 55.56 | 55.56 |" in out
+    assert "| 2 | leaf-first-lru | 55.56 | 55.56 | 1.00 |" in out
+    assert "| 2 | belady (offline optimum) | 55.56 | 55.56 | 1.00 | - |" in out
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

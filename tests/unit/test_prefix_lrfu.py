@@ -4,6 +4,7 @@ time scale, admission, and a heap that never names a block twice."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from kvstore.policy import PrefixLRFU
 from kvstore.table import BlockTable
@@ -95,8 +96,13 @@ def test_the_time_scale_follows_the_median_reuse_interval():
     for _ in range(40):  # each block is accessed again 64 block accesses (+ call gaps) later
         for name in names:
             rig.access(name)
-    # one access per call: 2 clock ticks per access, so intervals of 128 ticks -> H = 2 * 2**7.5
-    assert 256 <= rig.policy.time_scale <= 512
+    # one access per call: 2 clock ticks per access, so intervals of 128 ticks -> H = 4 * 2**7.5
+    assert 512 <= rig.policy.time_scale <= 1024
+
+
+def test_the_scale_factor_must_be_positive():
+    with pytest.raises(ValueError, match="scale_factor must be > 0"):
+        PrefixLRFU(scale_factor=0)
 
 
 def test_admission_refuses_a_copy_that_would_be_the_next_victim():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +37,17 @@ if not __package__:  # run as a script: make the `tools` package importable
 from kvstore.errors import InvalidArgumentError
 from kvstore.policy import POLICIES
 from kvstore.trace import TraceRequest, load_trace
+from tools.bench import harness
 from tools.bench.policy_sim import BELADY, ReplayResult, belady, replay
 from tools.traces.generate import TraceParams, generate_trace
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TRACE = REPO / "../shared/data/traces/conversation_trace.jsonl"
 DEFAULT_CAPACITIES = (1000, 2000, 5000, 10000, 20000, 50000)
+DOC_PATH = REPO / "docs" / "policy.md"
+PLOT_PATH = REPO / "docs" / "policy-hit-ratio.png"
+BEGIN_MARKER, END_MARKER = "<!-- bench:policy:begin -->", "<!-- bench:policy:end -->"
+DOC_HEADER = "# Cache policy\n"
 GENERATED = {
     # many short chats on a few popular system prompts
     "generated-chat (seed 1)": TraceParams(seed=1, duration_minutes=60.0),
@@ -99,28 +105,24 @@ def run_part(part: TracePart, capacities: Sequence[int], policies: Sequence[str]
 
 
 def markdown_table(part: TracePart, results: list[ReplayResult]) -> str:
-    """Rows: capacities; per policy, block and token hit ratios (%) and policy us per block access."""
-    policies = list(dict.fromkeys(result.policy for result in results))
-    by_cell = {(result.policy, result.capacity_blocks): result for result in results}
-    capacities = sorted({result.capacity_blocks for result in results})
+    """One row per capacity and policy: block and token hit ratios (%), the block hit ratio as a
+    fraction of the optimum's at that capacity, and the policy's microseconds per block access."""
+    optimum = {result.capacity_blocks: result for result in results if result.policy == BELADY}
     num_blocks = sum(len(request.hash_ids) for request in part.requests)
-    header = ["capacity (blocks)"]
-    for policy in policies:
-        header += [f"{policy} block %", f"{policy} token %"] + ([] if policy == BELADY else [f"{policy} us/access"])
     lines = [
         f"### {part.name}: {len(part.requests)} requests, {num_blocks} blocks",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---:|" * len(header),
+        "| capacity (blocks) | policy | block hits % | token hits % | x optimum | us/access |",
+        "|---:|---|---:|---:|---:|---:|",
     ]
-    for capacity in capacities:
-        cells = [str(capacity)]
-        for policy in policies:
-            result = by_cell[policy, capacity]
-            cells += [f"{100 * result.block_hit_ratio:.2f}", f"{100 * result.token_hit_ratio:.2f}"]
-            if policy != BELADY:
-                cells.append(f"{result.policy_us_per_access:.1f}")
-        lines.append("| " + " | ".join(cells) + " |")
+    for result in sorted(results, key=lambda r: (r.capacity_blocks, r.policy == BELADY, -r.block_hit_ratio)):
+        best = optimum[result.capacity_blocks].block_hit_ratio
+        share = f"{result.block_hit_ratio / best:.2f}" if best else "-"
+        cost = "-" if result.policy == BELADY else f"{result.policy_us_per_access:.1f}"
+        lines.append(
+            f"| {result.capacity_blocks} | {result.policy} | {100 * result.block_hit_ratio:.2f} | "
+            f"{100 * result.token_hit_ratio:.2f} | {share} | {cost} |"
+        )
     return "\n".join(lines)
 
 
@@ -165,6 +167,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--generated", action="store_true", help="also report two generated traces")
     parser.add_argument("--no-trace", action="store_true", help="skip --trace (with --generated)")
     parser.add_argument("--plot", type=Path, default=Path("policy_hit_ratio.png"), help="PNG to write")
+    parser.add_argument(
+        "--doc", action="store_true", help=f"write the tables into {DOC_PATH.name} and the plot next to it"
+    )
     return parser.parse_args(argv)
 
 
@@ -198,10 +203,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     with tqdm(total=num_runs, desc="replays", unit="run") as progress:
         for part in parts:
             reports.append((part, run_part(part, capacities, policies, progress)))
-    for part, results in reports:
-        print(markdown_table(part, results), end="\n\n")
-    plot_hit_ratios(reports, args.plot)
-    print(f"plot: {args.plot}")
+    tables = [markdown_table(part, results) for part, results in reports]
+    for table in tables:
+        print(table, end="\n\n")
+    plot = PLOT_PATH if args.doc else args.plot
+    plot_hit_ratios(reports, plot)
+    print(f"plot: {plot}")
+    if args.doc:
+        command = "tools/bench/policy.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        machine = ", ".join(f"{key} {value}" for key, value in harness.machine_info().items())
+        section = "\n\n".join(
+            [
+                f"Written by `.venv/bin/python {command.strip()}` on {time.strftime('%Y-%m-%d')}; {machine}.",
+                f"![block hit ratio against capacity]({PLOT_PATH.name})",
+                *tables,
+            ]
+        )
+        harness.write_doc_section(DOC_PATH, section, BEGIN_MARKER, END_MARKER, DOC_HEADER)
+        print(f"written: {DOC_PATH}")
 
 
 if __name__ == "__main__":
