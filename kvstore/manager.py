@@ -634,6 +634,7 @@ class TierManager:
             self._table.set_resident(row, TierKind.NVME, record.slot)
         self._policy.resize(self._table.capacity)
         self._policy.on_access(rows)
+        self._policy.on_insert(rows, TierKind.NVME)  # the copies a policy queues, as if committed
 
 
 _TIERS = tuple(TierKind)

@@ -1,19 +1,27 @@
-"""Cache policies: which blocks stay in which tier. Decisions only; see `base.EvictionPolicy`."""
+"""Cache policies: which blocks stay in which tier. Decisions only; see `base.EvictionPolicy`.
+
+`prefix-lrfu` is the store's default (docs/policy.md); the others are the baselines the policy
+benchmark (tools/bench/policy.py) compares it with, selectable too (`store.eviction_policy`)."""
 
 from collections.abc import Callable
 
 from kvstore.errors import ConfigError
+from kvstore.policy.arc import ARC
 from kvstore.policy.base import EvictionPolicy
+from kvstore.policy.lfu import LeafFirstLFU
 from kvstore.policy.lru import LeafFirstLRU
 from kvstore.policy.prefix_lrfu import PrefixLRFU
+from kvstore.policy.s3fifo import S3FIFO
 
-__all__ = ["EvictionPolicy", "LeafFirstLRU", "PrefixLRFU", "make_policy"]
+__all__ = ["ARC", "S3FIFO", "EvictionPolicy", "LeafFirstLFU", "LeafFirstLRU", "PrefixLRFU", "make_policy"]
 
-POLICIES: dict[str, Callable[[], EvictionPolicy]] = {LeafFirstLRU.name: LeafFirstLRU, PrefixLRFU.name: PrefixLRFU}
+POLICIES: dict[str, Callable[[], EvictionPolicy]] = {
+    policy.name: policy for policy in (PrefixLRFU, LeafFirstLRU, LeafFirstLFU, S3FIFO, ARC)
+}
 
 
 def make_policy(name: str) -> EvictionPolicy:
-    """The policy registered under `name` (config's `policy`)."""
+    """A new policy object of the kind registered under `name` (`store.eviction_policy`)."""
     try:
         return POLICIES[name]()
     except KeyError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from kvstore.errors import (
     UnknownNamespaceError,
     UnknownReservationError,
 )
+from kvstore.policy import POLICIES
 from kvstore.tiers.nvme import slab_file_name
 from kvstore.types import TierKind
 from tests import factories as f
@@ -293,6 +295,23 @@ def test_restart_serves_every_committed_nvme_block(ns, tmp_path):
         assert all(np.array_equal(a, b) for a, b in zip(got, data, strict=True))
         assert store.stats().tier(TierKind.NVME).num_blocks == 6
         assert store.stats().tier(TierKind.NVME).used_bytes == 6 * ns.block_bytes
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_after_a_restart_the_reloaded_nvme_blocks_are_evictable(ns, tmp_path, policy):
+    cfg = replace(
+        f.config(tmp_path, dram_blocks=8, nvme_blocks=8, write_policy=WritePolicy.WRITE_THROUGH), eviction_policy=policy
+    )
+    with f.store(cfg) as store:
+        nid = store.register_namespace(ns)
+        old = f.chain(nid, 8, seed=1)
+        store.put_blocks(nid, old, f.payloads(ns, 8))
+    with f.store(cfg) as store:  # NVMe is full of blocks the policy only saw reloaded
+        new = f.chain(nid, 8, seed=2)
+        store.put_blocks(nid, new, f.payloads(ns, 8, seed=2))  # written through: room is made in NVMe
+        assert store.lookup(nid, new).num_hits == 8
+        assert store.stats().tier(TierKind.NVME).num_blocks == 8
+        assert store.lookup(nid, old).num_hits == 0
 
 
 def test_remove_skips_leased_blocks(ns, clock):

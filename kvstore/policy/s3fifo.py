@@ -1,0 +1,237 @@
+"""S3-FIFO, leaf-first: a baseline for the policy benchmark.
+
+The algorithm (Yang et al., "FIFO queues are all you need for cache eviction", SOSP 2023). Each
+tier is one S3-FIFO cache (a block with copies in several tiers is queued in each):
+- a small FIFO queue S, 10% of the tier, receives new blocks; a main FIFO queue M holds the rest;
+- every block has a 2-bit access counter (0..3), raised by each access while it is cached;
+- when S holds at least 10% of the tier, its oldest block is examined: accessed at least once
+  while in S, it moves to M with its counter cleared; else it is evicted and its key enters the
+  ghost queue G;
+- otherwise M's oldest block is examined: with a non-zero counter it goes back to M's tail with
+  the counter decremented (a 2-bit CLOCK), else it is evicted;
+- G is a FIFO of the keys of blocks evicted from S, as many as M holds (90% of the tier); a block
+  inserted while its key is in G goes straight to M.
+A policy is not told a tier's size: it is taken as the most blocks the tier has held, which is its
+capacity once it has filled.
+
+Adapted to the store:
+- A commit or a promotion names a chain root first; its blocks enter the queue leaf first, so the
+  chain leaves leaf first (a demotion names children first already and keeps its order).
+- Rows are reused: state is kept per (row, incarnation), and ghosts remember keys, not rows.
+- Prefix constraint. A block whose turn has come while it still has resident children in the
+  tier is parked: taken out of its queue's order (it still counts in the queue's size) and put
+  back at the head of that queue when its last resident child leaves (`on_evict` of the child,
+  or the child's yield within one `victims` pass). It goes right after its children, as if left
+  in place, and no pass looks at it meanwhile. A leased or pinned block whose turn has come is
+  left in place for the pass (set aside and put back at the head).
+- `victims` decides, `on_evict` commits: a pass takes the rows it yields out of the queues and
+  puts them back at the head when it ends, so a caller that evicts fewer loses nothing; the
+  moves from S to M and the CLOCK decrements a pass makes are the algorithm's own steps and stay.
+  `on_evict` removes the rows, sending the keys of those from S to G.
+- A copy dropped without `on_evict` is forgotten when its turn comes; a parked block whose
+  children were dropped so is found when the queues run dry.
+- `admit` admits every block.
+
+Cost: O(1) amortised per access, insertion and victim (ordered dicts as queues: a block is
+removed by row in O(1)); only leased or pinned blocks at a queue's head are looked at again by
+every pass.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from kvstore.policy import chains
+from kvstore.table import ABSENT, BlockTable
+from kvstore.types import BlockKey, TierKind
+
+_SMALL_SHARE = 0.1  # S's share of the tier
+_MAX_FREQ = 3  # a 2-bit counter
+_ABSENT = int(ABSENT)
+
+
+class _Tier:
+    """One tier's S3-FIFO cache: S, M, G and the blocks' counters."""
+
+    def __init__(self, kind: TierKind) -> None:
+        self.kind = kind
+        self.small: OrderedDict[int, None] = OrderedDict()  # S, oldest first (parked rows are out)
+        self.main: OrderedDict[int, None] = OrderedDict()  # M, oldest first
+        self.ghost: OrderedDict[BlockKey, None] = OrderedDict()  # G, oldest first
+        self.born: dict[int, int] = {}  # every row queued here -> the incarnation it was queued at
+        self.freq: dict[int, int] = {}  # ... -> its access counter
+        self.parked: dict[int, bool] = {}  # row waiting for its resident children -> in S
+        self.parked_small = 0
+        self.size = 0  # the tier's size in blocks: the most it has held
+
+    def insert(self, rows: Sequence[int], table: BlockTable) -> None:
+        for row in rows:
+            incarnation = table.incarnation.item(row)
+            if self.born.get(row) == incarnation:
+                continue  # told twice
+            self.forget(row)
+            self.born[row] = incarnation
+            self.freq[row] = 0
+            key = table.keys[row]
+            if key is not None and key in self.ghost:
+                del self.ghost[key]
+                self.main[row] = None
+            else:
+                self.small[row] = None
+        self.size = max(self.size, len(self.born))
+
+    def evict(self, rows: Sequence[int], table: BlockTable) -> None:
+        for row in rows:
+            key = table.keys[row]
+            if self.forget(row) and key is not None:
+                self.ghost[key] = None
+                self.ghost.move_to_end(key)
+        limit = self.size - int(_SMALL_SHARE * self.size)  # as many as M holds
+        while len(self.ghost) > limit:
+            self.ghost.popitem(last=False)
+        if self.parked:
+            for row in chains.freed_parents(rows, table, self.kind, self.parked):
+                self.unpark(row)
+
+    def forget(self, row: int) -> bool:
+        """Take `row` out of the cache; True when it was in S."""
+        if self.born.pop(row, None) is None:
+            return False
+        del self.freq[row]
+        in_small = self.parked.pop(row, None)
+        if in_small is not None:
+            self.parked_small -= in_small
+            return in_small
+        if row in self.small:
+            del self.small[row]
+            return True
+        self.main.pop(row, None)
+        return False
+
+    def park(self, row: int, in_small: bool) -> None:
+        self.parked[row] = in_small
+        self.parked_small += in_small
+
+    def unpark(self, row: int) -> None:
+        """Back at the head of its queue: its turn had come."""
+        in_small = self.parked.pop(row)
+        self.parked_small -= in_small
+        queue = self.small if in_small else self.main
+        queue[row] = None
+        queue.move_to_end(row, last=False)
+
+    def victims(self, table: BlockTable) -> Iterator[int]:
+        small, main, freq = self.small, self.main, self.freq
+        slot, children = table.slot[:, self.kind], table.children[:, self.kind]
+        leases, pinned = table.leases, table.pinned
+        remaining: dict[int, int] = {}  # parent row -> resident children left after our picks
+        popped: list[tuple[int, bool]] = []  # yielded or set aside, in order: back at the head at the end
+        held_small = 0  # set aside from S: still in it
+        swept = False
+        try:
+            while True:
+                small_size = len(small) + self.parked_small + held_small
+                from_small = bool(small) and (small_size >= _SMALL_SHARE * self.size or not main)
+                queue = small if from_small else main
+                if not queue:
+                    if swept or not self._sweep(table, remaining):
+                        return
+                    swept = True
+                    continue
+                row = queue.popitem(last=False)[0]
+                if slot.item(row) == _ABSENT:  # dropped without on_evict
+                    self.born.pop(row, None)
+                    freq.pop(row, None)
+                    continue
+                count = freq[row]
+                if count:  # accessed: S -> M with the counter cleared, or M's second chance
+                    freq[row] = 0 if from_small else count - 1
+                    main[row] = None
+                    continue
+                if leases.item(row) or pinned.item(row):
+                    popped.append((row, from_small))
+                    held_small += from_small
+                    continue
+                if remaining.get(row, children.item(row)) > 0:
+                    self.park(row, from_small)
+                    continue
+                popped.append((row, from_small))
+                yield row
+                parent_row = chains.parent_row(table, row, self.kind)
+                if parent_row is not None:
+                    left = remaining.get(parent_row, children.item(parent_row)) - 1
+                    remaining[parent_row] = left
+                    if left == 0 and parent_row in self.parked:
+                        self.unpark(parent_row)
+        finally:
+            for row, in_small in reversed(popped):
+                queue = small if in_small else main
+                if row in self.born and row not in queue:
+                    queue[row] = None
+                    queue.move_to_end(row, last=False)
+
+    def _sweep(self, table: BlockTable, remaining: dict[int, int]) -> bool:
+        """When the queues ran dry: unpark rows whose children left unseen (dropped without
+        `on_evict`), forget parked rows dropped so; True when some came back."""
+        slot, children = table.slot[:, self.kind], table.children[:, self.kind]
+        back = False
+        for row in list(self.parked):
+            if slot.item(row) == _ABSENT:
+                self.forget(row)
+            elif remaining.get(row, children.item(row)) <= 0:
+                self.unpark(row)
+                back = True
+        return back
+
+
+class S3FIFO:
+    name = "s3-fifo"
+
+    def __init__(self) -> None:
+        self._table: BlockTable | None = None
+        self._tiers: dict[TierKind, _Tier] = {}
+
+    def attach(self, table: BlockTable) -> None:
+        self._table = table
+
+    def resize(self, num_rows: int) -> None:
+        """State is kept in dicts per queued row: nothing to grow."""
+
+    def on_access(self, rows: Sequence[int] | npt.NDArray[np.intp]) -> None:
+        if not len(rows) or not self._tiers:
+            return
+        row_list: Sequence[int] = rows.tolist() if isinstance(rows, np.ndarray) else rows
+        for tier in self._tiers.values():
+            freq = tier.freq
+            for row in row_list:
+                count = freq.get(row)
+                if count is not None and count < _MAX_FREQ:
+                    freq[row] = count + 1
+
+    def on_insert(self, rows: Sequence[int], tier: TierKind) -> None:
+        if rows:
+            table = self._require_table()
+            state = self._tiers.get(tier) or self._tiers.setdefault(tier, _Tier(tier))
+            state.insert(chains.leaf_first(rows, table), table)
+
+    def on_evict(self, rows: Sequence[int], tier: TierKind) -> None:
+        state = self._tiers.get(tier)
+        if rows and state is not None:
+            state.evict(rows, self._require_table())
+
+    def admit(self, rows: Sequence[int], tier: TierKind) -> list[bool]:
+        return [True] * len(rows)
+
+    def victims(self, tier: TierKind, table: BlockTable) -> Iterator[int]:
+        state = self._tiers.get(tier)
+        if state is not None:
+            yield from state.victims(table)
+
+    def _require_table(self) -> BlockTable:
+        if self._table is None:
+            raise RuntimeError("S3FIFO used before attach(table)")
+        return self._table
