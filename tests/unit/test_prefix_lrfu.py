@@ -158,3 +158,33 @@ def test_keys_that_differ_only_in_their_high_bytes_have_separate_history():
     positions, tags = policy._history_positions(keys, np.arange(len(keys)))
     assert len(set(tags.tolist())) == 1000
     assert len(set(positions.tolist())) > 990
+
+
+def test_weights_are_rebased_before_they_overflow_and_keep_their_order():
+    rig = Rig()
+    names = ["a", "b", "c"]
+    for name in names:
+        rig.store(name)
+    rig.access("a")  # a: two accesses; b, c: one each, c the most recent
+    before = rig.victims()
+    scale = rig.policy.time_scale
+    for _ in range(int(110 * scale / 2)):  # past 100 H of block accesses (2 ticks per call)
+        rig.policy.on_access([])  # no rows: nothing changes
+        rig.policy._clock += 2.0
+    rig.access("b")  # this access must rebase first
+    weights = rig.policy._weight[: rig.table.capacity]
+    assert np.isfinite(weights).all() and weights.max() <= 2.0
+    assert rig.victims()[-1] == "b"  # the fresh access outweighs everything decayed
+    assert [name for name in rig.victims() if name != "b"] == [name for name in before if name != "b"]
+
+
+def test_a_new_time_scale_keeps_the_order_of_single_accesses():
+    rig = Rig()
+    for name in ("x", "y", "z"):
+        rig.store(name)
+    order = rig.victims()
+    rig.policy._set_scale(rig.policy.time_scale * 8)
+    assert rig.victims() == order
+    rig.policy._set_scale(rig.policy.time_scale / 64)
+    assert rig.victims() == order
+    assert np.isfinite(rig.policy._weight).all()
