@@ -86,7 +86,7 @@ class StoreSection:
     reservation_ttl_s: float = 30.0  # an uncommitted write's slots are freed after this (a dead writer)
     lease_ttl_s: float = 30.0  # an unreleased read lease is dropped after this (a dead reader)
     promote_on_hit: bool = True  # NVMe hits are copied up to DRAM
-    eviction_policy: str = "prefix-lrfu"  # which blocks stay: prefix-lrfu, leaf-first-lru, ... (docs/policy.md)
+    eviction_policy: str = "leaf-first-lru"  # which blocks stay: leaf-first-lru, prefix-lrfu, ... (docs/policy.md)
     event_ring_events: int = 65536  # WatchEvents backlog; a watcher further behind must resync
 
 

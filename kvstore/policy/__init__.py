@@ -1,7 +1,9 @@
 """Cache policies: which blocks stay in which tier. Decisions only; see `base.EvictionPolicy`.
 
-`prefix-lrfu` is the store's default (docs/policy.md); the others are the baselines the policy
-benchmark (tools/bench/policy.py) compares it with, selectable too (`store.eviction_policy`)."""
+`leaf-first-lru` is the store's default; `prefix-lrfu` keeps far more of what is reused when a
+tier is small, at a higher cost per access (docs/policy.md). `lfu`, `s3-fifo` and `arc` are the
+baselines the policy benchmark (tools/bench/policy.py) compares them with. Any of them is
+selected by `store.eviction_policy`."""
 
 from collections.abc import Callable
 

@@ -1,5 +1,6 @@
-"""Prefix LRFU: the store's default policy. Recency and frequency in one number, kept across
-evictions, on a time scale learned from the workload; leaf-first.
+"""Prefix LRFU: recency and frequency in one number, kept across evictions, on a time scale
+learned from the workload; leaf-first. Selected by `store.eviction_policy = "prefix-lrfu"`; not
+yet the default, because an access costs ~1 us per block in Python (docs/policy.md).
 
 Why. On request traces most blocks are used once, and a block that comes back usually comes
 back after a long while (on Mooncake's conversation trace the median reuse is ~450 requests
@@ -58,7 +59,7 @@ _MIN_HISTORY = 1 << 20  # ... and at least this many (12 MiB, allocated lazily b
 _BUCKETS = 64  # log2 histogram of reuse intervals
 _HISTOGRAM_HALVING = 1 << 16  # samples after which the histogram is halved (it follows drift)
 _MIN_SAMPLES = 256  # reuses seen before the learned time scale replaces the default
-_ESTIMATE_EVERY = 1024  # reuses between two estimates of the time scale
+_MAX_ESTIMATE_EVERY = 1 << 16  # reuses between two estimates of the time scale, at most
 _SCALE_FACTOR = 4.0  # H = this x the median reuse interval (tuned on the first half of a trace: docs/policy.md)
 _MAX_EXPONENT = 100.0  # weights are rebased before an access weighs 2 ** this (float32 history: 2 ** 127)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio: spreads keys over the history
@@ -278,7 +279,10 @@ class PrefixLRFU:
         self._samples += len(intervals)
         if self._samples < self._next_estimate:
             return
-        self._next_estimate = self._samples + _ESTIMATE_EVERY
+        # A new scale converts every weight and the whole history, O(rows): estimates come at
+        # doubling sample counts, then every _MAX_ESTIMATE_EVERY, so that cost stays amortised
+        # even when the median wavers across a bucket's edge.
+        self._next_estimate = self._samples + min(self._samples, _MAX_ESTIMATE_EVERY)
         cumulative = np.cumsum(self._intervals)
         if cumulative[-1] > _HISTOGRAM_HALVING:
             self._intervals *= 0.5
