@@ -220,50 +220,19 @@ class _Tier:
         return back
 
 
-class ARC:
+class ARC(chains.PerTierPolicy[_Tier]):
     name = "arc"
 
-    def __init__(self) -> None:
-        self._table: BlockTable | None = None
-        self._tiers: dict[TierKind, _Tier] = {}
+    def _queues(self, kind: TierKind) -> _Tier:
+        return _Tier(kind)
 
     def target(self, tier: TierKind) -> float:
         """p: the size ARC currently aims at for T1 in `tier`, in blocks."""
         state = self._tiers.get(tier)
         return state.p if state is not None else 0.0
 
-    def attach(self, table: BlockTable) -> None:
-        self._table = table
-
-    def resize(self, num_rows: int) -> None:
-        """State is kept in dicts per listed row: nothing to grow."""
-
     def on_access(self, rows: Sequence[int] | npt.NDArray[np.intp]) -> None:
         if len(rows) and self._tiers:
             row_list: Sequence[int] = rows.tolist() if isinstance(rows, np.ndarray) else rows
             for tier in self._tiers.values():
                 tier.access(row_list)
-
-    def on_insert(self, rows: Sequence[int], tier: TierKind) -> None:
-        if rows:
-            table = self._require_table()
-            state = self._tiers.get(tier) or self._tiers.setdefault(tier, _Tier(tier))
-            state.insert(chains.leaf_first(rows, table), table)
-
-    def on_evict(self, rows: Sequence[int], tier: TierKind) -> None:
-        state = self._tiers.get(tier)
-        if rows and state is not None:
-            state.evict(rows, self._require_table())
-
-    def admit(self, rows: Sequence[int], tier: TierKind) -> list[bool]:
-        return [True] * len(rows)
-
-    def victims(self, tier: TierKind, table: BlockTable) -> Iterator[int]:
-        state = self._tiers.get(tier)
-        if state is not None:
-            yield from state.victims(table)
-
-    def _require_table(self) -> BlockTable:
-        if self._table is None:
-            raise RuntimeError("ARC used before attach(table)")
-        return self._table

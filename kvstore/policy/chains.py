@@ -1,9 +1,11 @@
 """Helpers for queue-based policies that respect the prefix constraint: the order a committed
-chain enters a queue, a block's counted parent, and which waiting parents a departure frees."""
+chain enters a queue, a block's counted parent, which waiting parents a departure frees, and the
+plumbing of a policy with queues per tier."""
 
 from __future__ import annotations
 
-from collections.abc import Container, Sequence
+from collections.abc import Container, Iterator, Sequence
+from typing import Generic, Protocol, TypeVar
 
 from kvstore.table import BlockTable
 from kvstore.types import TierKind
@@ -33,3 +35,60 @@ def freed_parents(rows: Sequence[int], table: BlockTable, tier: TierKind, parked
         if parent is not None and parent in parked:
             leaving[parent] = leaving.get(parent, 0) + 1
     return [row for row, count in leaving.items() if table.children.item(row, tier) <= count]
+
+
+class TierQueues(Protocol):
+    """One tier's queues in a queue-based policy."""
+
+    def insert(self, rows: Sequence[int], table: BlockTable) -> None: ...
+
+    def evict(self, rows: Sequence[int], table: BlockTable) -> None: ...
+
+    def victims(self, table: BlockTable) -> Iterator[int]: ...
+
+
+Queues = TypeVar("Queues", bound=TierQueues)
+
+
+class PerTierPolicy(Generic[Queues]):
+    """The `EvictionPolicy` plumbing of a policy that keeps one set of queues per tier (made on
+    the tier's first insert): a subclass supplies `_queues(kind)` and `on_access`."""
+
+    name: str
+
+    def __init__(self) -> None:
+        self._table: BlockTable | None = None
+        self._tiers: dict[TierKind, Queues] = {}
+
+    def _queues(self, kind: TierKind) -> Queues:
+        raise NotImplementedError
+
+    def attach(self, table: BlockTable) -> None:
+        self._table = table
+
+    def resize(self, num_rows: int) -> None:
+        """State is kept in dicts per queued row: nothing to grow."""
+
+    def on_insert(self, rows: Sequence[int], tier: TierKind) -> None:
+        if rows:
+            table = self._require_table()
+            state = self._tiers.get(tier) or self._tiers.setdefault(tier, self._queues(tier))
+            state.insert(leaf_first(rows, table), table)
+
+    def on_evict(self, rows: Sequence[int], tier: TierKind) -> None:
+        state = self._tiers.get(tier)
+        if rows and state is not None:
+            state.evict(rows, self._require_table())
+
+    def admit(self, rows: Sequence[int], tier: TierKind) -> list[bool]:
+        return [True] * len(rows)
+
+    def victims(self, tier: TierKind, table: BlockTable) -> Iterator[int]:
+        state = self._tiers.get(tier)
+        if state is not None:
+            yield from state.victims(table)
+
+    def _require_table(self) -> BlockTable:
+        if self._table is None:
+            raise RuntimeError(f"{type(self).__name__} used before attach(table)")
+        return self._table

@@ -188,18 +188,11 @@ class _Tier:
         return back
 
 
-class S3FIFO:
+class S3FIFO(chains.PerTierPolicy[_Tier]):
     name = "s3-fifo"
 
-    def __init__(self) -> None:
-        self._table: BlockTable | None = None
-        self._tiers: dict[TierKind, _Tier] = {}
-
-    def attach(self, table: BlockTable) -> None:
-        self._table = table
-
-    def resize(self, num_rows: int) -> None:
-        """State is kept in dicts per queued row: nothing to grow."""
+    def _queues(self, kind: TierKind) -> _Tier:
+        return _Tier(kind)
 
     def on_access(self, rows: Sequence[int] | npt.NDArray[np.intp]) -> None:
         if not len(rows) or not self._tiers:
@@ -211,27 +204,3 @@ class S3FIFO:
                 count = freq.get(row)
                 if count is not None and count < _MAX_FREQ:
                     freq[row] = count + 1
-
-    def on_insert(self, rows: Sequence[int], tier: TierKind) -> None:
-        if rows:
-            table = self._require_table()
-            state = self._tiers.get(tier) or self._tiers.setdefault(tier, _Tier(tier))
-            state.insert(chains.leaf_first(rows, table), table)
-
-    def on_evict(self, rows: Sequence[int], tier: TierKind) -> None:
-        state = self._tiers.get(tier)
-        if rows and state is not None:
-            state.evict(rows, self._require_table())
-
-    def admit(self, rows: Sequence[int], tier: TierKind) -> list[bool]:
-        return [True] * len(rows)
-
-    def victims(self, tier: TierKind, table: BlockTable) -> Iterator[int]:
-        state = self._tiers.get(tier)
-        if state is not None:
-            yield from state.victims(table)
-
-    def _require_table(self) -> BlockTable:
-        if self._table is None:
-            raise RuntimeError("S3FIFO used before attach(table)")
-        return self._table
