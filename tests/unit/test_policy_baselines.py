@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvstore.policy import POLICIES
 from kvstore.policy.arc import ARC
 from kvstore.policy.base import EvictionPolicy
 from kvstore.policy.lfu import LeafFirstLFU
@@ -17,7 +18,7 @@ from kvstore.policy.s3fifo import S3FIFO
 from kvstore.table import BlockTable
 from kvstore.types import Slot, TierKind
 from tests.unit.test_policy import key
-from tests.unit.test_policy_sim import chained, resident_ids
+from tests.unit.test_policy_sim import chained, serve_checked
 from tools.bench.policy_sim import TIER, SimulatedTier, belady
 
 DRAM, NVME = TierKind.DRAM, TierKind.NVME
@@ -302,21 +303,14 @@ def test_a_reused_row_starts_afresh_even_when_the_policy_missed_the_drop(rig):
     assert rig.victims()[0] == "x"  # a new block read once, not a's history
 
 
-@pytest.mark.parametrize("make", BASELINES, ids=lambda cls: cls.name)
+@pytest.mark.parametrize("name", sorted(POLICIES))
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=6), min_size=1, max_size=30), st.integers(1, 8))
-def test_random_traces_keep_the_tier_consistent_and_every_block_reachable(make, token_paths, capacity):
+def test_random_traces_keep_the_tier_consistent_and_every_block_reachable(name, token_paths, capacity):
+    """Every store policy, the default and prefix-lrfu included."""
     trace = chained(token_paths)
-    tier = SimulatedTier(make(), capacity)
-    hits = 0
-    for request in trace:
-        hits += tier.serve(request.hash_ids)
-        held = resident_ids(tier)
-        assert len(held) <= capacity
-        for key_, row in tier.table.ids.items():  # every resident block's parent is resident too
-            parent = tier.table.parents[row]
-            if int.from_bytes(key_, "big") in held and parent is not None:
-                assert int.from_bytes(parent, "big") in held
+    tier = SimulatedTier(POLICIES[name](), capacity)
+    hits = serve_checked(tier, trace, capacity)
     assert belady(trace, capacity).hit_blocks >= hits
     # one full pass names every resident block once, each after its resident children
     table = tier.table
