@@ -55,24 +55,20 @@ from kvstore.types import BlockKey, TierKind
 _ABSENT = int(ABSENT)
 
 
-class _Tier:
-    """One tier's ARC cache: T1, T2, B1, B2 and p."""
+class _Tier(chains.TwoQueues):
+    """One tier's ARC cache: T1 (the first queue), T2 (the second), B1, B2 and p."""
 
     def __init__(self, kind: TierKind) -> None:
-        self.kind = kind
-        self.t1: OrderedDict[int, None] = OrderedDict()  # least recent first (parked rows are out)
-        self.t2: OrderedDict[int, None] = OrderedDict()
+        super().__init__(kind)
         self.b1: OrderedDict[BlockKey, None] = OrderedDict()  # least recent first
         self.b2: OrderedDict[BlockKey, None] = OrderedDict()
         self.born: dict[int, int] = {}  # every row listed here -> the incarnation it was listed at
         self.in_t1: dict[int, bool] = {}  # ... -> in T1 (else T2)
-        self.parked: set[int] = set()  # rows waiting for their resident children to leave
-        self.parked_t1 = 0
         self.p = 0.0  # target size of T1
         self.size = 0  # c: the most blocks the tier has held
 
     def access(self, rows: Sequence[int]) -> None:
-        t2, in_t1 = self.t2, self.in_t1
+        t2, in_t1 = self.second, self.in_t1
         for row in reversed(rows):  # leaf first: the root ends most recent
             first = in_t1.get(row)
             if first is None:
@@ -80,11 +76,7 @@ class _Tier:
             if not first and row in t2:
                 t2.move_to_end(row)
                 continue
-            if row in self.parked:
-                self.parked.discard(row)
-                self.parked_t1 -= first
-            else:
-                self.t1.pop(row, None)
+            self.remove(row, first)
             t2[row] = None
             in_t1[row] = False
 
@@ -104,10 +96,10 @@ class _Tier:
                 self.p = max(0.0, self.p - max(len(b1) / len(b2), 1.0))
                 del b2[key]
             else:
-                self.t1[row] = None
+                self.first[row] = None
                 self.in_t1[row] = True
                 continue
-            self.t2[row] = None
+            self.second[row] = None
             self.in_t1[row] = False
         self.size = max(self.size, len(self.born))
         self._bound_ghosts()
@@ -123,37 +115,18 @@ class _Tier:
             ghosts[key] = None
             ghosts.move_to_end(key)
         self._bound_ghosts()
-        if self.parked:
-            for row in chains.freed_parents(rows, table, self.kind, self.parked):
-                self.unpark(row)
+        self.children_left(rows, table)
 
     def forget(self, row: int) -> bool | None:
         """Take `row` out of the cache; whether it was in T1, or None when it was not listed."""
         if self.born.pop(row, None) is None:
             return None
         in_t1 = self.in_t1.pop(row)
-        if row in self.parked:
-            self.parked.discard(row)
-            self.parked_t1 -= in_t1
-        else:
-            (self.t1 if in_t1 else self.t2).pop(row, None)
+        self.remove(row, in_t1)
         return in_t1
 
-    def park(self, row: int) -> None:
-        self.parked.add(row)
-        self.parked_t1 += self.in_t1[row]
-
-    def unpark(self, row: int) -> None:
-        """Back at the least recent end of its list: its turn had come."""
-        self.parked.discard(row)
-        in_t1 = self.in_t1[row]
-        self.parked_t1 -= in_t1
-        queue = self.t1 if in_t1 else self.t2
-        queue[row] = None
-        queue.move_to_end(row, last=False)
-
     def victims(self, table: BlockTable) -> Iterator[int]:
-        t1, t2 = self.t1, self.t2
+        t1, t2 = self.first, self.second
         slot, children = table.slot[:, self.kind], table.children[:, self.kind]
         leases, pinned = table.leases, table.pinned
         remaining: dict[int, int] = {}  # parent row -> resident children left after our picks
@@ -162,10 +135,10 @@ class _Tier:
         swept = False
         try:
             while True:
-                from_t1 = bool(t1) and (len(t1) + self.parked_t1 + held_t1 > self.p or not t2)  # REPLACE
+                from_t1 = bool(t1) and (len(t1) + self.parked_first + held_t1 > self.p or not t2)  # REPLACE
                 queue = t1 if from_t1 else t2
                 if not queue:
-                    if swept or not self._sweep(table, remaining):
+                    if swept or not self.sweep(table, remaining, self.forget):
                         return
                     swept = True
                     continue
@@ -179,45 +152,23 @@ class _Tier:
                     held_t1 += from_t1
                     continue
                 if remaining.get(row, children.item(row)) > 0:
-                    self.park(row)
+                    self.park(row, from_t1)
                     continue
                 popped.append((row, from_t1))
                 yield row
-                parent_row = chains.parent_row(table, row, self.kind)
-                if parent_row is not None:
-                    left = remaining.get(parent_row, children.item(parent_row)) - 1
-                    remaining[parent_row] = left
-                    if left == 0 and parent_row in self.parked:
-                        self.unpark(parent_row)
+                self.child_taken(row, table, remaining)
         finally:
-            for row, in_t1 in reversed(popped):
-                queue = t1 if in_t1 else t2
-                if row in self.born and row not in queue:
-                    queue[row] = None
-                    queue.move_to_end(row, last=False)
+            self.put_back(popped, self.born)
 
     def _bound_ghosts(self) -> None:
         """|T1| + |B1| <= c and |T1| + |T2| + |B1| + |B2| <= 2c."""
         b1, b2, c = self.b1, self.b2, self.size
-        t1_size = len(self.t1) + self.parked_t1
+        t1_size = len(self.first) + self.parked_first
         while b1 and t1_size + len(b1) > c:
             b1.popitem(last=False)
         excess = len(self.born) + len(b1) + len(b2) - 2 * c
         for _ in range(max(0, excess)):
             (b2 if b2 else b1).popitem(last=False)
-
-    def _sweep(self, table: BlockTable, remaining: dict[int, int]) -> bool:
-        """When the lists ran dry: unpark rows whose children left unseen (dropped without
-        `on_evict`), forget parked rows dropped so; True when some came back."""
-        slot, children = table.slot[:, self.kind], table.children[:, self.kind]
-        back = False
-        for row in list(self.parked):
-            if slot.item(row) == _ABSENT:
-                self.forget(row)
-            elif remaining.get(row, children.item(row)) <= 0:
-                self.unpark(row)
-                back = True
-        return back
 
 
 class ARC(chains.PerTierPolicy[_Tier]):

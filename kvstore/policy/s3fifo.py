@@ -54,18 +54,14 @@ _MAX_FREQ = 3  # a 2-bit counter
 _ABSENT = int(ABSENT)
 
 
-class _Tier:
-    """One tier's S3-FIFO cache: S, M, G and the blocks' counters."""
+class _Tier(chains.TwoQueues):
+    """One tier's S3-FIFO cache: S (the first queue), M (the second), G and the counters."""
 
     def __init__(self, kind: TierKind) -> None:
-        self.kind = kind
-        self.small: OrderedDict[int, None] = OrderedDict()  # S, oldest first (parked rows are out)
-        self.main: OrderedDict[int, None] = OrderedDict()  # M, oldest first
+        super().__init__(kind)
         self.ghost: OrderedDict[BlockKey, None] = OrderedDict()  # G, oldest first
         self.born: dict[int, int] = {}  # every row queued here -> the incarnation it was queued at
         self.freq: dict[int, int] = {}  # ... -> its access counter
-        self.parked: dict[int, bool] = {}  # row waiting for its resident children -> in S
-        self.parked_small = 0
         self.size = 0  # the tier's size in blocks: the most it has held
 
     def insert(self, rows: Sequence[int], table: BlockTable) -> None:
@@ -79,9 +75,9 @@ class _Tier:
             key = table.keys[row]
             if key is not None and key in self.ghost:
                 del self.ghost[key]
-                self.main[row] = None
+                self.second[row] = None
             else:
-                self.small[row] = None
+                self.first[row] = None
         self.size = max(self.size, len(self.born))
 
     def evict(self, rows: Sequence[int], table: BlockTable) -> None:
@@ -93,39 +89,19 @@ class _Tier:
         limit = self.size - int(_SMALL_SHARE * self.size)  # as many as M holds
         while len(self.ghost) > limit:
             self.ghost.popitem(last=False)
-        if self.parked:
-            for row in chains.freed_parents(rows, table, self.kind, self.parked):
-                self.unpark(row)
+        self.children_left(rows, table)
 
     def forget(self, row: int) -> bool:
         """Take `row` out of the cache; True when it was in S."""
         if self.born.pop(row, None) is None:
             return False
         del self.freq[row]
-        in_small = self.parked.pop(row, None)
-        if in_small is not None:
-            self.parked_small -= in_small
-            return in_small
-        if row in self.small:
-            del self.small[row]
-            return True
-        self.main.pop(row, None)
-        return False
-
-    def park(self, row: int, in_small: bool) -> None:
-        self.parked[row] = in_small
-        self.parked_small += in_small
-
-    def unpark(self, row: int) -> None:
-        """Back at the head of its queue: its turn had come."""
-        in_small = self.parked.pop(row)
-        self.parked_small -= in_small
-        queue = self.small if in_small else self.main
-        queue[row] = None
-        queue.move_to_end(row, last=False)
+        in_small = self.parked.get(row, row in self.first)
+        self.remove(row, in_small)
+        return in_small
 
     def victims(self, table: BlockTable) -> Iterator[int]:
-        small, main, freq = self.small, self.main, self.freq
+        small, main, freq = self.first, self.second, self.freq
         slot, children = table.slot[:, self.kind], table.children[:, self.kind]
         leases, pinned = table.leases, table.pinned
         remaining: dict[int, int] = {}  # parent row -> resident children left after our picks
@@ -134,11 +110,11 @@ class _Tier:
         swept = False
         try:
             while True:
-                small_size = len(small) + self.parked_small + held_small
+                small_size = len(small) + self.parked_first + held_small
                 from_small = bool(small) and (small_size >= _SMALL_SHARE * self.size or not main)
                 queue = small if from_small else main
                 if not queue:
-                    if swept or not self._sweep(table, remaining):
+                    if swept or not self.sweep(table, remaining, self.forget):
                         return
                     swept = True
                     continue
@@ -161,31 +137,9 @@ class _Tier:
                     continue
                 popped.append((row, from_small))
                 yield row
-                parent_row = chains.parent_row(table, row, self.kind)
-                if parent_row is not None:
-                    left = remaining.get(parent_row, children.item(parent_row)) - 1
-                    remaining[parent_row] = left
-                    if left == 0 and parent_row in self.parked:
-                        self.unpark(parent_row)
+                self.child_taken(row, table, remaining)
         finally:
-            for row, in_small in reversed(popped):
-                queue = small if in_small else main
-                if row in self.born and row not in queue:
-                    queue[row] = None
-                    queue.move_to_end(row, last=False)
-
-    def _sweep(self, table: BlockTable, remaining: dict[int, int]) -> bool:
-        """When the queues ran dry: unpark rows whose children left unseen (dropped without
-        `on_evict`), forget parked rows dropped so; True when some came back."""
-        slot, children = table.slot[:, self.kind], table.children[:, self.kind]
-        back = False
-        for row in list(self.parked):
-            if slot.item(row) == _ABSENT:
-                self.forget(row)
-            elif remaining.get(row, children.item(row)) <= 0:
-                self.unpark(row)
-                back = True
-        return back
+            self.put_back(popped, self.born)
 
 
 class S3FIFO(chains.PerTierPolicy[_Tier]):
