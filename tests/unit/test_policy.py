@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kvstore.policy import POLICIES, EvictionPolicy
+from kvstore.errors import ConfigError
+from kvstore.policy import POLICIES, EvictionPolicy, PrefixLRFU, make_policy
 from kvstore.table import BlockTable
 from kvstore.types import BlockKey, Slot, TierKind
 
@@ -82,3 +83,9 @@ def test_leaf_first_lru_order_is_exact():
     table, rows = build(policy, [["a", "b", "c"], ["x"], ["a", "b", "d"]])
     # c is the oldest leaf, then x; d was read last, and reading it refreshed a and b.
     assert names(rows, policy.victims(DRAM, table)) == ["c", "x", "d", "b", "a"]
+
+
+def test_an_unknown_policy_name_is_a_config_error_naming_the_known_ones():
+    with pytest.raises(ConfigError, match=r"unknown eviction policy 'mru'; known: .*'prefix-lrfu'"):
+        make_policy("mru")
+    assert isinstance(make_policy("prefix-lrfu"), PrefixLRFU)

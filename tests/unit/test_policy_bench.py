@@ -51,3 +51,8 @@ def test_a_malformed_trace_stops_with_its_line_number(tmp_path):
 def test_bad_capacities_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="--capacities"):
         main(["--trace", str(tmp_path / "x"), "--capacities", "ten"])
+
+
+def test_unknown_policies_are_refused_by_name(tmp_path):
+    with pytest.raises(SystemExit, match=r"--policies must name store policies .*; unknown: \['mru'\]"):
+        main(["--trace", str(tmp_path / "x"), "--policies", "leaf-first-lru,mru"])

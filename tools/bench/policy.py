@@ -184,7 +184,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     policies = [name for name in args.policies.split(",") if name]
     unknown = sorted(set(policies) - set(POLICIES))
     if unknown or not policies:
-        raise SystemExit(f"--policies must name store policies {sorted(POLICIES)}, got {args.policies!r}")
+        wrong = unknown or args.policies
+        raise SystemExit(f"--policies must name store policies {sorted(POLICIES)}; unknown: {wrong!r}")
     parts: list[TracePart] = []
     if not args.no_trace:
         trace_path = args.trace.resolve()
