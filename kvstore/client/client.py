@@ -317,10 +317,9 @@ class Client:
     def fetch(
         self, namespace_id: NamespaceId, keys: Sequence[BlockKey], peer: str, *, parent: BlockKey | None = None
     ) -> FetchResult:
-        """Make the node pull the blocks of `keys` it lacks from `peer` (its data address)."""
-        request = pb.FetchRequest(namespace_id=namespace_id, keys=wire.pack_keys(keys), parent=parent or b"", peer=peer)
-        reply = self._call(self._stub.Fetch, request)
-        return FetchResult(reply.num_fetched, reply.num_present, reply.bytes_moved)
+        """Make the node pull the blocks of `keys` it lacks from `peer` (its data address); a
+        client on the node's host asks over the node's Unix socket, others over gRPC."""
+        return self._slots.fetch(namespace_id, keys, parent, peer)
 
     # -- administration ------------------------------------------------------------------------
 

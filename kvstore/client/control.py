@@ -6,7 +6,8 @@ connect time and never branches on it again.
 Calls, in the order a client makes them: `lookup` any time; a write is `reserve`, copy into the
 granted slots, then `commit` (or `abort`); a read is `acquire`, copy out, then `release`, which
 does not wait for the node (the copy is done; a release that fails is logged and the lease
-expires). `close` lets releases in flight land. Every call may raise a KVStoreError.
+expires). `fetch` makes the node pull blocks from a peer, which a client on the node's host
+asks over the socket too. `close` lets releases in flight land. Every call may raise a KVStoreError.
 
 Owner: one `Client`. Thread-safe (the connection pool and gRPC channels are).
 """
@@ -25,12 +26,15 @@ from kvstore import wire
 from kvstore.dataplane.client import DataPlanePool
 from kvstore.dataplane.local_frames import (
     ChainRequest,
+    FetchRequest,
     Grant,
     pack_chain,
     pack_commit,
+    pack_fetch,
     pack_id,
     pack_lookups_done,
     parse_acquire_ok,
+    parse_fetch_ok,
     parse_lookup_ok,
     parse_reserve_ok,
 )
@@ -38,7 +42,7 @@ from kvstore.dataplane.protocol import FrameType
 from kvstore.errors import KVStoreError
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
-from kvstore.types import BlockKey, LookupResult, NamespaceId
+from kvstore.types import BlockKey, FetchResult, LookupResult, NamespaceId
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,10 @@ class SlotControl(Protocol):
     def report_lookups(self, lookups: int, hit_blocks: int, miss_blocks: int) -> None: ...
 
     def read_done(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> None: ...
+
+    def fetch(
+        self, namespace_id: NamespaceId, keys: Sequence[BlockKey], parent: BlockKey | None, peer: str
+    ) -> FetchResult: ...
 
     def close(self) -> None: ...
 
@@ -101,6 +109,12 @@ class SocketControl:
 
     def read_done(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> None:
         self._send_only(FrameType.READ_DONE, pack_chain(ChainRequest(namespace_id, list(keys))))
+
+    def fetch(
+        self, namespace_id: NamespaceId, keys: Sequence[BlockKey], parent: BlockKey | None, peer: str
+    ) -> FetchResult:
+        body = pack_fetch(FetchRequest(peer, ChainRequest(namespace_id, list(keys), parent)))
+        return parse_fetch_ok(self._call(FrameType.FETCH, body, FrameType.FETCH_OK))
 
     def _send_only(self, kind: FrameType, body: bytes) -> None:
         try:
@@ -160,6 +174,13 @@ class GrpcControl:
 
     def release(self, lease_id: int) -> None:
         self._send_only(self._stub.Release, pb.ReleaseRequest(lease_id=lease_id))
+
+    def fetch(
+        self, namespace_id: NamespaceId, keys: Sequence[BlockKey], parent: BlockKey | None, peer: str
+    ) -> FetchResult:
+        request = pb.FetchRequest(namespace_id=namespace_id, keys=wire.pack_keys(keys), parent=parent or b"", peer=peer)
+        reply = self._call(self._stub.Fetch, request)
+        return FetchResult(reply.num_fetched, reply.num_present, reply.bytes_moved)
 
     def _send_only(self, method: Any, request: Any) -> None:
         """A call whose answer nobody waits for (a failed one is logged; `close` lets them land)."""

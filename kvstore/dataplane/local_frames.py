@@ -6,8 +6,10 @@ about 20 us, and the local path needs two per batch (Reserve + Commit, Acquire +
 at 64 KiB blocks gRPC alone took ten times longer than copying the bytes. The calls and their
 meaning are those of the proto (`Lookup`, `Reserve`, `Commit`, `Abort`, `Acquire`, `Release`);
 only the encoding differs, and errors come back as the same ERROR frames and exception
-classes. RELEASE has no reply: a reader does not wait for it (the node logs a failure, and an
-unreleased lease expires).
+classes. FETCH (`Fetch`: the node pulls blocks from a peer) is here too, for the engine that
+asks its own node for a prefix another node holds: over gRPC its round trip cost as much as
+receiving a tenth of a 64 MiB transfer. RELEASE has no reply: a reader does not wait for it
+(the node logs a failure, and an unreleased lease expires).
 
     LOOKUP   namespace, keys                   -> LOOKUP_OK   num_hits, tier per hit
     RESERVE  namespace, flags, parent, keys    -> RESERVE_OK  id, block_bytes, expires_in_s,
@@ -17,6 +19,8 @@ unreleased lease expires).
     ACQUIRE  namespace, flags, keys            -> ACQUIRE_OK  id, block_bytes, expires_in_s,
                                                               offsets, checksums
     RELEASE  id                                   (no reply)
+    FETCH    peer, namespace, flags, parent, keys -> FETCH_OK  num_fetched, num_present,
+                                                              bytes_moved
     LOOKUPS_DONE  lookups, hit blocks, missed blocks  (no reply) ReportLookups
     READ_DONE  namespace, flags, keys              (no reply) ReportReads
 """
@@ -26,15 +30,18 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from kvstore.dataplane import protocol
 from kvstore.dataplane.protocol import FLAG_HAS_PARENT, FLAG_VERIFY
 from kvstore.errors import ProtocolError
-from kvstore.types import KEY_BYTES, BlockKey, LookupResult, NamespaceId, tier_kinds, unpack_keys
+from kvstore.types import KEY_BYTES, BlockKey, FetchResult, LookupResult, NamespaceId, tier_kinds, unpack_keys
 
 _ID = struct.Struct("<Q")
 _LOOKUPS = struct.Struct("<QQQ")
 _COUNT = struct.Struct("<I")
 _RESERVE_OK = struct.Struct("<QQdBI")
 _ACQUIRE_OK = struct.Struct("<QQdI")
+_PEER_LENGTH = struct.Struct("<H")
+_FETCH_OK = struct.Struct("<IIQ")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +80,45 @@ def parse_chain(body: bytes, max_keys: int) -> ChainRequest:
     parent = BlockKey(body[KEY_BYTES + 1 : fixed]) if flags & FLAG_HAS_PARENT else None
     keys = unpack_keys(body[fixed:], max_keys=max_keys, what="request keys", error=ProtocolError)
     return ChainRequest(NamespaceId(body[:KEY_BYTES]), keys, parent, bool(flags & FLAG_VERIFY))
+
+
+@dataclass(frozen=True, slots=True)
+class FetchRequest:
+    """FETCH: pull the blocks of `chain` the node lacks from `peer` (a data address)."""
+
+    peer: str
+    chain: ChainRequest
+
+
+def pack_fetch(request: FetchRequest) -> bytes:
+    protocol.check_peer_address(request.peer)
+    peer = request.peer.encode()
+    return _PEER_LENGTH.pack(len(peer)) + peer + pack_chain(request.chain)
+
+
+def parse_fetch(body: bytes, max_keys: int) -> FetchRequest:
+    if len(body) < _PEER_LENGTH.size:
+        raise ProtocolError("FETCH body is shorter than its fixed part")
+    (length,) = _PEER_LENGTH.unpack_from(body)
+    end = _PEER_LENGTH.size + length
+    if length > protocol.MAX_ADDRESS_BYTES or len(body) < end:
+        raise ProtocolError(f"FETCH claims a {length}-byte peer address in a {len(body)}-byte body")
+    try:
+        peer = body[_PEER_LENGTH.size : end].decode()
+    except UnicodeDecodeError:
+        raise ProtocolError("FETCH peer address is not UTF-8") from None
+    return FetchRequest(peer, parse_chain(body[end:], max_keys))
+
+
+def pack_fetch_ok(result: FetchResult) -> bytes:
+    return _FETCH_OK.pack(result.num_fetched, result.num_present, result.bytes_moved)
+
+
+def parse_fetch_ok(body: bytes) -> FetchResult:
+    if len(body) != _FETCH_OK.size:
+        raise ProtocolError(f"FETCH_OK body is {_FETCH_OK.size} bytes, got {len(body)}")
+    fetched, present, moved = _FETCH_OK.unpack(body)
+    return FetchResult(int(fetched), int(present), int(moved))
 
 
 def pack_id(value: int) -> bytes:

@@ -8,6 +8,11 @@ loop serving whichever sockets are ready (tools/bench/node.py). The calls do no 
 the one that can wait is an Acquire that promotes blocks from NVMe, which holds the store's
 lock, and so every other caller, for as long anyway.
 
+One call runs elsewhere: FETCH (the node pulls blocks from a peer) moves megabytes over the
+network, so it runs on one of `FETCH_WORKERS` threads, and its connection reads no further
+frames until it is answered (a client waits for the answer anyway; one that sends more than a
+frame meanwhile is dropped). The loop keeps serving every other connection.
+
 A connection first sends HELLO with the node's token (compared in constant time; a wrong or
 missing one gets ERROR UNAUTHENTICATED and is closed, as is one silent past HELLO_TIMEOUT_S).
 Then any number of calls, answered in order (RELEASE, LOOKUPS_DONE and READ_DONE get no answer). A call
@@ -29,22 +34,25 @@ import selectors
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from kvstore.dataplane import local_frames, protocol
-from kvstore.dataplane.local_frames import Grant
+from kvstore.dataplane.local_frames import FetchRequest, Grant
 from kvstore.dataplane.protocol import HEADER, FrameType
 from kvstore.errors import AuthenticationError, KVStoreError, ProtocolError, StoreFullError
 from kvstore.status import code_number, code_of
-from kvstore.types import KEY_BYTES, BlockKey, LookupResult, NamespaceId
+from kvstore.types import KEY_BYTES, BlockKey, FetchResult, LookupResult, NamespaceId
 
 log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT_S = 10.0  # a connection that does not authenticate by then is dropped
 _RECV_BYTES = 256 * 1024
 _SWEEP_S = 1.0  # how often unauthenticated connections are checked for their deadline
+FETCH_WORKERS = 4  # FETCHes run at once; each holds its thread for its whole transfer
 
 
 class LocalControl(Protocol):
@@ -66,6 +74,10 @@ class LocalControl(Protocol):
 
     def touch(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> None: ...
 
+    def fetch(
+        self, namespace_id: NamespaceId, keys: Sequence[BlockKey], parent: BlockKey | None, peer: str
+    ) -> FetchResult: ...
+
 
 class ControlObserver(Protocol):
     def connections_changed(self, delta: int) -> None: ...
@@ -81,6 +93,7 @@ class _Peer:
     outbox: bytearray = field(default_factory=bytearray)
     authenticated: bool = False
     closing: bool = False  # send what is queued, then close
+    busy: bool = False  # a FETCH of its runs on a worker: its next frames wait
 
 
 class LocalControlServer:
@@ -93,7 +106,8 @@ class LocalControlServer:
         self._token = token.encode() if token is not None else None
         self._max_connections = max_connections
         self._max_keys = max_keys
-        self._max_body = 2 * KEY_BYTES + 1 + max_keys * (KEY_BYTES + 8)  # the largest request: COMMIT
+        # the largest request: COMMIT, or a FETCH with the longest peer address
+        self._max_body = 2 * KEY_BYTES + 1 + max_keys * (KEY_BYTES + 8) + 2 + protocol.MAX_ADDRESS_BYTES
         self._observer = observer
         self._control: LocalControl | None = None
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -102,6 +116,7 @@ class LocalControlServer:
             self._listener.listen(128)
             self._listener.setblocking(False)
             self._wake_reader, self._wake_writer = socket.socketpair()
+            self._wake_reader.setblocking(False)
         except BaseException:
             self._listener.close()
             raise
@@ -109,6 +124,8 @@ class LocalControlServer:
         self._selector.register(self._listener, selectors.EVENT_READ)
         self._selector.register(self._wake_reader, selectors.EVENT_READ)
         self._peers: set[_Peer] = set()
+        self._workers = ThreadPoolExecutor(FETCH_WORKERS, thread_name_prefix="local-fetch")
+        self._answered: deque[tuple[_Peer, bytes]] = deque()  # FETCH replies the workers made
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="local-control", daemon=True)
 
@@ -129,6 +146,7 @@ class LocalControlServer:
             self._wake_writer.send(b"x")
         if self._thread.is_alive():
             self._thread.join(timeout=5)
+        self._workers.shutdown(wait=False, cancel_futures=True)  # a transfer under way ends by its deadline
         for peer in list(self._peers):
             self._drop(peer)
         self._selector.close()
@@ -144,6 +162,8 @@ class LocalControlServer:
                 peer = key.data
                 if key.fileobj is self._listener:
                     self._accept()
+                elif key.fileobj is self._wake_reader:
+                    self._send_answered()
                 elif peer is not None:
                     try:
                         self._serve(peer, events)
@@ -188,13 +208,16 @@ class LocalControlServer:
             self._drop(peer)  # the client left
             return
         peer.inbox += data
+        if peer.busy and len(peer.inbox) > HEADER.size + self._max_body:
+            self._drop(peer)  # it does not wait for its FETCH's answer: a broken client
+            return
         self._answer_frames(peer)
         self._flush(peer)
 
     def _answer_frames(self, peer: _Peer) -> None:
         """Answer every whole frame in the inbox (replies queue in the outbox, in order)."""
         inbox = peer.inbox
-        while len(inbox) >= HEADER.size and not peer.closing:
+        while len(inbox) >= HEADER.size and not peer.closing and not peer.busy:
             limit = self._max_body if peer.authenticated else protocol.MAX_TOKEN_BYTES
             try:
                 kind, length = protocol.parse_header(inbox, limit)
@@ -226,6 +249,16 @@ class LocalControlServer:
             self._refuse(peer, ProtocolError(f"unexpected {kind.name} frame on the local control socket"))
             return
         started, code = time.perf_counter(), "OK"
+        if kind is FrameType.FETCH:
+            try:
+                request = local_frames.parse_fetch(body, self._max_keys)
+            except ProtocolError as error:
+                self._refuse(peer, error)
+                self._observer.call_done(method, "INVALID_ARGUMENT", time.perf_counter() - started)
+                return
+            peer.busy = True
+            self._workers.submit(self._fetch, peer, request, started)
+            return
         try:
             reply = self._answer(kind, body)
             if reply is not None:
@@ -268,6 +301,39 @@ class LocalControlServer:
             return FrameType.RESERVE_OK, local_frames.pack_reserve_ok(grant)
         grant = control.acquire(request.namespace_id, request.keys, verify=request.verify)
         return FrameType.ACQUIRE_OK, local_frames.pack_acquire_ok(grant)
+
+    # -- FETCH, on a worker -------------------------------------------------------------------------
+
+    def _fetch(self, peer: _Peer, request: FetchRequest, started: float) -> None:
+        control = self._control
+        assert control is not None  # set by start(), before the loop runs
+        chain, code = request.chain, "OK"
+        try:
+            result = control.fetch(chain.namespace_id, chain.keys, chain.parent, request.peer)
+            reply = protocol.frame(FrameType.FETCH_OK, local_frames.pack_fetch_ok(result))
+        except KVStoreError as error:
+            code, reply = code_of(error).name, _error_frame(error)
+        except Exception as error:  # a bug must cost this call, never the connection's order
+            log.exception("local Fetch failed")
+            code, reply = "INTERNAL", _error_frame(KVStoreError(f"the node failed: {type(error).__name__}"))
+        self._observer.call_done("Fetch", code, time.perf_counter() - started)
+        self._answered.append((peer, reply))
+        with contextlib.suppress(OSError):  # closed: the server is closing, and so is the connection
+            self._wake_writer.send(b"x")
+
+    def _send_answered(self) -> None:
+        """On the loop: queue the replies the workers made, then serve what waited behind them."""
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            while self._wake_reader.recv(4096):
+                pass
+        while self._answered:
+            peer, reply = self._answered.popleft()
+            if peer not in self._peers:
+                continue  # it left while its FETCH ran
+            peer.busy = False
+            peer.outbox += reply
+            self._answer_frames(peer)
+            self._flush(peer)
 
     # -- connections ------------------------------------------------------------------------------
 
@@ -323,6 +389,7 @@ _METHOD_NAMES = {  # the proto's names, so metrics count a call the same whichev
     FrameType.RELEASE: "Release",
     FrameType.LOOKUPS_DONE: "ReportLookups",
     FrameType.READ_DONE: "ReportReads",
+    FrameType.FETCH: "Fetch",
 }
 _NO_REPLY = frozenset({FrameType.RELEASE, FrameType.LOOKUPS_DONE, FrameType.READ_DONE})
 

@@ -36,7 +36,7 @@ from enum import IntEnum
 
 import xxhash
 
-from kvstore.errors import PeerUnavailableError, ProtocolError
+from kvstore.errors import InvalidArgumentError, PeerUnavailableError, ProtocolError
 from kvstore.status import error_from_code_number
 from kvstore.types import KEY_BYTES, BlockKey, NamespaceId, unpack_keys
 
@@ -79,6 +79,8 @@ class FrameType(IntEnum):
     OK = 18
     LOOKUPS_DONE = 19
     READ_DONE = 20
+    FETCH = 21
+    FETCH_OK = 22
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +258,16 @@ def expect(kind: FrameType, wanted: FrameType, body: bytes) -> bytes:
 
 
 UNIX_PREFIX = "unix:"  # "unix:@name" is a Linux abstract socket, "unix:/path" a socket file
+MAX_ADDRESS_BYTES = 1024
+
+
+def check_peer_address(address: str) -> None:
+    """Refuse, before anything happens, a peer address no data plane could have."""
+    if not address:
+        raise InvalidArgumentError("peer (host:port of the peer's data plane) is required")
+    size = len(address.encode())
+    if size > MAX_ADDRESS_BYTES:
+        raise InvalidArgumentError(f"peer address of {size} bytes; at most {MAX_ADDRESS_BYTES}")
 
 
 def connect(address: str, timeout_s: float) -> socket.socket:

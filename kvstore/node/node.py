@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from kvstore.dataplane.client import DataPlanePool
 from kvstore.dataplane.local_frames import Grant
+from kvstore.dataplane.protocol import check_peer_address
 from kvstore.errors import (
     InvalidArgumentError,
     KVStoreError,
@@ -214,6 +215,7 @@ class Node:
         """Pull the blocks of `keys` this node lacks from `peer`'s data plane: the peer sends
         its longest stored run of them, which lands in reserved slots, is verified, then
         committed. Returns what was copied and what was already here."""
+        check_peer_address(peer)
         self._check_accepting()
         namespace = self.namespace(namespace_id)
         start = self.store.lookup(namespace_id, keys).num_hits  # also validates the keys

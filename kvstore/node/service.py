@@ -185,8 +185,6 @@ class KVStoreService(pb_grpc.KVStoreServicer):
 
     def Fetch(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> pb.FetchResponse:
         def handle() -> pb.FetchResponse:
-            if not request.peer:
-                raise InvalidArgumentError("peer (host:port of the peer's data plane) is required")
             result = self._node.fetch(
                 wire.namespace_id_from(request.namespace_id),
                 self._keys(request.keys),

@@ -3,6 +3,7 @@ loop serves every engine, so what one connection does must never hold up another
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -175,3 +176,73 @@ def test_a_reply_cut_off_inside_its_header_is_a_closed_connection():
         right.close()
         with pytest.raises(ConnectionResetError, match="after 3 bytes"):
             protocol.recv_reply(left)
+
+
+def _fetch_frame(namespace_id, keys, peer: str) -> bytes:
+    request = local_frames.FetchRequest(peer, local_frames.ChainRequest(namespace_id, keys))
+    return protocol.frame(FrameType.FETCH, local_frames.pack_fetch(request))
+
+
+def test_a_fetch_is_answered_before_the_frames_sent_after_it(node, tmp_path):
+    server, _, namespace_id, keys = node
+    with running_node(tmp_path / "b", nvme_kib=0) as other, Client(other.grpc_address) as other_client:
+        other_client.register_namespace(factories.namespace())
+        with _connect(other) as sock:
+            # One write: the LOOKUP is in the node's inbox while the FETCH still runs.
+            sock.sendall(_fetch_frame(namespace_id, keys, server.data_address) + _lookup_frame(namespace_id, keys))
+            kind, body = protocol.recv_frame(sock)
+            result = local_frames.parse_fetch_ok(protocol.expect(kind, FrameType.FETCH_OK, body))
+            assert (result.num_fetched, result.num_present) == (3, 0)
+            assert _lookup_reply(sock) == LookupResult(3, (TierKind.DRAM,) * 3)  # it saw the fetched blocks
+
+
+def test_a_fetch_waiting_on_a_silent_peer_holds_up_no_other_connection(node):
+    server, client, namespace_id, keys = node
+    client.remove(namespace_id, keys)
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, then never answers the GET
+        peer = f"127.0.0.1:{silent.getsockname()[1]}"
+        with _connect(server) as waiting:
+            waiting.sendall(_fetch_frame(namespace_id, keys, peer))
+            accepted, _ = silent.accept()
+            with accepted:
+                started = time.monotonic()
+                with _connect(server) as other:
+                    other.sendall(_lookup_frame(namespace_id, keys))
+                    assert _lookup_reply(other).num_hits == 0
+                assert client.lookup(namespace_id, keys).num_hits == 0
+                assert time.monotonic() - started < 2.0
+            # The peer hangs up: the FETCH fails with nothing stored, and its connection serves on.
+            kind, body = protocol.recv_frame(waiting)
+            assert kind is FrameType.ERROR and protocol.parse_error(body).error_name == "PeerUnavailableError"
+            waiting.sendall(_lookup_frame(namespace_id, keys))
+            assert _lookup_reply(waiting).num_hits == 0
+    assert server.store.stats().num_reservations == 0
+
+
+def test_a_client_that_floods_while_its_fetch_runs_is_dropped(node):
+    server, client, namespace_id, keys = node
+    client.remove(namespace_id, keys)
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        peer = f"127.0.0.1:{silent.getsockname()[1]}"
+        with _connect(server) as flooder:
+            flooder.sendall(_fetch_frame(namespace_id, keys, peer))
+            accepted, _ = silent.accept()
+            with accepted:
+                flood = _lookup_frame(namespace_id, keys) * 40000  # ~3.6 MiB: more than a frame may be
+                with contextlib.suppress(OSError):
+                    flooder.sendall(flood)
+                assert eventually(lambda: server.local_control.num_connections == 1)  # the client's own
+    assert client.lookup(namespace_id, keys).num_hits == 0
+    assert eventually(lambda: server.store.stats().num_reservations == 0)
+
+
+def test_a_malformed_fetch_is_refused_and_closes_its_connection(node):
+    server, client, namespace_id, keys = node
+    with _connect(server) as sock:
+        body = (5000).to_bytes(2, "little") + b"127.0.0.1:1"  # claims a longer address than it has
+        protocol.send_frame(sock, FrameType.FETCH, body)
+        kind, reply = protocol.recv_frame(sock)
+        assert kind is FrameType.ERROR
+        assert "FETCH claims a 5000-byte peer address" in protocol.parse_error(reply).message
+        assert sock.recv(1) == b""
+    assert client.lookup(namespace_id, keys).num_hits == 3

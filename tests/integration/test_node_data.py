@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 
 from kvstore.client import AsyncClient, Client, Transport
-from kvstore.errors import NamespaceMismatchError, NodeDrainingError, PeerUnavailableError, UnknownNamespaceError
+from kvstore.errors import (
+    InvalidArgumentError,
+    NamespaceMismatchError,
+    NodeDrainingError,
+    PeerUnavailableError,
+    UnknownNamespaceError,
+)
 from kvstore.events import EventKind
 from kvstore.types import NamespaceId, TierKind
 from tests import factories
@@ -47,10 +53,12 @@ def test_put_then_get_returns_the_same_bytes(node, transport):
     assert (stats.num_blocks, stats.num_leases, stats.num_reservations) == (6, 0, 0)
 
 
-def test_fetch_pulls_only_the_missing_blocks_from_a_peer(tmp_path):
+@pytest.mark.parametrize("transport", [Transport.AUTO, Transport.TCP])  # B's Unix socket, or gRPC
+def test_fetch_pulls_only_the_missing_blocks_from_a_peer(tmp_path, transport):
     with running_node(tmp_path / "a") as a, running_node(tmp_path / "b") as b:
         namespace = factories.namespace()
-        with Client(a.grpc_address) as client_a, Client(b.grpc_address) as client_b:
+        with Client(a.grpc_address) as client_a, Client(b.grpc_address, transport=transport) as client_b:
+            assert client_b.uses_shared_memory is (transport is Transport.AUTO)
             namespace_id = client_a.register_namespace(namespace)
             client_b.register_namespace(namespace)
             keys = factories.chain(namespace_id, 8)
@@ -70,13 +78,19 @@ def test_fetch_pulls_only_the_missing_blocks_from_a_peer(tmp_path):
             assert (again.num_fetched, again.num_present) == (0, 6)
 
 
-def test_fetch_from_an_unreachable_peer_fails_and_changes_nothing(node):
-    with Client(node.grpc_address) as client:
+@pytest.mark.parametrize("transport", [Transport.AUTO, Transport.TCP])
+def test_fetch_from_an_unreachable_peer_fails_and_changes_nothing(node, transport):
+    with Client(node.grpc_address, transport=transport) as client:
         namespace_id = client.register_namespace(factories.namespace())
         keys = factories.chain(namespace_id, 4)
         with pytest.raises(PeerUnavailableError, match="unreachable"):
             client.fetch(namespace_id, keys, "127.0.0.1:1")
+        with pytest.raises(InvalidArgumentError, match="peer"):
+            client.fetch(namespace_id, keys, "")
+        with pytest.raises(InvalidArgumentError, match="peer address of 2000 bytes"):
+            client.fetch(namespace_id, keys, "h" * 1994 + ":12345")
         assert client.lookup(namespace_id, keys).num_hits == 0
+        assert client.lookup(namespace_id, keys).num_hits == 0  # the connection serves on
     assert node.store.stats().num_reservations == 0
 
 

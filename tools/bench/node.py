@@ -18,7 +18,8 @@ spawn) with its own `kvstore.client.Client`. What is measured, in batches of 32 
    ("decode engine") times `get_into` (Acquire -> copy -> Release) of a batch the writer stored,
    into preallocated destinations (checked once against the writer's CRC-32). Reference: memcpy
    (`np.copyto`) of the same bytes in the same process, between its own preallocated buffers.
-2. Remote, over TCP: node B `Fetch`es the batch from node A's data plane (a Client call to B,
+2. Remote, over TCP: node B `Fetch`es the batch from node A's data plane (a call to B by a
+   Client in this process, on B's host, so over B's Unix socket as an engine beside B would ask;
    timed from this process; the blocks are removed from B after each call, untimed, so every
    call moves the bytes), and a `Transport.TCP` Client in this process does `get_into` from A
    into preallocated buffers. Reference: node_refs' raw loopback socket stream (request,
@@ -257,7 +258,7 @@ class Rig:
     writer: Engine
     reader: Engine
     client_a: Client  # TCP transport: registration, the TCP get
-    client_b: Client  # TCP transport: Fetch and Remove on node B
+    client_b: Client  # on B's host (shared memory): Fetch and Remove on node B
     stream: node_refs.SocketStream
     redis: node_refs.RedisReference | None
     mooncake: mooncake_ref.MooncakeResult | None
@@ -376,7 +377,10 @@ def size_measurements(rig: Rig, block_bytes: int) -> Iterator[Measurement]:
         Timed.here(Trial(fetch, after=unfetch)),
         {**socket_trial, **redis_get},
         [MOONCAKE_GET],
-        {SOCKET: "a Client call to B; B pulls over A's data plane into its slots and verifies xxh3"},
+        {
+            SOCKET: "a call to B from a Client on its host (over B's Unix socket); B pulls over A's data "
+            "plane into its slots and verifies xxh3"
+        },
     )
 
     typed_dests = typed(dests, namespace)
@@ -551,7 +555,7 @@ def run_once(settings: Settings, progress: tqdm, log: Log) -> RunResult:
             except refs_common.UnavailableError as error:
                 missing["Redis"] = str(error)
         client_a = stack.enter_context(Client(node_a.grpc_address, transport=Transport.TCP, timeout_s=120.0))
-        client_b = stack.enter_context(Client(node_b.grpc_address, transport=Transport.TCP, timeout_s=120.0))
+        client_b = stack.enter_context(Client(node_b.grpc_address, transport=Transport.SHARED_MEMORY, timeout_s=120.0))
         writer.wait_ready()
         reader.wait_ready()
         rig = Rig(
