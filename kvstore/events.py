@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -46,6 +47,7 @@ class WatchLagError(KVStoreError):
 
 
 _TIERS = tuple(TierKind)
+Change = tuple[EventKind, NamespaceId, BlockKey, BlockKey | None, tuple[TierKind, ...]]  # an event, unnumbered
 
 
 def tiers_of_mask(mask: int) -> tuple[TierKind, ...]:
@@ -77,9 +79,17 @@ class EventLog:
         parent: BlockKey | None,
         tiers: tuple[TierKind, ...],
     ) -> None:
+        self.record_many([(kind, namespace_id, key, parent, tiers)])
+
+    def record_many(self, changes: Sequence[Change]) -> None:
+        """`record` of several events, numbered in order, with one wake-up of the watchers."""
         with self._changed:
-            self._last_sequence += 1
-            self._ring.append(BlockEvent(self._last_sequence, kind, namespace_id, key, parent, tiers))
+            sequence = self._last_sequence
+            ring = self._ring
+            for kind, namespace_id, key, parent, tiers in changes:
+                sequence += 1
+                ring.append(BlockEvent(sequence, kind, namespace_id, key, parent, tiers))
+            self._last_sequence = sequence
             self._changed.notify_all()
 
     def after(self, sequence: int, *, timeout_s: float) -> list[BlockEvent]:

@@ -5,6 +5,8 @@ call under its lock (`list_blocks`, `inspect`, `watch_snapshot`, the table's lis
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import numpy.typing as npt
 
@@ -50,12 +52,17 @@ class BlockEvents:
         self._namespaces = namespaces  # shared with the manager, which appends to it
         self._events = events
 
-    def residency_changed(self, row: int, namespace: int, before: int, after: int) -> None:
-        if before == after or namespace == NO_NAMESPACE:
-            return
-        key = self._table.keys[row]
-        assert key is not None  # only rows of stored blocks change residency
-        kind = EventKind.STORED if not before else EventKind.REMOVED if not after else EventKind.TIER_CHANGED
-        self._events.record(
-            kind, self._namespaces[namespace].namespace_id, key, self._table.parents[row], tiers_of_mask(after)
-        )
+    def residency_changed(
+        self, rows: Sequence[int], namespaces: Sequence[int], before: Sequence[int], after: Sequence[int]
+    ) -> None:
+        keys, parents = self._table.keys, self._table.parents
+        changes = []
+        for row, namespace, was, now in zip(rows, namespaces, before, after, strict=True):
+            if was == now or namespace == NO_NAMESPACE:
+                continue
+            key = keys[row]
+            assert key is not None  # only rows of stored blocks change residency
+            kind = EventKind.STORED if not was else EventKind.REMOVED if not now else EventKind.TIER_CHANGED
+            changes.append((kind, self._namespaces[namespace].namespace_id, key, parents[row], tiers_of_mask(now)))
+        if changes:
+            self._events.record_many(changes)

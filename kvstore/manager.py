@@ -448,8 +448,10 @@ class TierManager:
         with self._lock:
             table = self._table
             listener = make(table, self._namespaces)
-            for row in resident_rows(table, None).tolist():
-                listener.residency_changed(row, int(table.namespace[row]), 0, table.tier_mask(row))
+            rows = resident_rows(table, None)
+            listener.residency_changed(
+                rows.tolist(), table.namespace[rows].tolist(), [0] * len(rows), table.tier_masks(rows)
+            )
             current = table.listener
             table.listener = listener if current is None else ResidencyListeners(current, listener)
 
@@ -587,17 +589,15 @@ class TierManager:
         table = self._table
         namespace_index = self._namespace_index[reservation.namespace_id]
         rows = []
-        for key, parent, slot, value in zip(
-            reservation.keys, reservation.parents, reservation.slots, checksums, strict=True
-        ):
+        for key, parent, value in zip(reservation.keys, reservation.parents, checksums, strict=True):
             row = table.ids.get(key)
             if row is None:
                 row = table.add(key, parent, namespace_index, value)
             else:  # a tombstone kept for its children comes back
                 table.namespace[row] = namespace_index
                 table.checksum[row] = value
-            table.set_resident(row, reservation.tier, slot)
             rows.append(row)
+        table.set_resident_many(rows, reservation.tier, reservation.slots)  # every parent has its row now
         self._policy.resize(table.capacity)
         return rows
 
@@ -630,8 +630,8 @@ class TierManager:
             )
             for record in known
         ]
-        for row, record in zip(rows, known, strict=True):  # parents exist now: children are counted
-            self._table.set_resident(row, TierKind.NVME, record.slot)
+        # parents exist now: children are counted
+        self._table.set_resident_many(rows, TierKind.NVME, [record.slot for record in known])
         self._policy.resize(self._table.capacity)
         self._policy.on_access(rows)
         self._policy.on_insert(rows, TierKind.NVME)  # the copies a policy queues, as if committed

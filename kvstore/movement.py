@@ -155,8 +155,7 @@ class TierMover:
                 self._counters[source].checksum_failures += len(bad)
             if target is TierKind.NVME and self._nvme is not None and good:
                 self._nvme.commit_records([self._record(row, slot) for row, slot in good])
-            for row, slot in good:
-                self._table.set_resident(row, target, slot)
+            self._table.set_resident_many([row for row, _ in good], target, [slot for _, slot in good])
             self._policy.on_insert([row for row, _ in good], target)
             self._counters[target].demotions_in += len(good)
             for row, _ in bad:
@@ -202,12 +201,13 @@ class TierMover:
                 continue
             matches = self._copy_rows(group, size, TierKind.NVME, TierKind.DRAM, slots)
             for row, slot, ok in zip(group, slots, matches, strict=True):
-                if ok:
-                    table.set_resident(row, TierKind.DRAM, slot)
-                else:
+                if not ok:
                     dram.free(size, [slot])
                     corrupt.add(row)
-            promoted = [row for row in group if row not in corrupt]
+            promoted = [row for row, ok in zip(group, matches, strict=True) if ok]
+            table.set_resident_many(
+                promoted, TierKind.DRAM, [slot for slot, ok in zip(slots, matches, strict=True) if ok]
+            )
             self._policy.on_insert(promoted, TierKind.DRAM)
             self._counters[TierKind.DRAM].promotions_in += len(promoted)
         if not corrupt:

@@ -183,11 +183,11 @@ class IndexWriter:
         home = int.from_bytes(key[:8], "little", signed=True) & (self.num_buckets - 1)
         for step in range(MAX_DISPLACEMENT):
             bucket = (home + step) & (self.num_buckets - 1)
-            free = np.flatnonzero(self._tiers[bucket] == EMPTY)
-            if len(free):
+            entries = self._tiers[bucket].tolist()  # a few entries: faster than numpy's search
+            if EMPTY in entries:
                 for passed in range(step):  # readers missing in these must look further: ask the node
                     self._overflow[(home + passed) & (self.num_buckets - 1)] = 1
-                return bucket, int(free[0])
+                return bucket, entries.index(EMPTY)
         if self.complete:
             log.warning(
                 "the shared index is full around a bucket; lookups that miss there go to the node",
@@ -366,20 +366,25 @@ class IndexListener:
         self._namespaces = namespaces  # shared with the manager, which appends to it
         self._tags: list[int] = []
 
-    def residency_changed(self, row: int, namespace: int, before: int, after: int) -> None:
-        if before == after or namespace == NO_NAMESPACE:
-            return
-        key = self._table.keys[row]
-        assert key is not None  # only rows of stored blocks change residency
-        if not after:
-            self._writer.remove(key)
-            return
-        while len(self._tags) <= namespace:
-            self._tags.append(namespace_tag(self._namespaces[len(self._tags)].namespace_id))
-        fastest = _TIERS[(after & -after).bit_length() - 1]
-        # Called before a dropped copy's slot is cleared: only a copy `after` keeps counts.
-        dram = int(self._table.slot[row, TierKind.DRAM]) if after & _DRAM_BIT else NO_SLOT
-        self._writer.upsert(key, self._tags[namespace], fastest, dram)
+    def residency_changed(
+        self, rows: Sequence[int], namespaces: Sequence[int], before: Sequence[int], after: Sequence[int]
+    ) -> None:
+        keys, writer, tags = self._table.keys, self._writer, self._tags
+        slots = self._table.slot
+        for row, namespace, was, now in zip(rows, namespaces, before, after, strict=True):
+            if was == now or namespace == NO_NAMESPACE:
+                continue
+            key = keys[row]
+            assert key is not None  # only rows of stored blocks change residency
+            if not now:
+                writer.remove(key)
+                continue
+            while len(tags) <= namespace:
+                tags.append(namespace_tag(self._namespaces[len(tags)].namespace_id))
+            fastest = _TIERS[(now & -now).bit_length() - 1]
+            # Called before a dropped copy's slot is cleared: only a copy `now` keeps counts.
+            dram = int(slots[row, TierKind.DRAM]) if now & _DRAM_BIT else NO_SLOT
+            writer.upsert(key, tags[namespace], fastest, dram)
 
 
 _TIERS = tuple(TierKind)

@@ -55,3 +55,13 @@ def test_a_waiting_watcher_wakes_on_the_next_event_and_on_close():
 def test_tier_masks_name_tiers_fastest_first():
     assert tiers_of_mask(0b110) == (TierKind.DRAM, TierKind.NVME)
     assert tiers_of_mask(0) == ()
+
+
+def test_a_batch_is_numbered_in_order_after_what_came_before():
+    log = EventLog(capacity=8)
+    record(log, 2)
+    log.record_many([(EventKind.STORED, NS, key(i), key(i - 1), (TierKind.NVME,)) for i in range(10, 13)])
+    events = log.after(0, timeout_s=0)
+    assert [e.sequence for e in events] == [1, 2, 3, 4, 5]
+    assert [e.key for e in events[2:]] == [key(10), key(11), key(12)]
+    assert events[3].parent == key(10)
