@@ -1,0 +1,94 @@
+"""What the conductor knows about the cluster: members, their load, the global index, the cost
+models, and the namespaces in use. Placement reads it; the router and the feeds write it.
+
+Loads are the nodes' own reports, plus the conductor's placements since (optimistic
+accounting): `charge` adds a placed request's predicted prefill work to its prefill node and its
+KV reservation to its decode node at once, so a burst of requests does not all see the same idle
+node; the node's next report replaces the guess with the truth.
+
+Owner: callers serialise writers (the service holds one lock; the simulator is single-threaded).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from conductor.costs import CostModel, Profile
+from conductor.index import GlobalIndex
+from conductor.types import Decision, NodeInfo, NodeLoad, RouteRequest
+from kvstore.types import NamespaceId
+
+
+@dataclass(frozen=True, slots=True)
+class Slo:
+    """The latency a request must meet; policies that reject early use these."""
+
+    ttft_s: float = 30.0
+    tbt_s: float = 0.1
+
+
+class ClusterState:
+    def __init__(self, costs: CostModel, slo: Slo | None = None) -> None:
+        self.costs = costs
+        self.slo = slo or Slo()
+        self.nodes: dict[str, NodeInfo] = {}
+        self.loads: dict[str, NodeLoad] = {}
+        self.index = GlobalIndex()
+        self.namespaces: set[NamespaceId] = set()
+        self._prefill: list[NodeInfo] = []
+        self._decode: list[NodeInfo] = []
+
+    # -- membership ----------------------------------------------------------------------------
+
+    def join(self, info: NodeInfo) -> None:
+        """Add or update a member (its profile must be known)."""
+        self.costs.profile(info.profile)
+        self.nodes[info.node_id] = info
+        self.loads.setdefault(info.node_id, NodeLoad())
+        self._refresh_roles()
+
+    def leave(self, node_id: str) -> bool:
+        """Remove a member and everything it held from the index; False if it was unknown."""
+        if self.nodes.pop(node_id, None) is None:
+            return False
+        self.loads.pop(node_id, None)
+        self.index.drop_node(node_id)
+        self._refresh_roles()
+        return True
+
+    def _refresh_roles(self) -> None:
+        members = sorted(self.nodes.values(), key=lambda info: info.node_id)
+        self._prefill = [info for info in members if info.role.prefills]
+        self._decode = [info for info in members if info.role.decodes]
+
+    @property
+    def prefill_nodes(self) -> list[NodeInfo]:
+        return self._prefill
+
+    @property
+    def decode_nodes(self) -> list[NodeInfo]:
+        return self._decode
+
+    def profile_of(self, node_id: str) -> Profile:
+        return self.costs.profile(self.nodes[node_id].profile)
+
+    def kv_capacity_tokens(self, info: NodeInfo) -> int:
+        return info.kv_capacity_tokens or self.costs.profile(info.profile).kv_capacity_tokens
+
+    # -- load ----------------------------------------------------------------------------------
+
+    def report_load(self, node_id: str, load: NodeLoad) -> None:
+        if node_id in self.nodes:
+            self.loads[node_id] = load
+
+    def charge(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
+        """Account for a placement until the nodes report again."""
+        if decision.prefill is not None:
+            load = self.loads[decision.prefill.node_id]
+            start = max(now_s, load.prefill_busy_until_s, now_s + decision.prefill.fetch_s)
+            load.prefill_busy_until_s = start + decision.prefill.load_s + decision.prefill.prefill_s
+            load.queued_prefill_tokens += request.prompt_tokens - decision.prefill.reused_tokens
+        if decision.decode is not None:
+            load = self.loads[decision.decode.node_id]
+            load.running_decodes += 1
+            load.decode_kv_tokens += request.prompt_tokens + request.max_output_tokens
