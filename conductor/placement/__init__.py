@@ -5,6 +5,7 @@ from collections.abc import Callable
 
 from conductor.placement.base import PlacementPolicy
 from conductor.placement.baselines import LeastLoaded, LocalCacheAware, RandomPlacement, RoundRobin
+from conductor.placement.flow import PrefixFlow
 from conductor.placement.kv_centric import KVCentric
 from kvstore.errors import ConfigError
 
@@ -16,6 +17,7 @@ PLACEMENTS: dict[str, Callable[[int], PlacementPolicy]] = {
     LeastLoaded.name: lambda seed: LeastLoaded(),
     LocalCacheAware.name: lambda seed: LocalCacheAware(),
     KVCentric.name: lambda seed: KVCentric(),
+    PrefixFlow.name: lambda seed: PrefixFlow(),
 }
 
 

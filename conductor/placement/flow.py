@@ -1,0 +1,97 @@
+"""kvstore's own placement: Mooncake's Algorithm 1, predicting what actually happens.
+
+Two things Algorithm 1 gets wrong about the cluster it places on, both measured in the
+simulator (docs/conductor.md):
+
+1. **A fetch overlaps the queue.** The conductor asks the target node to pull the missing
+   prefix as soon as it places the request, so the transfer runs while the request waits its
+   turn; what delays the prefill is the longer of the two, not their sum. Algorithm 1 adds
+   them, and so turns down fetches that would cost nothing, computing tokens that another
+   node already holds.
+2. **Prefixes already on their way count.** A request placed on a node a moment ago has not
+   stored its blocks yet, so the index does not show them; but the node computes them before
+   anything queued behind it. This policy remembers, per node, the chains it placed there
+   until the node has had time to store them, and credits a candidate with the longer of what
+   it holds and what is queued there. Bursts of requests sharing a new prefix (a new document,
+   a new system prompt) then go to one node and compute it once, instead of once per node.
+
+The rest is Algorithm 1's: the least predicted TTFT wins, the decode node is chosen by
+predicted TBT among those with room, and predictions that break an SLO are rejected early.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from conductor.cluster import ClusterState
+from conductor.placement.kv_centric import decide_within_slo
+from conductor.placement.scoring import FetchTiming, best_holding, ranked, score_prefill
+from conductor.types import Decision, PrefixHolding, RouteRequest
+from kvstore.types import BlockKey
+
+PENDING_SLACK_S = 1.0
+
+
+class PrefixFlow:
+    name = "prefix-flow"
+
+    def __init__(self) -> None:
+        # node -> key -> when the credit ends; and the expiry order, to forget old credits cheaply.
+        self._pending: dict[str, dict[BlockKey, float]] = {}
+        self._expiry: deque[tuple[float, str, tuple[BlockKey, ...]]] = deque()
+
+    def place(self, request: RouteRequest, cluster: ClusterState, now_s: float) -> Decision:
+        self._forget(now_s, cluster)
+        holdings = cluster.index.match(request.keys)
+        best = best_holding(holdings)  # fetch only what is stored somewhere, not what is queued
+        credited = self._with_pending(request, holdings)
+        scores = ranked(
+            score_prefill(request, info, cluster, now_s, holdings=credited, best=best, timing=FetchTiming.OVERLAPPED)
+            for info in cluster.prefill_nodes
+        )
+        decision = decide_within_slo(self.name, request, cluster, scores)
+        if decision.accepted and decision.prefill is not None:
+            chosen = decision.prefill
+            done_s = now_s + max(chosen.queue_s, chosen.fetch_s) + chosen.load_s + chosen.prefill_s
+            self._remember(chosen.node_id, request.keys, done_s + PENDING_SLACK_S)
+        return decision
+
+    def _with_pending(self, request: RouteRequest, holdings: dict[str, PrefixHolding]) -> dict[str, PrefixHolding]:
+        """Holdings credited with the chains queued on each node."""
+        credited = dict(holdings)
+        first = request.keys[0] if request.keys else None
+        for node_id, pending in self._pending.items():
+            if first is None or first not in pending:
+                continue
+            run = 0
+            for key in request.keys:
+                if key not in pending:
+                    break
+                run += 1
+            held = holdings.get(node_id)
+            if held is None or run > held.blocks:
+                # Queued blocks are computed into the engine: they cost no load from a lower tier.
+                base = held.by_tier if held is not None else (0, 0, 0)
+                credited[node_id] = PrefixHolding(node_id, run, base)
+        return credited
+
+    def _remember(self, node_id: str, keys: tuple[BlockKey, ...], until_s: float) -> None:
+        pending = self._pending.setdefault(node_id, {})
+        for key in keys:
+            pending[key] = max(pending.get(key, 0.0), until_s)
+        self._expiry.append((until_s, node_id, keys))
+
+    def _forget(self, now_s: float, cluster: ClusterState) -> None:
+        expiry = self._expiry
+        while expiry and expiry[0][0] <= now_s:
+            _, node_id, keys = expiry.popleft()
+            pending = self._pending.get(node_id)
+            if pending is None:
+                continue
+            for key in keys:
+                if pending.get(key, now_s + 1) <= now_s:
+                    del pending[key]
+            if not pending:
+                del self._pending[node_id]
+        for node_id in [n for n in self._pending if n not in cluster.nodes]:
+            del self._pending[node_id]  # left the cluster

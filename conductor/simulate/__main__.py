@@ -1,0 +1,5 @@
+import sys
+
+from conductor.simulate.main import main
+
+sys.exit(main())

@@ -1,0 +1,165 @@
+"""Simulated instances: a prefill engine with its node's cache tier, a decode engine with
+continuous batching, and the network interface between nodes.
+
+Time is the simulator's clock (seconds since the trace began). Durations come from the same
+cost models the conductor predicts with (conductor/costs.py): the simulator is exact about
+its model, so a policy wins by deciding better, not by predicting a different world. What the
+policies do not see is the future: later arrivals, evictions, and which fetches will contend.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+from conductor.costs import Link, Profile
+from conductor.index import GlobalIndex
+from conductor.types import Decision, NodeLoad, RouteRequest
+from kvstore.policy.base import EvictionPolicy
+from kvstore.policy.simulated import TIER, SimulatedTier
+from kvstore.table import BlockTable
+from kvstore.types import TierKind
+
+
+class Nic:
+    """A node's network interface: one transfer at a time each way, in the order asked."""
+
+    def __init__(self) -> None:
+        self.tx_free_s = 0.0
+        self.rx_free_s = 0.0
+
+
+def transfer(link: Link, source: Nic, target: Nic, num_bytes: int, now_s: float) -> float:
+    """Move `num_bytes` from `source` to `target` once both are free; returns when it ends."""
+    if num_bytes <= 0:
+        return now_s
+    start = max(now_s, source.tx_free_s, target.rx_free_s)
+    end = start + link.seconds(num_bytes)
+    source.tx_free_s = target.rx_free_s = end
+    return end
+
+
+class _IndexFeed:
+    """The table's residency listener: keeps the node's part of the global index current, as a
+    node's `WatchEvents` keep the conductor's (conductor/watch.py)."""
+
+    def __init__(self, node_id: str, table: BlockTable, index: GlobalIndex) -> None:
+        self._node_id = node_id
+        self._table = table
+        self._index = index
+
+    def residency_changed(self, rows, namespaces, before, after) -> None:  # type: ignore[no-untyped-def]
+        keys = self._table.keys
+        for row, mask in zip(rows, after, strict=True):
+            key = keys[row]
+            if key is not None:
+                self._index.set_tiers(self._node_id, key, (TierKind.DRAM,) if mask >> TIER & 1 else ())
+
+
+@dataclass(slots=True)
+class PrefillJob:
+    request: RouteRequest
+    decision: Decision
+    arrival_s: float
+    ready_s: float  # when a fetched prefix has arrived (arrival when none)
+    fetched_blocks: int  # blocks of the prefix that came from another node
+    planned_s: float  # the policy's predicted prefill duration (for the load the node reports)
+
+
+class SimPrefill:
+    """A prefill engine serving its queue in order, one request at a time, with its node's
+    cache tier of `capacity_blocks` run by `policy`."""
+
+    def __init__(
+        self, node_id: str, profile: Profile, policy: EvictionPolicy, capacity_blocks: int, index: GlobalIndex
+    ) -> None:
+        self.node_id = node_id
+        self.profile = profile
+        self.cache = SimulatedTier(policy, capacity_blocks)
+        self.cache.table.listener = _IndexFeed(node_id, self.cache.table, index)
+        self.queue: list[PrefillJob] = []
+        self.running: PrefillJob | None = None
+        self.busy_until_s = 0.0
+        self.nic = Nic()
+
+    def next_job(self, now_s: float) -> PrefillJob | float | None:
+        """The queued job to run now (the first in arrival order whose prefix has arrived: a job
+        still waiting for its fetch does not hold up the queue), else when the first one will be
+        ready, else None."""
+        for job in self.queue:
+            if job.ready_s <= now_s:
+                return job
+        return min((job.ready_s for job in self.queue), default=None)
+
+    def load(self, now_s: float) -> NodeLoad:
+        """What the node reports: when its queue will have drained, and the tokens left."""
+        until = max(now_s, self.busy_until_s) if self.running is not None else now_s
+        tokens = 0
+        for job in self.queue:
+            until = max(until, job.ready_s) + job.planned_s
+            tokens += job.request.prompt_tokens - (job.decision.prefill.reused_tokens if job.decision.prefill else 0)
+        return NodeLoad(prefill_busy_until_s=until, queued_prefill_tokens=tokens)
+
+
+@dataclass(order=True, slots=True)
+class _Sequence:
+    done_at_steps: float  # the batch's step count at which it has generated all its tokens
+    request_id: str = field(compare=False)
+    joined_s: float = field(compare=False)
+    output_tokens: int = field(compare=False)
+    kv_tokens: int = field(compare=False)
+
+
+class SimDecode:
+    """A decode engine with continuous batching: every step makes one token for each sequence
+    in the batch, and a step takes `profile.decode.step_s(batch, kv tokens)`. Between changes of
+    the batch the step time is constant, so the simulator jumps from change to change."""
+
+    def __init__(self, node_id: str, profile: Profile) -> None:
+        self.node_id = node_id
+        self.profile = profile
+        self.nic = Nic()
+        self.reserved_tokens = 0  # placed, not yet joined
+        self.version = 0  # bumps whenever the next finish time changes (older events are stale)
+        self._steps = 0.0  # steps made since the start (fractional between events)
+        self._at_s = 0.0
+        self._batch: list[_Sequence] = []
+        self._kv_tokens = 0
+
+    def _advance(self, now_s: float) -> None:
+        if self._batch:
+            self._steps += (now_s - self._at_s) / self._step_s()
+        self._at_s = now_s
+
+    def _step_s(self) -> float:
+        return self.profile.decode.step_s(len(self._batch), self._kv_tokens)
+
+    def join(self, request: RouteRequest, output_tokens: int, now_s: float) -> None:
+        self._advance(now_s)
+        need = request.prompt_tokens + request.max_output_tokens
+        self.reserved_tokens -= need
+        kv = request.prompt_tokens + output_tokens
+        heapq.heappush(
+            self._batch, _Sequence(self._steps + output_tokens, request.request_id, now_s, output_tokens, kv)
+        )
+        self._kv_tokens += kv
+        self.version += 1
+
+    def next_finish_s(self) -> float | None:
+        if not self._batch:
+            return None
+        return self._at_s + max(0.0, self._batch[0].done_at_steps - self._steps) * self._step_s()
+
+    def finish_due(self, now_s: float) -> list[tuple[str, float, int]]:
+        """Sequences done by `now_s`: (request id, joined at, output tokens)."""
+        self._advance(now_s)
+        done = []
+        while self._batch and self._batch[0].done_at_steps <= self._steps + 1e-9:
+            sequence = heapq.heappop(self._batch)
+            self._kv_tokens -= sequence.kv_tokens
+            done.append((sequence.request_id, sequence.joined_s, sequence.output_tokens))
+        self.version += 1
+        return done
+
+    def load(self) -> NodeLoad:
+        return NodeLoad(running_decodes=len(self._batch), decode_kv_tokens=self._kv_tokens + self.reserved_tokens)

@@ -1,0 +1,141 @@
+"""The simulator against scenarios computed by hand, and its bad-input paths."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from conductor.cluster import Slo
+from conductor.costs import CostModel, DecodeModel, Link, PrefillModel, Profile
+from conductor.simulate.report import goodput, percentile, summarize
+from conductor.simulate.sim import SimConfig, simulate
+from kvstore.errors import InvalidArgumentError
+from kvstore.trace import TraceRequest
+
+# 1 ms per computed token, no attention term; 1,000 bytes of KV per token; free tier loads;
+# a decode step of 10 ms whatever the batch.
+TINY = Profile(
+    name="tiny",
+    kv_bytes_per_token=1000,
+    prefill=PrefillModel(fixed_s=0.0, per_token_s=0.001, per_pair_s=0.0),
+    decode=DecodeModel(fixed_s=0.01, per_sequence_s=0.0, per_kv_token_s=0.0),
+    kv_capacity_tokens=1_000_000,
+    tier_loads=(Link(math.inf), Link(math.inf), Link(math.inf)),
+)
+
+
+def costs(network_bytes_per_s: float) -> CostModel:
+    return CostModel({"default": TINY}, Link(network_bytes_per_s))
+
+
+# A: two blocks at t=0; B: A's two blocks and one more, at t=0.5 s.
+TRACE = [
+    TraceRequest(0, 1024, 2, (1, 2)),
+    TraceRequest(500, 1536, 1, (1, 2, 3)),
+]
+
+
+def test_one_prefill_node_queues_and_reuses() -> None:
+    config = SimConfig(prefill_nodes=1, decode_nodes=1, placement="kv-centric", cache_blocks=10)
+    result = simulate(config, TRACE, costs(1e6))
+    a, b = result.outcomes
+    # A computes 1,024 tokens: 1.024 s.
+    assert a.ttft_s == pytest.approx(1.024)
+    assert a.reused_tokens == 0
+    # B waits for A (until 1.024 s), reuses A's 1,024 tokens and computes 512: ends at 1.536 s.
+    assert b.ttft_s == pytest.approx(1.536 - 0.5)
+    assert (b.reused_tokens, b.fetched_tokens) == (1024, 0)
+    # A's KV (1.024 MB at 1 MB/s) reaches the decode node at 1.024 s: 2 tokens of 10 ms.
+    assert a.tbt_s == pytest.approx(0.01)
+    # B's KV leaves at 1.024 s and takes 1.536 s; then 1 token.
+    assert b.tbt_s == pytest.approx(0.01)
+    assert result.handoff_bytes == (1024 + 1536) * 1000
+    assert result.fetched_bytes == 0
+
+
+def test_an_idle_node_fetches_the_prefix_a_busy_one_holds() -> None:
+    config = SimConfig(prefill_nodes=2, decode_nodes=1, placement="kv-centric", cache_blocks=10)
+    result = simulate(config, TRACE, costs(1e7))
+    a, b = result.outcomes
+    assert a.prefill_node == "prefill-0"  # both idle: the tie goes by node id
+    assert a.ttft_s == pytest.approx(1.024)
+    # B on prefill-0 would wait 0.524 s and compute 0.512 s; on prefill-1 it fetches 1.024 MB
+    # at 10 MB/s (0.1024 s, prefill-0's link idle since A's 0.1024 s hand-off) and computes 0.512 s.
+    assert b.prefill_node == "prefill-1"
+    assert (b.reused_tokens, b.fetched_tokens) == (1024, 1024)
+    assert b.ttft_s == pytest.approx(0.1024 + 0.512)
+    assert result.fetched_bytes == 1024 * 1000
+
+
+def test_local_cache_aware_never_fetches() -> None:
+    config = SimConfig(prefill_nodes=2, decode_nodes=1, placement="cache-aware", cache_blocks=10)
+    _, b = simulate(config, TRACE, costs(1e7)).outcomes
+    # prefill-1 computes all 1,536 tokens (1.536 s); prefill-0 waits 0.524 s and computes 0.512 s.
+    assert b.prefill_node == "prefill-0"
+    assert b.ttft_s == pytest.approx(0.524 + 0.512)
+    assert b.fetched_tokens == 0
+
+
+def test_decode_batch_steps_slow_with_the_batch() -> None:
+    profile = Profile(
+        "tiny",
+        1000,
+        PrefillModel(0.0, 0.001, 0.0),
+        DecodeModel(fixed_s=0.0, per_sequence_s=0.01, per_kv_token_s=0.0),
+        1_000_000,
+        (Link(math.inf), Link(math.inf), Link(math.inf)),
+    )
+    # Two one-block requests at once on two prefill nodes; both join one decode node at 0.512 s.
+    trace = [TraceRequest(0, 512, 4, (7,)), TraceRequest(0, 512, 2, (8,))]
+    config = SimConfig(prefill_nodes=2, decode_nodes=1, placement="least-loaded", cache_blocks=10)
+    first, second = simulate(config, trace, CostModel({"default": profile}, Link(math.inf))).outcomes
+    # Two in the batch: 20 ms a step; the second leaves after 2 steps (40 ms), then the first
+    # makes its last 2 tokens at 10 ms each: (40 + 20) ms for 4 tokens.
+    assert second.tbt_s == pytest.approx(0.02)
+    assert first.tbt_s == pytest.approx(0.015)
+
+
+def test_slo_rejection_is_counted_against_attainment() -> None:
+    config = SimConfig(prefill_nodes=1, decode_nodes=1, placement="kv-centric", cache_blocks=10, slo=Slo(1.0, 0.1))
+    result = simulate(config, TRACE, costs(1e6))
+    a, b = result.outcomes
+    assert "TTFT" in a.rejected  # 1.024 s predicted > 1 s
+    summary = summarize(result)
+    assert summary.rejected == 1 + (1 if b.rejected else 0)
+    assert summary.attainment == pytest.approx(sum(o.meets(config.slo) for o in result.outcomes) / 2)
+
+
+def test_the_same_seed_gives_the_same_run() -> None:
+    trace = [TraceRequest(i * 100, 600 + 10 * i, 3, (i % 3, 100 + i)) for i in range(40)]
+    config = SimConfig(prefill_nodes=3, decode_nodes=2, placement="random", cache_blocks=4, seed=7)
+    first = [(o.prefill_node, o.decode_node, o.ttft_s) for o in simulate(config, trace, costs(1e7)).outcomes]
+    again = [(o.prefill_node, o.decode_node, o.ttft_s) for o in simulate(config, trace, costs(1e7)).outcomes]
+    assert first == again
+    assert len({node for node, _, _ in first}) == 3
+
+
+def test_goodput_finds_the_largest_scale_meeting_the_slos() -> None:
+    # One request a second of 512 tokens at 1 ms each: the node is busy 0.512 s a second.
+    # At scale s the gap is 1/s seconds; the TTFT SLO of 1 s holds while queues stay short.
+    trace = [TraceRequest(i * 1000, 512, 1, (1000 + i,)) for i in range(60)]
+    config = SimConfig(prefill_nodes=1, decode_nodes=1, placement="least-loaded", cache_blocks=4, slo=Slo(1.0, 1.0))
+    found = goodput(config, trace, costs(math.inf), precision=0.02)
+    # Up to 1/0.512 = 1.953x the queue stays empty (TTFT 0.512 s). Above, request k waits
+    # k * (0.512 - 1/s) more; 54 of 60 (90%) meet 1 s while 53 * (0.512 - 1/s) <= 0.488, that
+    # is up to s = 1.9889x. The search brackets that within its 2% precision.
+    exact = 1 / (0.512 - 0.488 / 53)
+    assert exact / 1.02 <= found.rate_scale <= exact
+    assert all(0.0 <= attainment <= 1.0 for _, attainment in found.tried)
+
+
+def test_bad_configs_are_refused() -> None:
+    for bad in (SimConfig(prefill_nodes=0), SimConfig(cache_blocks=0), SimConfig(rate_scale=0.0)):
+        with pytest.raises(InvalidArgumentError):
+            simulate(bad, TRACE, costs(1e6))
+
+
+def test_percentile_by_nearest_rank() -> None:
+    assert percentile([3.0, 1.0, 2.0, 4.0], 0.5) == 2.0
+    assert percentile([3.0, 1.0, 2.0, 4.0], 0.99) == 4.0
+    assert math.isnan(percentile([], 0.5))
