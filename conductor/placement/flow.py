@@ -1,7 +1,7 @@
-"""kvstore's own placement: Mooncake's Algorithm 1, predicting what actually happens.
+"""kvstore's own placement: Mooncake's Algorithm 1, predicting what actually happens, and
+shedding the longest prompts first when the cluster is overloaded.
 
-Two things Algorithm 1 gets wrong about the cluster it places on, both measured in the
-simulator (docs/conductor.md):
+Measured in the simulator (docs/conductor.md), against Algorithm 1 in the same runs:
 
 1. **A fetch overlaps the queue.** The conductor asks the target node to pull the missing
    prefix as soon as it places the request, so the transfer runs while the request waits its
@@ -14,6 +14,13 @@ simulator (docs/conductor.md):
    until the node has had time to store them, and credits a candidate with the longer of what
    it holds and what is queued there. Bursts of requests sharing a new prefix (a new document,
    a new system prompt) then go to one node and compute it once, instead of once per node.
+3. **Overload is shed at the long end.** Algorithm 1 admits requests until their predicted
+   TTFT reaches the SLO, so under overload every queue fills to nearly the SLO and every
+   request waits that long. Once even the best node's queue is past `SHED_WAIT_FRACTION` of the
+   TTFT SLO, this policy also rejects requests whose prefill would take longer than
+   `SHED_QUANTILE` of the recent ones: each of those would hold a node as long as many short
+   ones. Queues stay shorter for the rest; about as many requests are rejected in all, since
+   Algorithm 1's SLO check rejects mostly long prompts too once queues are long.
 
 The rest is Algorithm 1's: the least predicted TTFT wins, the decode node is chosen by
 predicted TBT among those with room, and predictions that break an SLO are rejected early.
@@ -21,15 +28,20 @@ predicted TBT among those with room, and predictions that break an SLO are rejec
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 from conductor.cluster import ClusterState
 from conductor.placement.kv_centric import decide_within_slo
 from conductor.placement.scoring import FetchTiming, best_holding, ranked, score_prefill
-from conductor.types import Decision, PrefixHolding, RouteRequest
+from conductor.types import Decision, PrefillScore, PrefixHolding, RouteRequest
 from kvstore.types import BlockKey
 
-PENDING_SLACK_S = 1.0
+PENDING_SLACK_S = 1.0  # a placed chain stays credited this long past its predicted completion
+SHED_WAIT_FRACTION = 0.5  # overloaded: the chosen node's predicted wait exceeds this share of the TTFT SLO
+SHED_QUANTILE = 0.95  # then shed prefills longer than this quantile of the recent ones ...
+SHED_WINDOW = 2048  # ... the last this many placed
+SHED_REFRESH = 64  # placements between recomputations of the quantile
 
 
 class PrefixFlow:
@@ -39,6 +51,9 @@ class PrefixFlow:
         # node -> key -> when the credit ends; and the expiry order, to forget old credits cheaply.
         self._pending: dict[str, dict[BlockKey, float]] = {}
         self._expiry: deque[tuple[float, str, tuple[BlockKey, ...]]] = deque()
+        self._recent_prefill_s: deque[float] = deque(maxlen=SHED_WINDOW)
+        self._long_prefill_s = math.inf
+        self._placed = 0
 
     def place(self, request: RouteRequest, cluster: ClusterState, now_s: float) -> Decision:
         self._forget(now_s, cluster)
@@ -50,11 +65,32 @@ class PrefixFlow:
             for info in cluster.prefill_nodes
         )
         decision = decide_within_slo(self.name, request, cluster, scores)
-        if decision.accepted and decision.prefill is not None:
-            chosen = decision.prefill
-            done_s = now_s + max(chosen.queue_s, chosen.fetch_s) + chosen.load_s + chosen.prefill_s
-            self._remember(chosen.node_id, request.keys, done_s + PENDING_SLACK_S)
+        if not decision.accepted or decision.prefill is None:
+            return decision
+        chosen = decision.prefill
+        if self._shed(chosen, cluster):
+            return Decision(
+                request.request_id,
+                self.name,
+                chosen,
+                None,
+                f"overloaded: the queue is {chosen.queue_s:.1f} s and this prefill "
+                f"({chosen.load_s + chosen.prefill_s:.1f} s) is longer than {SHED_QUANTILE:.0%} of recent ones",
+                decision.candidates,
+            )
+        done_s = now_s + max(chosen.queue_s, chosen.fetch_s) + chosen.load_s + chosen.prefill_s
+        self._remember(chosen.node_id, request.keys, done_s + PENDING_SLACK_S)
         return decision
+
+    def _shed(self, chosen: PrefillScore, cluster: ClusterState) -> bool:
+        """Note the prefill's length; True when the cluster is overloaded and it is a long one."""
+        prefill_s = chosen.load_s + chosen.prefill_s
+        self._recent_prefill_s.append(prefill_s)
+        self._placed += 1
+        if self._placed % SHED_REFRESH == 0:
+            ordered = sorted(self._recent_prefill_s)
+            self._long_prefill_s = ordered[int(SHED_QUANTILE * (len(ordered) - 1))]
+        return chosen.queue_s > SHED_WAIT_FRACTION * cluster.slo.ttft_s and prefill_s > self._long_prefill_s
 
     def _with_pending(self, request: RouteRequest, holdings: dict[str, PrefixHolding]) -> dict[str, PrefixHolding]:
         """Holdings credited with the chains queued on each node."""

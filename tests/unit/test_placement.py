@@ -195,3 +195,18 @@ def test_baselines_pick_as_their_names_say() -> None:
 def test_unknown_placement_names_the_known_ones() -> None:
     with pytest.raises(ConfigError, match=r"unknown placement policy 'best'.*kv-centric"):
         make_placement("best")
+
+
+def test_prefix_flow_sheds_long_prompts_only_when_overloaded() -> None:
+    policy = PrefixFlow()
+    state = cluster(prefill=1, slo=Slo(ttft_s=30.0))
+    # Learn what a usual prefill takes: 64 placements of 1 block (0.1 s) on an idle node.
+    for number in range(64):
+        assert policy.place(request(blocks=1, request_id=str(number), start=1000 + number), state, 0.0).accepted
+    long_request = request(blocks=20, request_id="long", start=5000)  # 2 s of prefill
+    assert policy.place(long_request, state, 0.0).accepted  # idle: never shed
+    state.loads["p0"] = NodeLoad(prefill_busy_until_s=16.0)  # past half the SLO
+    shed = policy.place(long_request, state, 0.0)
+    assert not shed.accepted and shed.rejected.startswith("overloaded: the queue is 16.0 s")
+    short = policy.place(request(blocks=1, request_id="short", start=6000), state, 0.0)
+    assert short.accepted  # as short as the usual ones: admitted behind the queue
