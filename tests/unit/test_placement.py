@@ -206,7 +206,7 @@ def test_prefix_flow_sheds_long_prompts_only_when_overloaded() -> None:
     long_request = request(blocks=20, request_id="long", start=5000)  # 2 s of prefill
     assert policy.place(long_request, state, 0.0).accepted  # idle: never shed
     state.loads["p0"] = NodeLoad(prefill_busy_until_s=16.0)  # past half the SLO
-    shed = policy.place(long_request, state, 0.0)
+    shed = policy.place(request(blocks=20, request_id="long-2", start=7000), state, 0.0)
     assert not shed.accepted and shed.rejected.startswith("overloaded: the queue is 16.0 s")
     short = policy.place(request(blocks=1, request_id="short", start=6000), state, 0.0)
     assert short.accepted  # as short as the usual ones: admitted behind the queue
