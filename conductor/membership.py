@@ -20,10 +20,14 @@ from collections.abc import Callable
 from typing import Protocol
 
 from conductor.types import NodeInfo
-from kvstore.errors import InvalidArgumentError
+from kvstore.errors import InvalidArgumentError, KVStoreError
 
 MIN_TTL_S = 1.0
 MAX_TTL_S = 3600.0
+
+
+class MembershipUnavailableError(KVStoreError):
+    """The membership store (etcd) could not be reached or failed; the message names it."""
 
 
 def check_ttl(ttl_s: float) -> None:

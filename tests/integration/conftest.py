@@ -1,5 +1,6 @@
-"""Fixtures of the fuzz tests (tests/integration/test_fuzz_*.py): the node under fuzz, one per
-module, and the capture of exceptions that escape any thread."""
+"""Fixtures of the integration tests: the node under fuzz (tests/integration/test_fuzz_*.py),
+one per module; the capture of exceptions that escape any thread; a real etcd
+(tests/etcd.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 from kvstore.client import Client, Transport
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from tests import factories
+from tests.etcd import etcd  # noqa: F401 - a fixture, for the conductor's tests
 from tests.fuzzing import (
     CHAIN_BLOCKS,
     MAX_KEYS,
