@@ -14,26 +14,24 @@ raises `ConfigError` naming the key and where it came from; the daemon then does
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import re
 import socket
-import tomllib
-import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
 from kvstore.config import DramConfig as DramTierConfig
 from kvstore.config import GiB, KiB, MiB, StoreConfig, WritePolicy
 from kvstore.config import HbmConfig as HbmTierConfig
 from kvstore.config import NvmeConfig as NvmeTierConfig
 from kvstore.errors import ConfigError
+from kvstore.layered_config import load_layers
 
 ENV_PREFIX = "KVSTORE_"
 TOKEN_ENV = "KVSTORE_AUTH_TOKEN"
+CONDUCTOR_TOKEN_ENV = "KVSTORE_CONDUCTOR_TOKEN"
 
 
 class LogFormat(StrEnum):
@@ -102,6 +100,24 @@ class LoggingSection:
     format: LogFormat = LogFormat.JSON
 
 
+class ConductorRole(StrEnum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+    BOTH = "both"
+    STORAGE = "storage"  # holds KV, runs no engine
+
+
+@dataclass(frozen=True, slots=True)
+class ConductorSection:
+    address: str = ""  # host:port of `conductor serve`; empty: register with no conductor
+    role: ConductorRole = ConductorRole.BOTH  # what this node's engine does, for placement
+    profile: str = "default"  # the cost profile of its engine (the conductor's config names them)
+    kv_capacity_tokens: int = 0  # KV its decode engine holds; 0: the profile's
+    ttl_s: float = 10.0  # the conductor drops the node after this long without a heartbeat
+    heartbeat_interval_s: float = 2.0  # how often it tells the conductor it is alive, and how busy
+    token_file: Path | None = None  # the conductor's token, if it wants one (or KVSTORE_CONDUCTOR_TOKEN)
+
+
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
     node: NodeSection = field(default_factory=NodeSection)
@@ -110,7 +126,9 @@ class NodeConfig:
     store: StoreSection = field(default_factory=StoreSection)
     shutdown: ShutdownSection = field(default_factory=ShutdownSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    conductor: ConductorSection = field(default_factory=ConductorSection)
     token: str | None = field(default=None, repr=False)  # resolved from token_file or KVSTORE_AUTH_TOKEN
+    conductor_token: str | None = field(default=None, repr=False)  # conductor.token_file or KVSTORE_CONDUCTOR_TOKEN
 
     @property
     def node_id(self) -> str:
@@ -159,6 +177,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "store": StoreSection,
     "shutdown": ShutdownSection,
     "logging": LoggingSection,
+    "conductor": ConductorSection,
 }
 
 
@@ -169,127 +188,17 @@ def load_node_config(
     overrides: Sequence[str] = (),
 ) -> NodeConfig:
     """File, then environment, then `section.field=value` overrides; validated once."""
-    layers: list[tuple[str, dict[str, dict[str, object]]]] = []
-    if path is not None:
-        layers.append((str(path), _read_toml(path)))
     environ = os.environ if environ is None else environ
-    layers.append(("environment", _from_environ(environ)))
-    layers.append(("flags", _from_overrides(overrides)))
-    sections: dict[str, dict[str, object]] = {name: {} for name in _SECTIONS}
-    origins: dict[str, str] = {}
-    for origin, layer in layers:
-        for section, values in layer.items():
-            if section not in _SECTIONS:
-                raise ConfigError(f"{origin}: unknown section [{section}] (known: {', '.join(_SECTIONS)})")
-            known = {f.name: f for f in dataclasses.fields(_SECTIONS[section])}
-            hints = get_type_hints(_SECTIONS[section])
-            for name, raw in values.items():
-                if name not in known:
-                    raise ConfigError(f"{origin}: unknown key {section}.{name} (known: {', '.join(known)})")
-                sections[section][name] = _coerce(raw, hints[name], f"{origin}: {section}.{name}")
-                origins[f"{section}.{name}"] = origin
-    built = {}
-    for section, cls in _SECTIONS.items():
-        built[section] = cls(**sections[section])
-    config = NodeConfig(**built, token=_resolve_token(built["auth"], environ))
+    built, origins = load_layers(
+        _SECTIONS, path, environ, overrides, env_prefix=ENV_PREFIX, env_skip=(TOKEN_ENV, CONDUCTOR_TOKEN_ENV)
+    )
+    config = NodeConfig(
+        **built,
+        token=_resolve_token(built["auth"], environ),
+        conductor_token=_conductor_token(built["conductor"], environ),
+    )
     _validate(config, origins)
     return config
-
-
-def parse_size_bytes(value: object, where: str) -> int:
-    """An int, or a string like "4 GiB" / "512MiB" / "64 KiB" / "1048576"."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        match = re.fullmatch(r"\s*(\d+)\s*(B|KiB|MiB|GiB|TiB)?\s*", value)
-        if match:
-            unit = {"B": 1, None: 1, "KiB": KiB, "MiB": MiB, "GiB": GiB, "TiB": 1024 * GiB}[match.group(2)]
-            return int(match.group(1)) * unit
-    raise ConfigError(f"{where} must be a size in bytes (an integer or e.g. '4 GiB'), got {value!r}")
-
-
-# -- internals -------------------------------------------------------------------------------
-
-
-def _read_toml(path: Path) -> dict[str, dict[str, object]]:
-    try:
-        with path.open("rb") as handle:
-            data = tomllib.load(handle)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
-    for section, values in data.items():
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: top-level key {section!r} must be a [section] table")
-    return data
-
-
-def _from_environ(environ: Mapping[str, str]) -> dict[str, dict[str, object]]:
-    values: dict[str, dict[str, object]] = {}
-    for name, value in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == TOKEN_ENV:
-            continue
-        rest = name[len(ENV_PREFIX) :].lower()
-        section = next((s for s in _SECTIONS if rest.startswith(s + "_")), None)
-        if section is None:
-            continue  # KVSTORE_* variables of other tools are not ours to reject
-        values.setdefault(section, {})[rest[len(section) + 1 :]] = value
-    return values
-
-
-def _from_overrides(overrides: Sequence[str]) -> dict[str, dict[str, object]]:
-    values: dict[str, dict[str, object]] = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        section, dot, name = key.strip().partition(".")
-        if not sep or not dot or not name:
-            raise ConfigError(f"flags: --set wants section.field=value, got {item!r}")
-        values.setdefault(section, {})[name] = value.strip()
-    return values
-
-
-def _coerce(raw: object, hint: Any, where: str) -> object:
-    """Turn a TOML value or an environment/flag string into the field's type."""
-    if isinstance(hint, types.UnionType):  # Path | None
-        if raw in ("", None):
-            return None
-        (hint,) = [arg for arg in hint.__args__ if arg is not type(None)]
-    if where.endswith("_bytes"):
-        return parse_size_bytes(raw, where)
-    if hint is bool:
-        if isinstance(raw, bool):
-            return raw
-        if isinstance(raw, str) and raw.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return raw.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{where} must be true or false, got {raw!r}")
-    if hint is int:
-        if isinstance(raw, int) and not isinstance(raw, bool):
-            return raw
-        if isinstance(raw, str) and re.fullmatch(r"-?\d+", raw.strip()):
-            return int(raw)
-        raise ConfigError(f"{where} must be an integer, got {raw!r}")
-    if hint is float:
-        if isinstance(raw, int | float) and not isinstance(raw, bool):
-            return float(raw)
-        try:
-            return float(str(raw))
-        except ValueError:
-            raise ConfigError(f"{where} must be a number, got {raw!r}") from None
-    if hint is Path:
-        if not isinstance(raw, str) or not raw:
-            raise ConfigError(f"{where} must be a path, got {raw!r}")
-        return Path(raw).expanduser()
-    if isinstance(hint, type) and issubclass(hint, StrEnum):
-        try:
-            return hint(str(raw))
-        except ValueError:
-            raise ConfigError(f"{where} must be one of {[v.value for v in hint]}, got {raw!r}") from None
-    if hint is str:
-        if not isinstance(raw, str):
-            raise ConfigError(f"{where} must be a string, got {raw!r}")
-        return raw
-    raise ConfigError(f"{where}: unsupported type {hint}")  # a field type this loader does not know
 
 
 def _resolve_token(auth: AuthSection, environ: Mapping[str, str]) -> str | None:
@@ -306,9 +215,34 @@ def _resolve_token(auth: AuthSection, environ: Mapping[str, str]) -> str | None:
     return token
 
 
+def _conductor_token(section: ConductorSection, environ: Mapping[str, str]) -> str | None:
+    token = environ.get(CONDUCTOR_TOKEN_ENV)
+    if section.token_file is not None:
+        if token is not None:
+            raise ConfigError(f"conductor.token_file and {CONDUCTOR_TOKEN_ENV} are both set; choose one")
+        try:
+            token = section.token_file.read_text().strip()
+        except OSError as error:
+            raise ConfigError(f"conductor.token_file: cannot read {section.token_file}: {error.strerror}") from None
+    return token or None
+
+
 def _validate(config: NodeConfig, origins: Mapping[str, str]) -> None:
     def where(key: str) -> str:
         return f"{origins.get(key, 'default')}: {key}"
+
+    conductor = config.conductor
+    if conductor.address and conductor.address.rpartition(":")[2].isdigit() is False:
+        raise ConfigError(f"{where('conductor.address')} must be host:port, got {conductor.address!r}")
+    if not 1.0 <= conductor.ttl_s <= 3600.0:
+        raise ConfigError(f"{where('conductor.ttl_s')} must be within [1, 3600] s, got {conductor.ttl_s}")
+    if not 0 < conductor.heartbeat_interval_s <= conductor.ttl_s / 2:
+        raise ConfigError(
+            f"{where('conductor.heartbeat_interval_s')} must be positive and at most half of conductor.ttl_s "
+            f"({conductor.ttl_s:g} s), got {conductor.heartbeat_interval_s}"
+        )
+    if conductor.kv_capacity_tokens < 0:
+        raise ConfigError(f"{where('conductor.kv_capacity_tokens')} must not be negative")
 
     server = config.server
     for name in ("grpc_port", "data_port"):

@@ -28,6 +28,7 @@ from kvstore.dataplane.local_server import LocalControlServer
 from kvstore.dataplane.server import DataPlaneServer
 from kvstore.events import EventLog
 from kvstore.node.auth import TokenInterceptor
+from kvstore.node.conductor_link import ConductorLink
 from kvstore.node.config import NodeConfig
 from kvstore.node.metrics import NodeMetrics, StoreCollector
 from kvstore.node.node import Node
@@ -53,6 +54,7 @@ class NodeServer:
         self.store = Store(config.store_config(), events=EventLog(config.store.event_ring_events))
         self._grpc: grpc.Server | None = None
         self._metrics_server: Any = None
+        self.conductor_link: ConductorLink | None = None
         self.dataplane: DataPlaneServer | None = None
         self.local_control: LocalControlServer | None = None
         self.shared_index: IndexWriter | None = None
@@ -123,6 +125,16 @@ class NodeServer:
         self._housekeeping.start()
         for name in ("", SERVICE_NAME):
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.config.conductor.address:
+            host = self.config.server.advertise_host or self.config.server.bind_host
+            self.conductor_link = ConductorLink(
+                self.config.conductor,
+                self.node.node_id,
+                f"{host}:{self.grpc_port}",
+                self.data_address,
+                self.config.conductor_token,
+            )
+            self.conductor_link.start()
         log.info(
             "node serving",
             extra={
@@ -156,6 +168,8 @@ class NodeServer:
         self._stopped.set()
 
     def _close_parts(self) -> None:
+        if self.conductor_link is not None:
+            self.conductor_link.stop()  # no more heartbeats: the conductor drops this node after its ttl
         self._stop_housekeeping.set()
         if self._grpc is not None:
             self._grpc.stop(grace=1.0).wait()

@@ -264,11 +264,12 @@ class KVStoreService(pb_grpc.KVStoreServicer):
         return self._call("Drain", context, lambda: pb.DrainResponse(num_flushed=self._node.drain(flush=request.flush)))
 
 
-def generic_handler(service: KVStoreService) -> grpc.GenericRpcHandler:
-    """The service's handlers, decoding requests themselves: grpc answers a request its
+def generic_handler(service: object, service_name: str = "KVStore") -> grpc.GenericRpcHandler:
+    """The handlers of `service_name` (a service of kvstore.proto) calling the methods of the
+    same names on `service`, decoding requests themselves: grpc answers a request its
     deserializer cannot parse with INTERNAL, but a malformed message is the caller's fault
     (INVALID_ARGUMENT), and nothing is changed by it."""
-    descriptor = pb.DESCRIPTOR.services_by_name["KVStore"]
+    descriptor = pb.DESCRIPTOR.services_by_name[service_name]
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in descriptor.methods:
         request_class = getattr(pb, method.input_type.name)

@@ -25,7 +25,7 @@ def test_defaults_are_safe():
 def test_the_example_file_loads_and_documents_every_field():
     config = load_node_config(EXAMPLE, environ={})
     text = EXAMPLE.read_text()
-    for section in ("node", "server", "auth", "store", "shutdown", "logging"):
+    for section in ("node", "server", "auth", "store", "shutdown", "logging", "conductor"):
         for name in getattr(config, section).__dataclass_fields__:
             assert f"{name} =" in text or f"# {name} =" in text, f"{section}.{name} is not documented"
 

@@ -1,0 +1,87 @@
+"""`conductor`: `serve` runs the conductor; `simulate` replays a trace through the placement
+policies (conductor/simulate/main.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from conductor.config import load_conductor_config
+from conductor.server import ConductorServer
+from conductor.simulate import main as simulate_main
+from kvstore.errors import KVStoreError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="conductor", description="kvstore's conductor: places requests on nodes.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="run the conductor",
+        description="Run the conductor: config file, then CONDUCTOR_<SECTION>_<FIELD> variables, then flags.",
+    )
+    serve.add_argument("--config", type=Path, help="TOML config file (see deploy/config/conductor.example.toml)")
+    serve.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override one field (repeatable)"
+    )
+    serve.add_argument("--bind", help="server.bind_host")
+    serve.add_argument("--grpc-port", help="server.grpc_port (0: any free port)")
+    serve.add_argument("--metrics-port", help="server.metrics_port (-1: off)")
+    serve.add_argument("--policy", help="placement.policy")
+    simulate = commands.add_parser(
+        "simulate", help="replay a trace through the placement policies", description=simulate_main.__doc__
+    )
+    simulate_main.add_arguments(simulate)
+    args = parser.parse_args(argv)
+    if args.command == "simulate":
+        return simulate_main.run(args)
+    return _serve(args)
+
+
+_SHORTCUTS = {
+    "bind": "server.bind_host",
+    "grpc_port": "server.grpc_port",
+    "metrics_port": "server.metrics_port",
+    "policy": "placement.policy",
+}
+
+
+def _serve(args: argparse.Namespace) -> int:
+    overrides = [f"{key}={getattr(args, name)}" for name, key in _SHORTCUTS.items() if getattr(args, name) is not None]
+    try:
+        config = load_conductor_config(args.config, overrides=[*args.set, *overrides])
+        logging.basicConfig(level=config.logging.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        server = ConductorServer(config)
+        server.start()
+    except (KVStoreError, OSError, ValueError) as error:
+        print(f"conductor serve: {error}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+
+    def on_signal(number: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    ready = {
+        "ready": True,
+        "grpc": server.grpc_address,
+        "metrics_port": server.metrics_port,
+        "policy": config.placement.policy,
+        "membership": config.membership.backend.value,
+    }
+    print(json.dumps(ready), flush=True)
+    stop.wait()
+    server.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

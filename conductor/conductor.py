@@ -1,0 +1,242 @@
+"""The conductor's state and behaviour, behind the gRPC service (conductor/service.py):
+members (through a `Membership`), one index feed per live node, the cluster state, and the
+router.
+
+- `register` / `heartbeat`: the node's lease in the membership; its load into the cluster
+  state (queued prefill tokens become a busy-until through its profile's prefill model).
+- `reconcile`, every `reconcile_interval_s` on its own thread: the membership's live nodes
+  join the cluster (a feed starts following their events), nodes no longer live leave it (their
+  feed stops and their blocks leave the index). A conductor that restarts rebuilds everything
+  this way: the members from etcd, the index from the nodes' snapshots.
+- `route`: the router, under the lock; decisions go to `WatchDecisions` subscribers.
+
+Owner: gRPC handler threads, the reconcile thread and the feed threads; `_lock` guards the
+cluster state.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import grpc
+
+from conductor.cluster import ClusterState
+from conductor.membership import Membership, check_ttl
+from conductor.placement.base import PlacementPolicy
+from conductor.router import Router
+from conductor.types import Decision, NodeInfo, NodeLoad, RouteRequest
+from conductor.watch import NodeFeed
+from kvstore.errors import InvalidArgumentError, UnknownNamespaceError
+from kvstore.node.auth import bearer
+from kvstore.proto import kvstore_pb2 as pb
+from kvstore.proto import kvstore_pb2_grpc as pb_grpc
+from kvstore.types import BlockKey, NamespaceId, TierKind
+
+log = logging.getLogger(__name__)
+
+WATCH_QUEUE = 1024  # decisions a slow WatchDecisions subscriber may fall behind before it is dropped
+INFO_TIMEOUT_S = 2.0
+
+
+class Conductor:
+    def __init__(
+        self,
+        cluster: ClusterState,
+        policy: PlacementPolicy,
+        membership: Membership,
+        *,
+        node_token: str | None = None,
+        reconcile_interval_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        on_decision: Callable[[Decision, float], None] | None = None,
+        on_resync: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.cluster = cluster
+        self.router = Router(cluster, policy)
+        self.membership = membership
+        self._node_token = node_token
+        self._interval_s = reconcile_interval_s
+        self._clock = clock
+        self._on_decision = on_decision
+        self._on_resync = on_resync
+        self._lock = threading.Lock()
+        self._feeds: dict[str, NodeFeed] = {}
+        self._watchers: list[queue.Queue[Decision | None]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._reconcile_loop, name="reconcile", daemon=True)
+        self.routed = 0
+        self.rejected = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.reconcile()
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        for feed in list(self._feeds.values()):
+            feed.stop()
+        self._feeds.clear()
+        with self._lock:
+            for watcher in self._watchers:
+                watcher.put(None)
+        self.membership.close()
+
+    # -- membership ------------------------------------------------------------------------------
+
+    def register(self, info: NodeInfo, ttl_s: float) -> None:
+        if not info.node_id or "/" in info.node_id or len(info.node_id) > 256:
+            raise InvalidArgumentError(f"node_id must be 1-256 characters without '/', got {info.node_id!r}")
+        if not info.grpc_address:
+            raise InvalidArgumentError(f"node {info.node_id!r}: grpc_address is empty (the conductor watches it)")
+        check_ttl(ttl_s)
+        self.cluster.costs.profile(info.profile)  # ConfigError (INVALID_ARGUMENT) when unknown
+        self.membership.register(info, ttl_s)
+        self.reconcile()
+
+    def heartbeat(self, node_id: str, queued_prefill_tokens: int, running_decodes: int, decode_kv_tokens: int) -> bool:
+        """Renew the node's lease and take its load; False when it must register again."""
+        if not self.membership.renew(node_id):
+            return False
+        now = self._clock()
+        with self._lock:
+            info = self.cluster.nodes.get(node_id)
+            if info is None:
+                return True  # live in the membership; the next reconcile adds it
+            profile = self.cluster.costs.profile(info.profile)
+            busy_s = profile.prefill.seconds(queued_prefill_tokens) if queued_prefill_tokens else 0.0
+            self.cluster.report_load(
+                node_id,
+                NodeLoad(
+                    prefill_busy_until_s=now + busy_s,
+                    queued_prefill_tokens=queued_prefill_tokens,
+                    running_decodes=running_decodes,
+                    decode_kv_tokens=decode_kv_tokens,
+                ),
+            )
+        return True
+
+    def reconcile(self) -> None:
+        """Join the live members the cluster lacks, and remove those no longer live."""
+        live = self.membership.live()
+        with self._lock:
+            known = dict(self.cluster.nodes)
+            for node_id in known.keys() - live.keys():
+                self.cluster.leave(node_id)
+            for info in live.values():
+                if known.get(info.node_id) != info:
+                    self.cluster.join(info)
+        for node_id in known.keys() - live.keys():
+            feed = self._feeds.pop(node_id, None)
+            if feed is not None:
+                feed.stop()
+            log.info("node %s left the cluster", node_id)
+        for info in live.values():
+            feed = self._feeds.get(info.node_id)
+            if feed is not None and feed.grpc_address == info.grpc_address:
+                continue
+            if feed is not None:
+                feed.stop()
+            self._feeds[info.node_id] = feed = NodeFeed(
+                info.node_id, info.grpc_address, self, token=self._node_token, on_resync=self._on_resync
+            )
+            feed.start()
+            log.info("node %s (%s) joined as %s", info.node_id, info.grpc_address, info.role.value)
+
+    def _reconcile_loop(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                self.reconcile()
+            except Exception:  # the membership store is down: keep the cluster as it is, retry
+                log.exception("reconciling the membership failed; retrying in %.1f s", self._interval_s)
+
+    def feed_of(self, node_id: str) -> NodeFeed | None:
+        return self._feeds.get(node_id)
+
+    # -- the index sink (called by the feeds) ---------------------------------------------------
+
+    def replace_node(
+        self, node_id: str, blocks: dict[BlockKey, tuple[TierKind, ...]], namespaces: set[NamespaceId]
+    ) -> None:
+        with self._lock:
+            if node_id not in self.cluster.nodes:
+                return
+            self.cluster.index.drop_node(node_id)
+            for key, tiers in blocks.items():
+                self.cluster.index.set_tiers(node_id, key, tiers)
+            self.cluster.namespaces |= namespaces
+
+    def apply(self, node_id: str, key: BlockKey, namespace: NamespaceId, tiers: tuple[TierKind, ...]) -> None:
+        with self._lock:
+            if node_id in self.cluster.nodes:
+                self.cluster.index.set_tiers(node_id, key, tiers)
+                self.cluster.namespaces.add(namespace)
+
+    # -- routing ---------------------------------------------------------------------------------
+
+    def route(self, request: RouteRequest) -> Decision:
+        if request.namespace_id not in self.cluster.namespaces:
+            self._learn_namespaces()  # registered on a node, nothing stored under it yet
+            if request.namespace_id not in self.cluster.namespaces:
+                raise UnknownNamespaceError(
+                    f"request {request.request_id!r}: namespace {request.namespace_id.hex()} "
+                    "is not registered on any node"
+                )
+        now = self._clock()
+        with self._lock:
+            decision = self.router.route(request, now)
+            self.routed += 1
+            self.rejected += not decision.accepted
+            for watcher in list(self._watchers):
+                try:
+                    watcher.put_nowait(decision)
+                except queue.Full:  # too slow: dropped; its stream ends once it has read the backlog
+                    self._watchers.remove(watcher)
+        if self._on_decision is not None:
+            self._on_decision(decision, now)
+        return decision
+
+    def _learn_namespaces(self) -> None:
+        """Ask every member which namespaces it has registered."""
+        metadata = (("authorization", bearer(self._node_token)),) if self._node_token else ()
+        for info in list(self.cluster.nodes.values()):
+            try:
+                with grpc.insecure_channel(info.grpc_address) as channel:
+                    reply = pb_grpc.KVStoreStub(channel).Info(
+                        pb.InfoRequest(), timeout=INFO_TIMEOUT_S, metadata=metadata
+                    )
+            except grpc.RpcError as error:
+                log.warning("asking %s for its namespaces failed: %s", info.node_id, error)
+                continue
+            with self._lock:
+                self.cluster.namespaces.update(NamespaceId(n.namespace_id) for n in reply.namespaces)
+
+    def decisions(self, is_active: Callable[[], bool]) -> Iterator[Decision]:
+        """Every decision from now on, while `is_active()`; ends when the conductor closes or the
+        subscriber falls more than WATCH_QUEUE decisions behind."""
+        watcher: queue.Queue[Decision | None] = queue.Queue(maxsize=WATCH_QUEUE)
+        with self._lock:
+            self._watchers.append(watcher)
+        try:
+            while is_active() and not self._stop.is_set():
+                try:
+                    decision = watcher.get(timeout=0.5)
+                except queue.Empty:
+                    with self._lock:
+                        if watcher not in self._watchers:
+                            return  # dropped for falling behind
+                    continue
+                if decision is None:
+                    return
+                yield decision
+        finally:
+            with self._lock:
+                if watcher in self._watchers:
+                    self._watchers.remove(watcher)

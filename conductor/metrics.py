@@ -1,0 +1,56 @@
+"""The conductor's Prometheus metrics, served on `server.metrics_port`."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from conductor.cluster import ClusterState
+from conductor.types import Decision
+
+
+class ConductorMetrics:
+    def __init__(self, registry: CollectorRegistry, cluster: ClusterState) -> None:
+        self.routes = Counter(
+            "conductor_routes_total", "Route decisions, by policy and outcome", ["policy", "outcome"], registry=registry
+        )
+        self.rejections = Counter(
+            "conductor_rejections_total", "Rejected requests, by the kind of reason", ["reason"], registry=registry
+        )
+        self.decision_seconds = Histogram(
+            "conductor_decision_seconds",
+            "Time to make one Route decision",
+            buckets=(5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2),
+            registry=registry,
+        )
+        self.resyncs = Counter(
+            "conductor_index_resyncs_total", "Node event streams rebuilt from a snapshot", ["node"], registry=registry
+        )
+        self.calls = Counter(
+            "conductor_calls_total", "gRPC calls, by method and status", ["method", "code"], registry=registry
+        )
+        nodes = Gauge("conductor_live_nodes", "Live nodes, by role", ["role"], registry=registry)
+        nodes.labels("prefill").set_function(lambda: len(cluster.prefill_nodes))
+        nodes.labels("decode").set_function(lambda: len(cluster.decode_nodes))
+        Gauge("conductor_indexed_blocks", "Distinct keys in the global index", registry=registry).set_function(
+            lambda: len(cluster.index)
+        )
+
+    def decided(self, decision: Decision, seconds: float) -> None:
+        self.routes.labels(decision.policy, "accepted" if decision.accepted else "rejected").inc()
+        if not decision.accepted:
+            self.rejections.labels(reason_kind(decision.rejected)).inc()
+        self.decision_seconds.observe(seconds)
+
+
+def reason_kind(reason: str) -> str:
+    """A low-cardinality label for a rejection reason (the text carries numbers)."""
+    for needle, kind in (
+        ("TTFT", "ttft_slo"),
+        ("TBT", "tbt_slo"),
+        ("room", "decode_full"),
+        ("overloaded", "shed"),
+        ("no live", "no_node"),
+    ):
+        if needle in reason:
+            return kind
+    return "other"

@@ -1,0 +1,198 @@
+"""The conductor's gRPC servicer: proto messages in, domain calls, proto messages out. Errors
+map to status codes through the one table (kvstore/status.py), as the node's do."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import grpc
+
+from conductor.conductor import Conductor
+from conductor.metrics import ConductorMetrics
+from conductor.types import Decision, DecodeScore, NodeInfo, PrefillScore, Role, RouteRequest
+from kvstore.errors import InvalidArgumentError, KVStoreError
+from kvstore.proto import kvstore_pb2 as pb
+from kvstore.status import ERROR_METADATA_KEY, code_of
+from kvstore.types import KEY_BYTES, BlockKey, NamespaceId
+
+log = logging.getLogger(__name__)
+Reply = TypeVar("Reply")
+
+_ROLES = {
+    pb.NODE_ROLE_PREFILL: Role.PREFILL,
+    pb.NODE_ROLE_DECODE: Role.DECODE,
+    pb.NODE_ROLE_BOTH: Role.BOTH,
+    pb.NODE_ROLE_STORAGE: Role.STORAGE,
+}
+_ROLE_NUMBERS = {role: number for number, role in _ROLES.items()}
+MAX_ROUTE_KEYS = 1 << 16
+
+
+class ConductorService:
+    def __init__(self, conductor: Conductor, metrics: ConductorMetrics) -> None:
+        self._conductor = conductor
+        self._metrics = metrics
+
+    def _call(self, method: str, context: grpc.ServicerContext, handler: Callable[[], Reply]) -> Reply:
+        code = grpc.StatusCode.OK
+        try:
+            return handler()
+        except KVStoreError as error:
+            code = code_of(error)
+            context.set_trailing_metadata(((ERROR_METADATA_KEY, type(error).__name__),))
+            context.abort(code, str(error))
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            log.exception("internal error in %s", method)
+            context.abort(code, f"internal error in {method}; see the conductor's log")
+        finally:
+            self._metrics.calls.labels(method, code.name).inc()
+
+    def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterResponse:
+        def handle() -> pb.RegisterResponse:
+            self._conductor.register(node_info(request.node), request.ttl_s)
+            return pb.RegisterResponse()
+
+        return self._call("Register", context, handle)
+
+    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
+        def handle() -> pb.HeartbeatResponse:
+            load = request.load
+            alive = self._conductor.heartbeat(
+                request.node_id, load.queued_prefill_tokens, load.running_decodes, load.decode_kv_tokens
+            )
+            return pb.HeartbeatResponse(register_again=not alive)
+
+        return self._call("Heartbeat", context, handle)
+
+    def Route(self, request: pb.RouteRequest, context: grpc.ServicerContext) -> pb.RouteResponse:
+        def handle() -> pb.RouteResponse:
+            started = time.perf_counter()
+            decision = self._conductor.route(route_request(request))
+            self._metrics.decided(decision, time.perf_counter() - started)
+            return self._decision_message(decision)
+
+        return self._call("Route", context, handle)
+
+    def ClusterStatus(
+        self, request: pb.ClusterStatusRequest, context: grpc.ServicerContext
+    ) -> pb.ClusterStatusResponse:
+        def handle() -> pb.ClusterStatusResponse:
+            conductor = self._conductor
+            cluster = conductor.cluster
+            now = time.monotonic()
+            reply = pb.ClusterStatusResponse(
+                policy=conductor.router.policy.name,
+                indexed_blocks=len(cluster.index),
+                routed=conductor.routed,
+                rejected=conductor.rejected,
+            )
+            for info in sorted(cluster.nodes.values(), key=lambda n: n.node_id):
+                load = cluster.loads[info.node_id]
+                feed = conductor.feed_of(info.node_id)
+                reply.nodes.add(
+                    node=node_message(info),
+                    load=pb.NodeLoad(
+                        queued_prefill_tokens=load.queued_prefill_tokens,
+                        running_decodes=load.running_decodes,
+                        decode_kv_tokens=load.decode_kv_tokens,
+                    ),
+                    prefill_queue_s=load.queue_s(now),
+                    indexed_blocks=cluster.index.blocks_of(info.node_id),
+                    resyncs=feed.resyncs if feed is not None else 0,
+                )
+            return reply
+
+        return self._call("ClusterStatus", context, handle)
+
+    def WatchDecisions(
+        self, request: pb.WatchDecisionsRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.RouteResponse]:
+        for decision in self._conductor.decisions(context.is_active):
+            yield self._decision_message(decision)
+
+    def _decision_message(self, decision: Decision) -> pb.RouteResponse:
+        nodes = self._conductor.cluster.nodes
+        reply = pb.RouteResponse(request_id=decision.request_id, policy=decision.policy, rejected=decision.rejected)
+        if decision.prefill is not None:
+            reply.prefill.CopyFrom(prefill_message(decision.prefill, nodes))
+        if decision.decode is not None:
+            reply.decode.CopyFrom(decode_message(decision.decode))
+        reply.candidates.extend(prefill_message(score, nodes) for score in decision.candidates)
+        return reply
+
+
+def node_info(message: pb.NodeDescription) -> NodeInfo:
+    role = _ROLES.get(message.role)
+    if role is None:
+        raise InvalidArgumentError(
+            f"node {message.node_id!r}: role {message.role} is not one of prefill, decode, both, storage"
+        )
+    return NodeInfo(
+        node_id=message.node_id,
+        role=role,
+        grpc_address=message.grpc_address,
+        data_address=message.data_address,
+        profile=message.profile or "default",
+        kv_capacity_tokens=message.kv_capacity_tokens,
+    )
+
+
+def node_message(info: NodeInfo) -> pb.NodeDescription:
+    return pb.NodeDescription(
+        node_id=info.node_id,
+        role=_ROLE_NUMBERS[info.role],
+        grpc_address=info.grpc_address,
+        data_address=info.data_address,
+        profile=info.profile,
+        kv_capacity_tokens=info.kv_capacity_tokens,
+    )
+
+
+def route_request(message: pb.RouteRequest) -> RouteRequest:
+    packed = message.keys
+    if len(packed) % KEY_BYTES:
+        raise InvalidArgumentError(
+            f"request {message.request_id!r}: keys are {len(packed)} bytes, not a multiple of {KEY_BYTES}"
+        )
+    if len(packed) // KEY_BYTES > MAX_ROUTE_KEYS:
+        raise InvalidArgumentError(f"request {message.request_id!r}: more than {MAX_ROUTE_KEYS} keys")
+    if len(message.namespace_id) != KEY_BYTES:
+        raise InvalidArgumentError(
+            f"request {message.request_id!r}: namespace_id must be {KEY_BYTES} bytes, got {len(message.namespace_id)}"
+        )
+    keys = tuple(BlockKey(packed[i : i + KEY_BYTES]) for i in range(0, len(packed), KEY_BYTES))
+    return RouteRequest(
+        message.request_id,
+        NamespaceId(message.namespace_id),
+        keys,
+        message.prompt_tokens,
+        message.max_output_tokens,
+        message.block_tokens,
+    )
+
+
+def prefill_message(score: PrefillScore, nodes: dict[str, NodeInfo]) -> pb.PrefillScore:
+    holder = nodes.get(score.fetch_from) if score.fetch_from else None
+    return pb.PrefillScore(
+        node_id=score.node_id,
+        ttft_s=score.ttft_s,
+        queue_s=score.queue_s,
+        prefill_s=score.prefill_s,
+        load_s=score.load_s,
+        fetch_s=score.fetch_s,
+        reused_tokens=score.reused_tokens,
+        local_tokens=score.local_tokens,
+        fetch_tokens=score.fetch_tokens,
+        fetch_from=score.fetch_from,
+        fetch_from_address=holder.data_address if holder is not None else "",
+    )
+
+
+def decode_message(score: DecodeScore) -> pb.DecodeScore:
+    return pb.DecodeScore(
+        node_id=score.node_id, tbt_s=score.tbt_s, transfer_s=score.transfer_s, free_kv_tokens=score.free_kv_tokens
+    )

@@ -1,0 +1,99 @@
+"""A node's link to its conductor: register at start, then heartbeat from its own thread.
+
+The conductor holds each node's membership as a lease of `conductor.ttl_s`; every heartbeat
+renews it and reports the node's load. A conductor that answers "register again" (the lease
+lapsed, or the conductor restarted with in-memory membership) gets a fresh registration. A
+conductor that cannot be reached does not stop the node: the link logs, backs off, and keeps
+trying; the node serves its clients meanwhile. A node that stops simply stops heartbeating,
+and the conductor drops it when the lease runs out.
+
+The load reported is what the node itself knows; queued prefill tokens and running decodes
+come from the engines, which do not report them to the node yet (0 until they do).
+
+Owner: its thread; `stop` from the server's shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import grpc
+
+from kvstore.node.auth import bearer
+from kvstore.node.config import ConductorRole, ConductorSection
+from kvstore.proto import kvstore_pb2 as pb
+from kvstore.proto import kvstore_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+_ROLES = {
+    ConductorRole.PREFILL: pb.NODE_ROLE_PREFILL,
+    ConductorRole.DECODE: pb.NODE_ROLE_DECODE,
+    ConductorRole.BOTH: pb.NODE_ROLE_BOTH,
+    ConductorRole.STORAGE: pb.NODE_ROLE_STORAGE,
+}
+MAX_BACKOFF_S = 10.0
+
+
+class ConductorLink:
+    def __init__(
+        self, settings: ConductorSection, node_id: str, grpc_address: str, data_address: str, token: str | None
+    ) -> None:
+        self._settings = settings
+        self._description = pb.NodeDescription(
+            node_id=node_id,
+            role=_ROLES[settings.role],
+            grpc_address=grpc_address,
+            data_address=data_address,
+            profile=settings.profile,
+            kv_capacity_tokens=settings.kv_capacity_tokens,
+        )
+        self._metadata = (("authorization", bearer(token)),) if token else ()
+        self._stop = threading.Event()
+        self.registered = threading.Event()  # set while the conductor holds this node's registration
+        self._thread = threading.Thread(target=self._run, name="conductor-link", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        settings = self._settings
+        timeout = max(1.0, settings.heartbeat_interval_s)
+        backoff = settings.heartbeat_interval_s
+        with grpc.insecure_channel(settings.address) as channel:
+            stub = pb_grpc.ConductorStub(channel)
+            while not self._stop.is_set():
+                try:
+                    if not self.registered.is_set():
+                        stub.Register(
+                            pb.RegisterRequest(node=self._description, ttl_s=settings.ttl_s),
+                            timeout=timeout,
+                            metadata=self._metadata,
+                        )
+                        self.registered.set()
+                        log.info("registered with the conductor at %s", settings.address)
+                    reply = stub.Heartbeat(
+                        pb.HeartbeatRequest(node_id=self._description.node_id, load=pb.NodeLoad()),
+                        timeout=timeout,
+                        metadata=self._metadata,
+                    )
+                    if reply.register_again:
+                        self.registered.clear()
+                        continue
+                    backoff = settings.heartbeat_interval_s
+                    self._stop.wait(settings.heartbeat_interval_s)
+                except grpc.RpcError as error:
+                    self.registered.clear()
+                    log.warning(
+                        "the conductor at %s did not answer (%s); retrying in %.1f s",
+                        settings.address,
+                        error.code().name,
+                        backoff,
+                    )
+                    self._stop.wait(backoff)
+                    backoff = min(MAX_BACKOFF_S, backoff * 2)
