@@ -8,7 +8,9 @@ router.
   join the cluster (a feed starts following their events), nodes no longer live leave it (their
   feed stops and their blocks leave the index). A conductor that restarts rebuilds everything
   this way: the members from etcd, the index from the nodes' snapshots.
-- `route`: the router, under the lock; decisions go to `WatchDecisions` subscribers.
+- `route`: the router, under the lock; decisions go to `WatchDecisions` subscribers and
+  their reused prefixes to the hot-prefix counter (conductor/replication.py), whose plan the
+  reconcile thread carries out with the target nodes' `Fetch`.
 
 Owner: gRPC handler threads, the reconcile thread and the feed threads; `_lock` guards the
 cluster state.
@@ -27,6 +29,7 @@ import grpc
 from conductor.cluster import ClusterState
 from conductor.membership import Membership, check_ttl
 from conductor.placement.base import PlacementPolicy
+from conductor.replication import HotPrefixes, Replication
 from conductor.router import Router
 from conductor.types import Decision, NodeInfo, NodeLoad, RouteRequest
 from conductor.watch import NodeFeed
@@ -40,6 +43,7 @@ log = logging.getLogger(__name__)
 
 WATCH_QUEUE = 1024  # decisions a slow WatchDecisions subscriber may fall behind before it is dropped
 INFO_TIMEOUT_S = 2.0
+FETCH_TIMEOUT_S = 60.0
 
 
 class Conductor:
@@ -54,6 +58,8 @@ class Conductor:
         clock: Callable[[], float] = time.monotonic,
         on_decision: Callable[[Decision, float], None] | None = None,
         on_resync: Callable[[str, str], None] | None = None,
+        on_replicate: Callable[[Replication, bool], None] | None = None,
+        hot_prefixes: HotPrefixes | None = None,
     ) -> None:
         self.cluster = cluster
         self.router = Router(cluster, policy)
@@ -63,6 +69,8 @@ class Conductor:
         self._clock = clock
         self._on_decision = on_decision
         self._on_resync = on_resync
+        self._on_replicate = on_replicate
+        self._hot = hot_prefixes or HotPrefixes()
         self._lock = threading.Lock()
         self._feeds: dict[str, NodeFeed] = {}
         self._watchers: list[queue.Queue[Decision | None]] = []
@@ -156,6 +164,46 @@ class Conductor:
                 self.reconcile()
             except Exception:  # the membership store is down: keep the cluster as it is, retry
                 log.exception("reconciling the membership failed; retrying in %.1f s", self._interval_s)
+            with self._lock:
+                plan = self._hot.plan(self.cluster, self._clock())
+            for copy in plan:
+                self.replicate(copy)
+
+    def replicate(self, copy: Replication) -> bool:
+        """Have `copy.target` pull `copy.keys` from `copy.source`'s data plane (node Fetch);
+        False (logged) when a node is gone or a call failed. The index learns the new copy from
+        the target's events."""
+        source, target = self.cluster.nodes.get(copy.source), self.cluster.nodes.get(copy.target)
+        done = False
+        if source is not None and target is not None:
+            try:
+                fetched = self._pull(source, target, copy)
+                done = True
+                log.info(
+                    "replicated a hot prefix of %d blocks from %s to %s (%d copied)",
+                    len(copy.keys),
+                    copy.source,
+                    copy.target,
+                    fetched,
+                )
+            except grpc.RpcError as error:
+                log.warning("replicating to %s from %s failed: %s", copy.target, copy.source, error.details())
+        if self._on_replicate is not None:
+            self._on_replicate(copy, done)
+        return done
+
+    def _pull(self, source: NodeInfo, target: NodeInfo, copy: Replication) -> int:
+        metadata = (("authorization", bearer(self._node_token)),) if self._node_token else ()
+        with grpc.insecure_channel(source.grpc_address) as channel:
+            info = pb_grpc.KVStoreStub(channel).Info(pb.InfoRequest(), timeout=INFO_TIMEOUT_S, metadata=metadata)
+        described = [n.namespace for n in info.namespaces if n.namespace_id == copy.namespace_id]
+        with grpc.insecure_channel(target.grpc_address) as channel:
+            node = pb_grpc.KVStoreStub(channel)
+            if described:  # the target may never have seen the namespace: register it as the source has it
+                request = pb.RegisterNamespaceRequest(namespace=described[0])
+                node.RegisterNamespace(request, timeout=INFO_TIMEOUT_S, metadata=metadata)
+            fetch = pb.FetchRequest(namespace_id=copy.namespace_id, keys=b"".join(copy.keys), peer=source.data_address)
+            return int(node.Fetch(fetch, timeout=FETCH_TIMEOUT_S, metadata=metadata).num_fetched)
 
     def feed_of(self, node_id: str) -> NodeFeed | None:
         return self._feeds.get(node_id)
@@ -192,6 +240,8 @@ class Conductor:
         now = self._clock()
         with self._lock:
             decision = self.router.route(request, now)
+            if decision.accepted:
+                self._hot.observe(request, decision, now)
             self.routed += 1
             self.rejected += not decision.accepted
             for watcher in list(self._watchers):

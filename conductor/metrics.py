@@ -28,6 +28,12 @@ class ConductorMetrics:
         self.calls = Counter(
             "conductor_calls_total", "gRPC calls, by method and status", ["method", "code"], registry=registry
         )
+        self.replications = Counter(
+            "conductor_replications_total",
+            "Hot prefixes copied to an idle node, by outcome",
+            ["outcome"],
+            registry=registry,
+        )
         nodes = Gauge("conductor_live_nodes", "Live nodes, by role", ["role"], registry=registry)
         nodes.labels("prefill").set_function(lambda: len(cluster.prefill_nodes))
         nodes.labels("decode").set_function(lambda: len(cluster.decode_nodes))

@@ -50,6 +50,7 @@ class ConductorServer:
             node_token=config.node_token,
             reconcile_interval_s=config.membership.reconcile_interval_s,
             on_resync=lambda node_id, reason: self.metrics.resyncs.labels(node_id).inc(),
+            on_replicate=lambda copy, done: self.metrics.replications.labels("done" if done else "failed").inc(),
         )
         self._health = health.HealthServicer()
         self._grpc, self.grpc_port = self._build_grpc()

@@ -12,13 +12,14 @@ import grpc
 import pytest
 
 from conductor.config import load_conductor_config
+from conductor.replication import Replication
 from conductor.server import ConductorServer
 from kvstore.client import Client
 from kvstore.node.auth import bearer
 from kvstore.node.server import NodeServer
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
-from kvstore.types import NamespaceId
+from kvstore.types import BlockKey, NamespaceId
 from tests import factories
 from tests.etcd import EtcdProcess
 from tests.nodes import eventually, running_node
@@ -145,7 +146,7 @@ def test_a_node_that_stops_heartbeating_lapses_and_gets_nothing(cluster) -> None
     assert conductor.conductor.cluster.index.blocks_of("b") == 0
 
 
-def test_a_restarted_conductor_rebuilds_from_etcd_and_the_nodes(tmp_path: Path, etcd: EtcdProcess) -> None:
+def test_with_etcd_a_restarted_conductor_rebuilds_and_a_silent_node_lapses(tmp_path: Path, etcd: EtcdProcess) -> None:
     first = conductor_server(etcd=etcd)
     restarted = None
     with node(tmp_path, "a", first, "prefill") as a, node(tmp_path, "d", first, "decode"):
@@ -175,6 +176,12 @@ def test_a_restarted_conductor_rebuilds_from_etcd_and_the_nodes(tmp_path: Path, 
             assert eventually(lambda: status(restarted)["a"].indexed_blocks == 5, 10)
             reply = stub(restarted).Route(route_message(namespace_id, keys))
             assert reply.prefill.node_id == "a" and reply.prefill.local_tokens == 5 * factories.BLOCK_TOKENS - 1
+            # a stops heartbeating: its etcd lease runs out and the conductor drops it.
+            assert a.conductor_link is not None
+            a.conductor_link.stop()
+            assert eventually(lambda: set(status(restarted)) == {"d"}, 10)
+            assert restarted.conductor.cluster.index.blocks_of("a") == 0
+            assert stub(restarted).Route(route_message(namespace_id, keys)).rejected == "no live prefill node"
         finally:
             restarted.shutdown()
 
@@ -291,3 +298,15 @@ def test_decisions_are_streamed_to_watchers(cluster) -> None:
     first = next(stream)
     assert first.request_id == "watched" and first.prefill.node_id == "a"
     stream.cancel()
+
+
+def test_a_replication_makes_the_target_pull_the_prefix(cluster) -> None:
+    conductor, nodes = cluster
+    namespace_id, keys = put_chain(nodes["a"], 4, seed=9)
+    assert eventually(lambda: status(conductor)["a"].indexed_blocks == 4, 10)
+    copy = Replication(namespace_id, tuple(BlockKey(k) for k in keys), source="a", target="b")
+    assert conductor.conductor.replicate(copy)
+    assert eventually(lambda: status(conductor)["b"].indexed_blocks == 4, 10)  # learnt from b's events
+    with Client(nodes["b"].grpc_address) as client:
+        assert client.lookup(namespace_id, keys).num_hits == 4
+    assert not conductor.conductor.replicate(Replication(namespace_id, copy.keys, source="a", target="gone"))
