@@ -20,12 +20,11 @@ from conductor.costs import DEFAULT_COSTS, CostModel, Link
 from conductor.membership import MIN_TTL_S
 from conductor.placement import PLACEMENTS
 from kvstore.errors import ConfigError
-from kvstore.layered_config import load_layers
+from kvstore.layered_config import load_layers, read_token
 
 ENV_PREFIX = "CONDUCTOR_"
 TOKEN_ENV = "CONDUCTOR_AUTH_TOKEN"
 NODE_TOKEN_ENV = "CONDUCTOR_NODE_TOKEN"
-MIN_TOKEN_CHARS = 16
 
 
 class MembershipBackend(StrEnum):
@@ -122,25 +121,11 @@ def load_conductor_config(
     auth: AuthSection = built["auth"]
     config = ConductorConfig(
         **built,
-        token=_token(auth.token_file, TOKEN_ENV, "auth.token_file", environ),
-        node_token=_token(auth.node_token_file, NODE_TOKEN_ENV, "auth.node_token_file", environ),
+        token=read_token(auth.token_file, TOKEN_ENV, "auth.token_file", environ),
+        node_token=read_token(auth.node_token_file, NODE_TOKEN_ENV, "auth.node_token_file", environ),
     )
     _validate(config)
     return config
-
-
-def _token(path: Path | None, env: str, key: str, environ: Mapping[str, str]) -> str | None:
-    token = environ.get(env)
-    if path is not None:
-        if token is not None:
-            raise ConfigError(f"{key} and {env} are both set; choose one")
-        try:
-            token = path.read_text().strip()
-        except OSError as error:
-            raise ConfigError(f"{key}: cannot read {path}: {error.strerror}") from None
-    if token is not None and len(token) < MIN_TOKEN_CHARS:
-        raise ConfigError(f"the token of {key} / {env} must have at least {MIN_TOKEN_CHARS} characters")
-    return token
 
 
 def _validate(config: ConductorConfig) -> None:

@@ -3,7 +3,6 @@ map to status codes through the one table (kvstore/status.py), as the node's do.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -13,12 +12,11 @@ import grpc
 from conductor.conductor import Conductor
 from conductor.metrics import ConductorMetrics
 from conductor.types import Decision, DecodeScore, NodeInfo, PrefillScore, Role, RouteRequest
-from kvstore.errors import InvalidArgumentError, KVStoreError
+from kvstore.errors import InvalidArgumentError
 from kvstore.proto import kvstore_pb2 as pb
-from kvstore.status import ERROR_METADATA_KEY, code_of
+from kvstore.status import answer
 from kvstore.types import KEY_BYTES, BlockKey, NamespaceId
 
-log = logging.getLogger(__name__)
 Reply = TypeVar("Reply")
 
 _ROLES = {
@@ -37,19 +35,10 @@ class ConductorService:
         self._metrics = metrics
 
     def _call(self, method: str, context: grpc.ServicerContext, handler: Callable[[], Reply]) -> Reply:
-        code = grpc.StatusCode.OK
-        try:
-            return handler()
-        except KVStoreError as error:
-            code = code_of(error)
-            context.set_trailing_metadata(((ERROR_METADATA_KEY, type(error).__name__),))
-            context.abort(code, str(error))
-        except Exception:
-            code = grpc.StatusCode.INTERNAL
-            log.exception("internal error in %s", method)
-            context.abort(code, f"internal error in {method}; see the conductor's log")
-        finally:
+        def done(code: grpc.StatusCode) -> None:
             self._metrics.calls.labels(method, code.name).inc()
+
+        return answer(method, context, handler, done, "conductor")
 
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterResponse:
         def handle() -> pb.RegisterResponse:

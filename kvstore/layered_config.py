@@ -150,3 +150,22 @@ def coerce(raw: object, hint: Any, where: str) -> object:
             raise ConfigError(f"{where} must be a string, got {raw!r}")
         return raw
     raise ConfigError(f"{where}: unsupported type {hint}")  # a field type this loader does not know
+
+
+MIN_TOKEN_CHARS = 16
+
+
+def read_token(path: Path | None, env: str, key: str, environ: Mapping[str, str]) -> str | None:
+    """A shared secret from the file at `path` (config key `key`) or the variable `env`, not both;
+    None when neither is set. Shorter than MIN_TOKEN_CHARS is refused."""
+    token = environ.get(env)
+    if path is not None:
+        if token is not None:
+            raise ConfigError(f"{key} and {env} are both set; choose one")
+        try:
+            token = path.read_text().strip()
+        except OSError as error:
+            raise ConfigError(f"{key}: cannot read {path}: {error.strerror}") from None
+    if token is not None and len(token) < MIN_TOKEN_CHARS:
+        raise ConfigError(f"the token of {key} / {env} must have at least {MIN_TOKEN_CHARS} characters")
+    return token

@@ -8,12 +8,17 @@ data plane carries the same codes in its ERROR frames.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+from typing import TypeVar
+
 import grpc
 
 from kvstore import errors
 from kvstore.events import WatchLagError
 
 ERROR_METADATA_KEY = "kvstore-error"
+log = logging.getLogger(__name__)
 
 _CODES: dict[type[errors.KVStoreError], grpc.StatusCode] = {
     errors.InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
@@ -76,3 +81,31 @@ def code_number(error: errors.KVStoreError) -> int:
     """`code_of` as the number a data-plane ERROR frame carries."""
     value: int = code_of(error).value[0]
     return value
+
+
+Reply = TypeVar("Reply")
+
+
+def answer(
+    method: str,
+    context: grpc.ServicerContext,
+    handler: Callable[[], Reply],
+    done: Callable[[grpc.StatusCode], None],
+    server: str,
+) -> Reply:
+    """Run one gRPC call's `handler`: a `KVStoreError` aborts the call with its code (and its
+    class name in the trailing metadata, for the client), anything else is an INTERNAL error
+    logged here; `done` gets the final code. `server` names whose log to read."""
+    code = grpc.StatusCode.OK
+    try:
+        return handler()
+    except errors.KVStoreError as error:
+        code = code_of(error)
+        context.set_trailing_metadata(((ERROR_METADATA_KEY, type(error).__name__),))
+        context.abort(code, str(error))
+    except Exception:
+        code = grpc.StatusCode.INTERNAL
+        log.exception("internal error in %s", method)
+        context.abort(code, f"internal error in {method}; see the {server}'s log")
+    finally:
+        done(code)

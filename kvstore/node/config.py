@@ -27,7 +27,7 @@ from kvstore.config import GiB, KiB, MiB, StoreConfig, WritePolicy
 from kvstore.config import HbmConfig as HbmTierConfig
 from kvstore.config import NvmeConfig as NvmeTierConfig
 from kvstore.errors import ConfigError
-from kvstore.layered_config import load_layers
+from kvstore.layered_config import load_layers, read_token
 
 ENV_PREFIX = "KVSTORE_"
 TOKEN_ENV = "KVSTORE_AUTH_TOKEN"
@@ -194,37 +194,11 @@ def load_node_config(
     )
     config = NodeConfig(
         **built,
-        token=_resolve_token(built["auth"], environ),
-        conductor_token=_conductor_token(built["conductor"], environ),
+        token=read_token(built["auth"].token_file, TOKEN_ENV, "auth.token_file", environ),
+        conductor_token=read_token(built["conductor"].token_file, CONDUCTOR_TOKEN_ENV, "conductor.token_file", environ),
     )
     _validate(config, origins)
     return config
-
-
-def _resolve_token(auth: AuthSection, environ: Mapping[str, str]) -> str | None:
-    token = environ.get(TOKEN_ENV)
-    if auth.token_file is not None:
-        if token is not None:
-            raise ConfigError(f"auth.token_file and {TOKEN_ENV} are both set; choose one")
-        try:
-            token = auth.token_file.read_text().strip()
-        except OSError as error:
-            raise ConfigError(f"auth.token_file {auth.token_file}: {error.strerror}") from None
-    if token is not None and len(token) < 16:
-        raise ConfigError("the auth token must be at least 16 characters")
-    return token
-
-
-def _conductor_token(section: ConductorSection, environ: Mapping[str, str]) -> str | None:
-    token = environ.get(CONDUCTOR_TOKEN_ENV)
-    if section.token_file is not None:
-        if token is not None:
-            raise ConfigError(f"conductor.token_file and {CONDUCTOR_TOKEN_ENV} are both set; choose one")
-        try:
-            token = section.token_file.read_text().strip()
-        except OSError as error:
-            raise ConfigError(f"conductor.token_file: cannot read {section.token_file}: {error.strerror}") from None
-    return token or None
 
 
 def _validate(config: NodeConfig, origins: Mapping[str, str]) -> None:

@@ -21,7 +21,7 @@ from kvstore.errors import InvalidArgumentError, KVStoreError
 from kvstore.node.node import Node
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
-from kvstore.status import ERROR_METADATA_KEY, code_of
+from kvstore.status import ERROR_METADATA_KEY, answer, code_of
 from kvstore.types import BlockKey, unpack_keys
 
 log = logging.getLogger(__name__)
@@ -41,19 +41,11 @@ class KVStoreService(pb_grpc.KVStoreServicer):
 
     def _call(self, method: str, context: grpc.ServicerContext, handler: Callable[[], Reply]) -> Reply:
         started = time.perf_counter()
-        code = grpc.StatusCode.OK
-        try:
-            return handler()
-        except KVStoreError as error:
-            code = code_of(error)
-            context.set_trailing_metadata(((ERROR_METADATA_KEY, type(error).__name__),))
-            context.abort(code, str(error))
-        except Exception:
-            code = grpc.StatusCode.INTERNAL
-            log.exception("internal error in %s", method)
-            context.abort(code, f"internal error in {method}; see the node's log")
-        finally:
+
+        def done(code: grpc.StatusCode) -> None:
             self._node.metrics.call_done(method, code.name, time.perf_counter() - started)
+
+        return answer(method, context, handler, done, "node")
 
     def _keys(self, packed: bytes) -> list[BlockKey]:
         return unpack_keys(packed, max_keys=self._max_keys)
