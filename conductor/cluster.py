@@ -11,6 +11,7 @@ Owner: callers serialise writers (the service holds one lock; the simulator is s
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 from conductor.costs import CostModel, Profile
@@ -35,6 +36,8 @@ class ClusterState:
         self.loads: dict[str, NodeLoad] = {}
         self.index = GlobalIndex()
         self.namespaces: set[NamespaceId] = set()
+        self._reporting: set[str] = set()  # nodes whose loads come from their own reports
+        self._releases: list[tuple[float, str, int]] = []  # (when, decode node, KV tokens) to release
         self._prefill: list[NodeInfo] = []
         self._decode: list[NodeInfo] = []
 
@@ -52,6 +55,7 @@ class ClusterState:
         if self.nodes.pop(node_id, None) is None:
             return False
         self.loads.pop(node_id, None)
+        self._reporting.discard(node_id)
         self.index.drop_node(node_id)
         self._refresh_roles()
         return True
@@ -78,17 +82,36 @@ class ClusterState:
     # -- load ----------------------------------------------------------------------------------
 
     def report_load(self, node_id: str, load: NodeLoad) -> None:
+        """The node's own account of its load; from now on its reports are the truth."""
         if node_id in self.nodes:
             self.loads[node_id] = load
+            self._reporting.add(node_id)
 
     def charge(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
-        """Account for a placement until the nodes report again."""
+        """Account for a placement until the nodes report again. On a decode node that does not
+        report its load, the request's KV reservation ends when its output is predicted done."""
         if decision.prefill is not None:
             load = self.loads[decision.prefill.node_id]
             start = max(now_s, load.prefill_busy_until_s, now_s + decision.prefill.fetch_s)
             load.prefill_busy_until_s = start + decision.prefill.load_s + decision.prefill.prefill_s
             load.queued_prefill_tokens += request.prompt_tokens - decision.prefill.reused_tokens
         if decision.decode is not None:
-            load = self.loads[decision.decode.node_id]
+            node_id = decision.decode.node_id
+            load = self.loads[node_id]
+            tokens = request.prompt_tokens + request.max_output_tokens
             load.running_decodes += 1
-            load.decode_kv_tokens += request.prompt_tokens + request.max_output_tokens
+            load.decode_kv_tokens += tokens
+            if node_id not in self._reporting:
+                ttft_s = decision.prefill.ttft_s if decision.prefill is not None else 0.0
+                done_s = now_s + ttft_s + decision.decode.transfer_s + request.max_output_tokens * decision.decode.tbt_s
+                heapq.heappush(self._releases, (done_s, node_id, tokens))
+
+    def expire(self, now_s: float) -> None:
+        """End the predicted decode reservations that are over (nodes that do not report)."""
+        releases = self._releases
+        while releases and releases[0][0] <= now_s:
+            _, node_id, tokens = heapq.heappop(releases)
+            load = self.loads.get(node_id)
+            if load is not None and node_id not in self._reporting:
+                load.running_decodes = max(0, load.running_decodes - 1)
+                load.decode_kv_tokens = max(0, load.decode_kv_tokens - tokens)

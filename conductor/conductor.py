@@ -109,10 +109,15 @@ class Conductor:
         self.membership.register(info, ttl_s)
         self.reconcile()
 
-    def heartbeat(self, node_id: str, queued_prefill_tokens: int, running_decodes: int, decode_kv_tokens: int) -> bool:
-        """Renew the node's lease and take its load; False when it must register again."""
+    def heartbeat(self, node_id: str, load: tuple[int, int, int] | None) -> bool:
+        """Renew the node's lease and take its load, (queued prefill tokens, running decodes,
+        decode KV tokens), when it reports one; False when it must register again. A node
+        that reports no load keeps the conductor's own account of its placements."""
         if not self.membership.renew(node_id):
             return False
+        if load is None:
+            return True
+        queued_prefill_tokens, running_decodes, decode_kv_tokens = load
         now = self._clock()
         with self._lock:
             info = self.cluster.nodes.get(node_id)

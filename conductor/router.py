@@ -22,6 +22,7 @@ class Router:
 
     def route(self, request: RouteRequest, now_s: float) -> Decision:
         check_request(request, self.cluster)
+        self.cluster.expire(now_s)
         if not self.cluster.prefill_nodes:
             return Decision(request.request_id, self.policy.name, None, None, "no live prefill node")
         if not self.cluster.decode_nodes:

@@ -50,9 +50,8 @@ class ConductorService:
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
         def handle() -> pb.HeartbeatResponse:
             load = request.load
-            alive = self._conductor.heartbeat(
-                request.node_id, load.queued_prefill_tokens, load.running_decodes, load.decode_kv_tokens
-            )
+            reported = (load.queued_prefill_tokens, load.running_decodes, load.decode_kv_tokens)
+            alive = self._conductor.heartbeat(request.node_id, reported if request.HasField("load") else None)
             return pb.HeartbeatResponse(register_again=not alive)
 
         return self._call("Heartbeat", context, handle)

@@ -7,8 +7,9 @@ conductor that cannot be reached does not stop the node: the link logs, backs of
 trying; the node serves its clients meanwhile. A node that stops simply stops heartbeating,
 and the conductor drops it when the lease runs out.
 
-The load reported is what the node itself knows; queued prefill tokens and running decodes
-come from the engines, which do not report them to the node yet (0 until they do).
+Heartbeats carry no load yet: queued prefill tokens and running decodes are the engines' to
+know, and they do not report them to the node yet. Until they do, the conductor keeps its
+own account of what it placed on the node (conductor/cluster.py).
 
 Owner: its thread; `stop` from the server's shutdown.
 """
@@ -78,7 +79,7 @@ class ConductorLink:
                         self.registered.set()
                         log.info("registered with the conductor at %s", settings.address)
                     reply = stub.Heartbeat(
-                        pb.HeartbeatRequest(node_id=self._description.node_id, load=pb.NodeLoad()),
+                        pb.HeartbeatRequest(node_id=self._description.node_id),  # no load until engines report it
                         timeout=timeout,
                         metadata=self._metadata,
                     )

@@ -210,3 +210,19 @@ def test_prefix_flow_sheds_long_prompts_only_when_overloaded() -> None:
     assert not shed.accepted and shed.rejected.startswith("overloaded: the queue is 16.0 s")
     short = policy.place(request(blocks=1, request_id="short", start=6000), state, 0.0)
     assert short.accepted  # as short as the usual ones: admitted behind the queue
+
+
+def test_reservations_on_a_node_that_does_not_report_end_when_predicted() -> None:
+    state = cluster(decode=1)
+    router = Router(state, KVCentric())
+    first = router.route(request(request_id="a"), now_s=0.0)
+    assert first.decode is not None and state.loads["d0"].decode_kv_tokens == 1010
+    # Predicted done: TTFT 1 s + hand-off 0.1 s + 10 tokens x 11 ms = 1.21 s.
+    router.route(request(request_id="b", start=100), now_s=1.0)
+    assert state.loads["d0"].decode_kv_tokens == 2020  # the first is still decoding
+    router.route(request(request_id="c", start=200), now_s=5.0)
+    assert (state.loads["d0"].decode_kv_tokens, state.loads["d0"].running_decodes) == (1010, 1)
+    # Once a node reports, its reports are the truth: nothing more is released on its behalf.
+    state.report_load("d0", NodeLoad(running_decodes=3, decode_kv_tokens=3000))
+    router.route(request(request_id="d", start=300), now_s=100.0)
+    assert state.loads["d0"].decode_kv_tokens == 4010
