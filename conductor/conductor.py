@@ -18,6 +18,7 @@ cluster state.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -72,6 +73,7 @@ class Conductor:
         self._on_replicate = on_replicate
         self._hot = hot_prefixes or HotPrefixes()
         self._lock = threading.Lock()
+        self._reconciling = threading.Lock()  # one reconcile at a time (it starts and stops feeds)
         self._feeds: dict[str, NodeFeed] = {}
         self._watchers: list[queue.Queue[Decision | None]] = []
         self._stop = threading.Event()
@@ -94,7 +96,8 @@ class Conductor:
         self._feeds.clear()
         with self._lock:
             for watcher in self._watchers:
-                watcher.put(None)
+                with contextlib.suppress(queue.Full):
+                    watcher.put_nowait(None)
         self.membership.close()
 
     # -- membership ------------------------------------------------------------------------------
@@ -137,7 +140,12 @@ class Conductor:
         return True
 
     def reconcile(self) -> None:
-        """Join the live members the cluster lacks, and remove those no longer live."""
+        """Join the live members the cluster lacks, and remove those no longer live. Called by
+        the reconcile thread and by `register`, one at a time."""
+        with self._reconciling:
+            self._reconcile()
+
+    def _reconcile(self) -> None:
         live = self.membership.live()
         with self._lock:
             known = dict(self.cluster.nodes)
