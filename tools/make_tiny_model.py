@@ -1,0 +1,68 @@
+"""Build a deterministic tiny Llama model folder, in Hugging Face's format, locally (no hub):
+`config.json` and `model.safetensors`, the same bytes for the same seed on every machine.
+
+    .venv/bin/python tools/make_tiny_model.py --out models/tiny-llama [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine_adapters.reference.config import CONFIG_FILE, WEIGHTS_FILE, ModelConfig
+
+TINY = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+
+def make_tiny_model(out: Path, seed: int = 0, overrides: dict[str, object] | None = None) -> Path:
+    """Write the folder (replacing its two files) and return it."""
+    settings = {**TINY, **(overrides or {})}
+    config = ModelConfig.from_json(settings, "the tiny model's settings")
+    generator = torch.Generator().manual_seed(seed)
+    weights = {}
+    for name, shape in sorted(config.weight_shapes().items()):
+        if name.endswith("norm.weight"):
+            weights[name] = torch.ones(shape) + 0.1 * torch.randn(shape, generator=generator)
+        else:
+            weights[name] = torch.randn(shape, generator=generator) * (1.0 / shape[-1] ** 0.5)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+    save_file(weights, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print(make_tiny_model(args.out, args.seed))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
