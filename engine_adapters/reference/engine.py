@@ -1,0 +1,132 @@
+"""An engine worker: the reference model, its paged KV cache, and (optionally) a kvstore node
+it loads prefixes from and saves blocks to.
+
+- `prefill(tokens)`: looks the prompt's whole blocks up on the node, loads the leading run it
+  holds (verified against its checksums; a block that fails or is missing ends the run, and
+  the rest is computed), computes the remaining tokens chunk by chunk, and after each chunk
+  saves the blocks it completed to the node, so a decode engine elsewhere can load them.
+  At least the last prompt token is always computed (its logits give the first token).
+- `decode(...)`: greedy generation, one token a step, in the same cache.
+
+Blocks travel as the store's SEPARATE packing, through the block-copy kernels' reference
+(`gather` into a payload buffer, `scatter` out of one).
+
+Owner: one thread (an engine worker process).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine_adapters.kernels.paged import TORCH_DTYPES
+from engine_adapters.kernels.reference import gather, scatter
+from engine_adapters.reference.model import LlamaModel, PagedCache
+from kvstore.client import Client
+from kvstore.hashing import block_keys
+from kvstore.types import BlockKey, KVLayout, KVPacking, Namespace, NamespaceId
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillResult:
+    first_token: int
+    block_table: list[int]  # the sequence's blocks in this engine's cache; `release` frees them
+    reused_tokens: int  # loaded from the node, not computed
+    computed_tokens: int
+    loaded_blocks: int
+    saved_blocks: int
+
+
+class Engine:
+    def __init__(
+        self,
+        model: LlamaModel,
+        cache: PagedCache,
+        *,
+        client: Client | None = None,
+        model_id: str = "tiny-llama",
+        chunk_blocks: int = 4,
+    ) -> None:
+        self.model = model
+        self.cache = cache
+        self.client = client
+        self.chunk_blocks = max(1, chunk_blocks)
+        config = model.config
+        self.namespace = Namespace(
+            model_id=model_id,
+            dtype=TORCH_DTYPES[cache.tensor.dtype],
+            layout=KVLayout(config.num_hidden_layers, config.num_key_value_heads, config.head_dim, KVPacking.SEPARATE),
+            block_tokens=cache.block_size,
+        )
+        self.namespace_id: NamespaceId | None = client.register_namespace(self.namespace) if client else None
+
+    def keys(self, tokens: list[int]) -> list[BlockKey]:
+        assert self.namespace_id is not None
+        return block_keys(self.namespace_id, np.asarray(tokens, dtype=np.uint32), self.cache.block_size)
+
+    def prefill(self, tokens: list[int], *, save: bool = True) -> PrefillResult:
+        size = self.cache.block_size
+        table = self.cache.allocate(math.ceil(len(tokens) / size))
+        keys = self.keys(tokens) if self.client is not None else []
+        loaded = self._load(keys[: (len(tokens) - 1) // size], table) if keys else 0
+        position, saved = loaded * size, 0
+        logits = torch.empty(0)
+        while position < len(tokens):
+            end = min(len(tokens), (position // size + self.chunk_blocks) * size)
+            logits = self.model.forward(torch.tensor(tokens[position:end]), position, table, self.cache)
+            if save and keys:
+                first, last = position // size, min(end // size, len(keys))  # blocks completed in this chunk
+                saved += self._save(keys, table, max(first, loaded), last)
+            position = end
+        reused = loaded * size
+        return PrefillResult(int(logits[-1].argmax()), table, reused, len(tokens) - reused, loaded, saved)
+
+    def decode(
+        self, tokens: list[int], table: list[int], max_new_tokens: int, *, eos_token: int | None = None
+    ) -> list[int]:
+        """Greedy tokens after `tokens` (whose KV is in `table`, but for the last one, which
+        is fed first), growing `table` as the sequence needs blocks."""
+        sequence, generated = list(tokens), []
+        for _ in range(max_new_tokens):
+            position = len(sequence) - 1
+            if position // self.cache.block_size >= len(table):
+                table.extend(self.cache.allocate(1))
+            logits = self.model.forward(torch.tensor(sequence[-1:]), position, table, self.cache)
+            token = int(logits[-1].argmax())
+            generated.append(token)
+            sequence.append(token)
+            if token == eos_token:
+                break
+        return generated
+
+    def release(self, table: list[int]) -> None:
+        self.cache.free(table)
+
+    def _load(self, keys: list[BlockKey], table: list[int]) -> int:
+        """Load the leading run of `keys` the node holds into the first blocks of `table`."""
+        assert self.client is not None and self.namespace_id is not None
+        held = self.client.lookup(self.namespace_id, keys).num_hits
+        if not held:
+            return 0
+        block_bytes = self.namespace.block_bytes
+        buffer = torch.empty(held * block_bytes, dtype=torch.uint8)
+        dests = [buffer[i * block_bytes : (i + 1) * block_bytes].numpy() for i in range(held)]
+        got = self.client.get_into(self.namespace_id, keys[:held], dests, verify=True)
+        if got:
+            scatter(self.cache.paged(), torch.tensor(table[:got]), buffer[: got * block_bytes])
+        return got
+
+    def _save(self, keys: list[BlockKey], table: list[int], first: int, last: int) -> int:
+        if last <= first:
+            return 0
+        assert self.client is not None and self.namespace_id is not None
+        block_bytes = self.namespace.block_bytes
+        buffer = torch.empty((last - first) * block_bytes, dtype=torch.uint8)
+        gather(self.cache.paged(), torch.tensor(table[first:last]), buffer)
+        payloads = [buffer[i * block_bytes : (i + 1) * block_bytes].numpy() for i in range(last - first)]
+        parent = keys[first - 1] if first else None
+        result = self.client.put_blocks(self.namespace_id, keys[first:last], payloads, parent=parent)
+        return result.num_written
