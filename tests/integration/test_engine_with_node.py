@@ -14,6 +14,7 @@ from engine_adapters.reference.engine import Engine
 from engine_adapters.reference.model import LlamaModel, PagedCache
 from kvstore.client import Client
 from kvstore.node.server import NodeServer
+from kvstore.types import TierKind
 from tests.nodes import running_node
 from tools.make_tiny_model import make_tiny_model
 
@@ -81,3 +82,22 @@ def test_a_missing_block_makes_the_engine_recompute_and_agree(model: LlamaModel,
         assert (result.loaded_blocks, result.computed_tokens) == (2, 13)
         assert result.first_token == greedy(model, tokens, 1)[0]
         assert result.saved_blocks == 1  # it saves the block it had to recompute (the rest are there)
+
+
+def test_a_corrupted_block_makes_the_engine_recompute_and_agree(model: LlamaModel, node: NodeServer) -> None:
+    tokens = prompt(21, seed=4)
+    with Client(node.grpc_address) as client:
+        saver = engine(model, client)
+        saver.prefill(tokens)
+        key = saver.keys(tokens)[1]
+        table = node.store.manager._table  # fault injection: where the block lives in the pool
+        slot = table.slot_of(table.ids[key], TierKind.DRAM)
+        assert slot is not None
+        view = node.store.tiers[TierKind.DRAM].host_view(slot, saver.namespace.block_bytes)
+        assert view is not None
+        view[100] ^= 0xFF  # a bit flip in the node's memory, after the checksum was taken
+        loader = engine(model, client)
+        result = loader.prefill(tokens)
+        assert result.loaded_blocks == 1  # the run ends at the block that fails its checksum
+        assert result.computed_tokens == 21 - 4
+        assert result.first_token == greedy(model, tokens, 1)[0]
