@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 WATCH_QUEUE = 1024  # decisions a slow WatchDecisions subscriber may fall behind before it is dropped
 INFO_TIMEOUT_S = 2.0
 FETCH_TIMEOUT_S = 60.0
+LEARN_INTERVAL_S = 1.0  # unknown namespaces make the conductor ask the nodes at most this often
 
 
 class Conductor:
@@ -79,6 +80,7 @@ class Conductor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._reconcile_loop, name="reconcile", daemon=True)
         self.routed = 0
+        self._next_learn_s = 0.0
         self.rejected = 0
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -243,8 +245,10 @@ class Conductor:
     # -- routing ---------------------------------------------------------------------------------
 
     def route(self, request: RouteRequest) -> Decision:
-        if request.namespace_id not in self.cluster.namespaces:
-            self._learn_namespaces()  # registered on a node, nothing stored under it yet
+        if request.namespace_id not in self.cluster.namespaces and self._clock() >= self._next_learn_s:
+            # Registered on a node, nothing stored under it yet? Ask the nodes, at most once a second.
+            self._next_learn_s = self._clock() + LEARN_INTERVAL_S
+            self._learn_namespaces()
             if request.namespace_id not in self.cluster.namespaces:
                 raise UnknownNamespaceError(
                     f"request {request.request_id!r}: namespace {request.namespace_id.hex()} "
