@@ -206,7 +206,7 @@ def _validate(config: NodeConfig, origins: Mapping[str, str]) -> None:
         return f"{origins.get(key, 'default')}: {key}"
 
     conductor = config.conductor
-    if conductor.address and conductor.address.rpartition(":")[2].isdigit() is False:
+    if conductor.address and not conductor.address.rpartition(":")[2].isdigit():
         raise ConfigError(f"{where('conductor.address')} must be host:port, got {conductor.address!r}")
     if not 1.0 <= conductor.ttl_s <= 3600.0:
         raise ConfigError(f"{where('conductor.ttl_s')} must be within [1, 3600] s, got {conductor.ttl_s}")

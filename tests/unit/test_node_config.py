@@ -107,3 +107,21 @@ def test_the_shared_index_is_sized_from_the_tiers_unless_given():
     assert default == 4 * 1024 * 1024 // 16  # one per 16 KiB
     assert blocks("server.shared_index_blocks=5000") == 5000
     assert blocks("server.shared_index_blocks=-1") == 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["conductor.address=conductor-host"], "conductor.address must be host:port"),
+        (["conductor.ttl_s=0.5"], "conductor.ttl_s must be within"),
+        (["conductor.ttl_s=4", "conductor.heartbeat_interval_s=3"], "at most half of conductor.ttl_s"),
+        (["conductor.role=leader"], "conductor.role must be one of"),
+    ],
+)
+def test_conductor_settings_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_node_config(None, environ={}, overrides=overrides)
+    config = load_node_config(
+        None, environ={}, overrides=["conductor.address=10.0.0.1:50070", "conductor.role=prefill"]
+    )
+    assert (config.conductor.address, config.conductor.role.value) == ("10.0.0.1:50070", "prefill")
