@@ -129,3 +129,16 @@ def test_a_forward_past_its_blocks_is_refused(model: LlamaModel) -> None:
         model.forward(prompt(9), 0, [0, 1], cache)
     with pytest.raises(InvalidArgumentError, match="2 free blocks, 3 asked"):
         cache.allocate(3)
+
+
+def test_the_tiny_tokenizer_round_trips_any_text_within_the_vocabulary(folder: Path, tmp_path: Path) -> None:
+    from tokenizers import Tokenizer  # noqa: PLC0415 - only this test needs it
+
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    text = "Hello, wörld! 你好\n\tend"
+    ids = tokenizer.encode(text).ids
+    assert ids[0] == 1 and len(ids) == 1 + len(text.encode("utf-8"))  # <s>, then a token per byte
+    assert max(ids) < json.loads((folder / CONFIG_FILE).read_text())["vocab_size"]
+    assert tokenizer.decode(ids) == text
+    again = make_tiny_model(tmp_path / "again")
+    assert (again / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()
