@@ -21,7 +21,7 @@ $(GENERATED): kvstore/proto/kvstore.proto $(STAMP)
 	$(PY) -m kvstore.proto.build --force
 
 run: $(GENERATED)
-	$(VENV)/bin/kvstore tour
+	$(VENV)/bin/kvstore demo
 
 lint: $(GENERATED)
 	$(VENV)/bin/ruff check .

@@ -1,5 +1,6 @@
-"""The `kvstore` command. Subcommands: `serve` (the node daemon, `kvstore.node.serve`) and
-`tour` (what `make run` runs until the demo of issue 6).
+"""The `kvstore` command. Subcommands: `serve` (the node daemon, `kvstore.node.serve`),
+`demo` (what `make run` runs: a disaggregated cluster end to end, engine_adapters/demo.py) and
+`tour` (one store through every tier).
 
 `kvstore tour` builds a real store (HBM slab, shared-memory DRAM pool, NVMe slab files with an
 LMDB index, in a temporary directory), writes prompts' KV blocks, reads them back through
@@ -30,6 +31,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvstore", description="KV-cache-centric tiered storage")
     commands = parser.add_subparsers(dest="command", required=True)
     serve.add_parser(commands)
+    demo = commands.add_parser(
+        "demo",
+        help="run a conductor, a prefill and a decode node with engines, and a workload, end to end",
+        description="A disaggregated cluster on this machine: every request placed, prefilled, its KV moved, "
+        "decoded, and checked token for token against a colocated run.",
+    )
+    from engine_adapters.demo_arguments import add_arguments as demo_arguments  # noqa: PLC0415 - flags only
+
+    demo_arguments(demo)
     tour = commands.add_parser("tour", help="put and read back KV blocks through every tier, then restart")
     tour.add_argument("--prompts", type=int, default=24, help="number of prompts to store (default 24)")
     tour.add_argument("--prompt-tokens", type=int, default=4096, help="tokens per prompt (default 4096)")
@@ -37,6 +47,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(arguments)
     if args.command == "serve":
         return serve.run(args, arguments)
+    if args.command == "demo":
+        from engine_adapters.demo import run as run_demo  # noqa: PLC0415 - torch and the engine, only here
+
+        return run_demo(args)
     if args.prompts <= 0 or args.prompt_tokens < 16:
         parser.error("--prompts must be > 0 and --prompt-tokens >= 16")
     return run_tour(args.prompts, args.prompt_tokens, args.seed)

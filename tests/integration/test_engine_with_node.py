@@ -12,11 +12,11 @@ import torch
 
 from engine_adapters.reference.engine import Engine
 from engine_adapters.reference.model import LlamaModel, PagedCache
+from engine_adapters.reference.tiny import make_tiny_model
 from kvstore.client import Client
 from kvstore.node.server import NodeServer
 from kvstore.types import TierKind
 from tests.nodes import running_node
-from tools.make_tiny_model import make_tiny_model
 
 BLOCK = 4
 

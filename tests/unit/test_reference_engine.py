@@ -13,8 +13,8 @@ import torch
 from engine_adapters.kernels.reference import gather, scatter
 from engine_adapters.reference.config import CONFIG_FILE, WEIGHTS_FILE
 from engine_adapters.reference.model import LlamaModel, PagedCache
+from engine_adapters.reference.tiny import make_tiny_model
 from kvstore.errors import InvalidArgumentError
-from tools.make_tiny_model import make_tiny_model
 
 BLOCK = 4
 ATOL = 1e-4
