@@ -165,6 +165,9 @@ class _Cluster:
             f"{'same as colocated' if ok else 'DIFFERENT from colocated'}",
             flush=True,
         )
+        for role, reply in (("prefill", prefill), ("decode", decode)):
+            if reply["node_error"]:
+                print(f"       the {role} engine's node failed: {reply['node_error']}", flush=True)
         totals = self.totals
         totals["requests"] += 1
         totals["reused"] += prefill["reused_tokens"]

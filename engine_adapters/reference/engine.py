@@ -8,6 +8,10 @@ it loads prefixes from and saves blocks to.
   At least the last prompt token is always computed (its logits give the first token).
 - `decode(...)`: greedy generation, one token a step, in the same cache.
 
+A node that fails (gone, draining, refusing) never fails a request: a load that fails is a
+miss, so the engine computes the prefix itself; a save that fails is skipped. The result
+names what failed (`node_error`), for the caller to report.
+
 Blocks travel as the store's SEPARATE packing, through the block-copy kernels' reference
 (`gather` into a payload buffer, `scatter` out of one).
 
@@ -26,6 +30,7 @@ from engine_adapters.kernels.paged import TORCH_DTYPES
 from engine_adapters.kernels.reference import gather, scatter
 from engine_adapters.reference.model import LlamaModel, PagedCache
 from kvstore.client import Client
+from kvstore.errors import KVStoreError
 from kvstore.hashing import block_keys
 from kvstore.types import BlockKey, KVLayout, KVPacking, Namespace, NamespaceId
 
@@ -38,6 +43,7 @@ class PrefillResult:
     computed_tokens: int
     loaded_blocks: int
     saved_blocks: int
+    node_error: str = ""  # the node failed a load or a save (the request was served regardless)
 
 
 class Engine:
@@ -71,18 +77,28 @@ class Engine:
         size = self.cache.block_size
         table = self.cache.allocate(math.ceil(len(tokens) / size))
         keys = self.keys(tokens) if self.client is not None else []
-        loaded = self._load(keys[: (len(tokens) - 1) // size], table) if keys else 0
+        errors: list[str] = []
+        loaded = 0
+        if keys:
+            try:
+                loaded = self._load(keys[: (len(tokens) - 1) // size], table)
+            except KVStoreError as error:  # recompute instead
+                errors.append(f"loading from the node failed ({type(error).__name__}: {error}); computed instead")
         position, saved = loaded * size, 0
         logits = torch.empty(0)
         while position < len(tokens):
             end = min(len(tokens), (position // size + self.chunk_blocks) * size)
             logits = self.model.forward(torch.tensor(tokens[position:end]), position, table, self.cache)
-            if save and keys:
+            if save and keys and not errors:
                 first, last = position // size, min(end // size, len(keys))  # blocks completed in this chunk
-                saved += self._save(keys, table, max(first, loaded), last)
+                try:
+                    saved += self._save(keys, table, max(first, loaded), last)
+                except KVStoreError as error:  # the blocks stay unsaved; the request goes on
+                    errors.append(f"saving to the node failed ({type(error).__name__}: {error})")
             position = end
         reused = loaded * size
-        return PrefillResult(int(logits[-1].argmax()), table, reused, len(tokens) - reused, loaded, saved)
+        first_token = int(logits[-1].argmax())
+        return PrefillResult(first_token, table, reused, len(tokens) - reused, loaded, saved, "; ".join(errors))
 
     def decode(
         self, tokens: list[int], table: list[int], max_new_tokens: int, *, eos_token: int | None = None

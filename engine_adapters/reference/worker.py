@@ -48,6 +48,7 @@ def _serve(engine: Engine, command: dict[str, Any]) -> dict[str, Any]:
         "computed_tokens": result.computed_tokens,
         "loaded_blocks": result.loaded_blocks,
         "saved_blocks": result.saved_blocks,
+        "node_error": result.node_error,
         "prefill_s": prefill_s,
     }
     if command["op"] == "generate":

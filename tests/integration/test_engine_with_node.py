@@ -101,3 +101,19 @@ def test_a_corrupted_block_makes_the_engine_recompute_and_agree(model: LlamaMode
         assert result.loaded_blocks == 1  # the run ends at the block that fails its checksum
         assert result.computed_tokens == 21 - 4
         assert result.first_token == greedy(model, tokens, 1)[0]
+
+
+def test_a_node_that_is_gone_makes_the_engine_compute_everything(model: LlamaModel, tmp_path: Path) -> None:
+    tokens = prompt(21, seed=5)
+    with running_node(tmp_path / "lost", dram_kib=4096, nvme_kib=0, store__dram_slab_bytes="256 KiB") as node:
+        client = Client(node.grpc_address, timeout_s=2.0)
+        saver = engine(model, client)
+        saver.prefill(tokens)
+        loader = engine(model, client)
+    try:
+        result = loader.prefill(tokens)  # the node shut down meanwhile
+        assert (result.loaded_blocks, result.computed_tokens, result.saved_blocks) == (0, 21, 0)
+        assert result.node_error.startswith("loading from the node failed")
+        assert result.first_token == greedy(model, tokens, 1)[0]
+    finally:
+        client.close()
