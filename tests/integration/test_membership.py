@@ -102,8 +102,8 @@ def test_a_restarted_conductor_sees_and_renews_leases_it_did_not_grant(etcd: Etc
 def test_a_malformed_record_is_skipped(etcd: EtcdProcess) -> None:
     membership = EtcdMembership(etcd.endpoint, prefix="/test", timeout_s=2.0)
     membership.register(NODE, 5.0)
-    membership._client.put("/test/nodes/broken", "{not json")  # another writer's mistake
-    membership._client.put("/test/nodes/liar", json.dumps({**json.loads('{"node_id": "other"}')}))
+    etcd.client().put("/test/nodes/broken", "{not json")  # another writer's mistake
+    etcd.client().put("/test/nodes/liar", json.dumps({**json.loads('{"node_id": "other"}')}))
     assert membership.live() == {"node-a": NODE}
     membership.close()
 
