@@ -17,6 +17,9 @@ from conductor.config import load_conductor_config
 from conductor.server import ConductorServer
 from conductor.simulate import main as simulate_main
 from kvstore.errors import KVStoreError
+from kvstore.node.logs import configure_logging
+
+log = logging.getLogger("conductor")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -55,21 +58,21 @@ _SHORTCUTS = {
 
 def _serve(args: argparse.Namespace) -> int:
     overrides = [f"{key}={getattr(args, name)}" for name, key in _SHORTCUTS.items() if getattr(args, name) is not None]
-    try:
-        config = load_conductor_config(args.config, overrides=[*args.set, *overrides])
-        logging.basicConfig(level=config.logging.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        server = ConductorServer(config)
-        server.start()
-    except (KVStoreError, OSError, ValueError) as error:
-        print(f"conductor serve: {error}", file=sys.stderr)
-        return 2
     stop = threading.Event()
 
     def on_signal(number: int, frame: FrameType | None) -> None:
         stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)  # from here a SIGTERM is a graceful stop, even mid-start
     signal.signal(signal.SIGINT, on_signal)
+    try:
+        config = load_conductor_config(args.config, overrides=[*args.set, *overrides])
+        configure_logging(config.logging.level, config.logging.format)
+        server = ConductorServer(config)
+        server.start()
+    except (KVStoreError, OSError, ValueError) as error:
+        print(f"conductor serve: {error}", file=sys.stderr)
+        return 2
     ready = {
         "ready": True,
         "grpc": server.grpc_address,
@@ -79,6 +82,7 @@ def _serve(args: argparse.Namespace) -> int:
     }
     print(json.dumps(ready), flush=True)
     stop.wait()
+    log.info("stopping: refusing new calls, ending streams")
     server.shutdown()
     return 0
 

@@ -19,11 +19,13 @@ cluster state.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import grpc
 
@@ -48,6 +50,26 @@ FETCH_TIMEOUT_S = 60.0
 LEARN_INTERVAL_S = 1.0  # unknown namespaces make the conductor ask the nodes at most this often
 
 
+@dataclass(frozen=True, slots=True)
+class MemberStatus:
+    """One member as `ClusterStatus` shows it, copied under the lock."""
+
+    info: NodeInfo
+    load: NodeLoad
+    prefill_queue_s: float  # predicted wait before a new prefill starts there
+    indexed_blocks: int  # blocks the global index holds for it
+    resyncs: int  # times its feed rebuilt its part of the index from a fresh snapshot
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSnapshot:
+    policy: str
+    members: tuple[MemberStatus, ...]  # by node id
+    indexed_blocks: int  # distinct keys in the global index
+    routed: int
+    rejected: int
+
+
 class Conductor:
     def __init__(
         self,
@@ -57,6 +79,7 @@ class Conductor:
         *,
         node_token: str | None = None,
         reconcile_interval_s: float = 1.0,
+        default_ttl_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
         on_decision: Callable[[Decision, float], None] | None = None,
         on_resync: Callable[[str, str], None] | None = None,
@@ -68,6 +91,7 @@ class Conductor:
         self.membership = membership
         self._node_token = node_token
         self._interval_s = reconcile_interval_s
+        self._default_ttl_s = default_ttl_s
         self._clock = clock
         self._on_decision = on_decision
         self._on_resync = on_resync
@@ -105,6 +129,10 @@ class Conductor:
     # -- membership ------------------------------------------------------------------------------
 
     def register(self, info: NodeInfo, ttl_s: float) -> None:
+        """Add (or replace) a member for `ttl_s` seconds (0: the configured default); the
+        reconcile that follows starts its feed. Bad fields raise InvalidArgumentError and
+        register nothing."""
+        ttl_s = ttl_s or self._default_ttl_s
         if not info.node_id or "/" in info.node_id or len(info.node_id) > 256:
             raise InvalidArgumentError(f"node_id must be 1-256 characters without '/', got {info.node_id!r}")
         if not info.grpc_address:
@@ -160,7 +188,7 @@ class Conductor:
             feed = self._feeds.pop(node_id, None)
             if feed is not None:
                 feed.stop()
-            log.info("node %s left the cluster", node_id)
+            log.info("node %s left the cluster", node_id, extra={"node_id": node_id})
         for info in live.values():
             feed = self._feeds.get(info.node_id)
             if feed is not None and feed.grpc_address == info.grpc_address:
@@ -171,7 +199,13 @@ class Conductor:
                 info.node_id, info.grpc_address, self, token=self._node_token, on_resync=self._on_resync
             )
             feed.start()
-            log.info("node %s (%s) joined as %s", info.node_id, info.grpc_address, info.role.value)
+            log.info(
+                "node %s (%s) joined as %s",
+                info.node_id,
+                info.grpc_address,
+                info.role.value,
+                extra={"node_id": info.node_id, "role": info.role.value, "grpc_address": info.grpc_address},
+            )
 
     def _reconcile_loop(self) -> None:
         while not self._stop.wait(self._interval_s):
@@ -223,6 +257,27 @@ class Conductor:
     def feed_of(self, node_id: str) -> NodeFeed | None:
         return self._feeds.get(node_id)
 
+    def status(self) -> ClusterSnapshot:
+        """The members, their loads and index shares, consistent with each other (under the lock)."""
+        now = self._clock()
+        with self._lock:
+            cluster = self.cluster
+            members = []
+            for node_id in sorted(cluster.nodes):
+                feed = self._feeds.get(node_id)
+                load = cluster.loads[node_id]
+                members.append(
+                    MemberStatus(
+                        cluster.nodes[node_id],
+                        dataclasses.replace(load),
+                        load.queue_s(now),
+                        cluster.index.blocks_of(node_id),
+                        feed.resyncs if feed is not None else 0,
+                    )
+                )
+            policy = self.router.policy.name
+            return ClusterSnapshot(policy, tuple(members), len(cluster.index), self.routed, self.rejected)
+
     # -- the index sink (called by the feeds) ---------------------------------------------------
 
     def replace_node(
@@ -268,6 +323,8 @@ class Conductor:
                     self._watchers.remove(watcher)
         if self._on_decision is not None:
             self._on_decision(decision, now)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(explain(decision), extra={"request_id": decision.request_id, "policy": decision.policy})
         return decision
 
     def _learn_namespaces(self) -> None:
@@ -307,3 +364,19 @@ class Conductor:
             with self._lock:
                 if watcher in self._watchers:
                     self._watchers.remove(watcher)
+
+
+def explain(decision: Decision) -> str:
+    """One line saying where a request goes and why (or why not), for the log."""
+    if not decision.accepted:
+        return f"request {decision.request_id!r} rejected by {decision.policy}: {decision.rejected}"
+    prefill, decode = decision.prefill, decision.decode
+    if prefill is None or decode is None:
+        return f"request {decision.request_id!r} accepted by {decision.policy} without a breakdown"
+    fetched = f", {prefill.fetch_tokens} fetched from {prefill.fetch_from}" if prefill.fetch_from else ""
+    return (
+        f"request {decision.request_id!r} -> prefill {prefill.node_id} (TTFT {prefill.ttft_s:.4f} s = queue "
+        f"{prefill.queue_s:.4f} + load {prefill.load_s:.4f} + fetch {prefill.fetch_s:.4f} + prefill "
+        f"{prefill.prefill_s:.4f}; {prefill.reused_tokens} tokens reused, {prefill.local_tokens} local{fetched}), "
+        f"decode {decode.node_id} (TBT {decode.tbt_s:.4f} s, {decode.free_kv_tokens} KV tokens free after)"
+    )

@@ -20,14 +20,15 @@ from collections.abc import Callable
 from typing import Protocol
 
 from conductor.types import NodeInfo
-from kvstore.errors import InvalidArgumentError, KVStoreError
+from kvstore.errors import InvalidArgumentError, PeerUnavailableError
 
 MIN_TTL_S = 1.0
 MAX_TTL_S = 3600.0
 
 
-class MembershipUnavailableError(KVStoreError):
-    """The membership store (etcd) could not be reached or failed; the message names it."""
+class MembershipUnavailableError(PeerUnavailableError):
+    """The membership store (etcd) could not be reached or failed; the message names it. A
+    peer the conductor depends on being unavailable: UNAVAILABLE to callers, who retry."""
 
 
 def check_ttl(ttl_s: float) -> None:

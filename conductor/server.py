@@ -33,7 +33,7 @@ def make_membership(config: ConductorConfig) -> Membership:
     if settings.backend is MembershipBackend.ETCD:
         from conductor.membership_etcd import EtcdMembership  # noqa: PLC0415 - only with an etcd backend
 
-        return EtcdMembership(settings.etcd_endpoint, prefix=settings.etcd_prefix, timeout_s=settings.etcd_timeout_s)
+        return EtcdMembership(settings.endpoints, prefix=settings.etcd_prefix, timeout_s=settings.etcd_timeout_s)
     return InMemoryMembership()
 
 
@@ -49,6 +49,7 @@ class ConductorServer:
             make_membership(config),
             node_token=config.node_token,
             reconcile_interval_s=config.membership.reconcile_interval_s,
+            default_ttl_s=config.membership.node_ttl_s,
             on_resync=lambda node_id, reason: self.metrics.resyncs.labels(node_id).inc(),
             on_replicate=lambda copy, done: self.metrics.replications.labels("done" if done else "failed").inc(),
         )

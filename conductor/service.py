@@ -69,28 +69,25 @@ class ConductorService:
         self, request: pb.ClusterStatusRequest, context: grpc.ServicerContext
     ) -> pb.ClusterStatusResponse:
         def handle() -> pb.ClusterStatusResponse:
-            conductor = self._conductor
-            cluster = conductor.cluster
-            now = time.monotonic()
+            snapshot = self._conductor.status()
             reply = pb.ClusterStatusResponse(
-                policy=conductor.router.policy.name,
-                indexed_blocks=len(cluster.index),
-                routed=conductor.routed,
-                rejected=conductor.rejected,
+                policy=snapshot.policy,
+                indexed_blocks=snapshot.indexed_blocks,
+                routed=snapshot.routed,
+                rejected=snapshot.rejected,
             )
-            for info in sorted(cluster.nodes.values(), key=lambda n: n.node_id):
-                load = cluster.loads[info.node_id]
-                feed = conductor.feed_of(info.node_id)
+            for member in snapshot.members:
+                load = member.load
                 reply.nodes.add(
-                    node=node_message(info),
+                    node=node_message(member.info),
                     load=pb.NodeLoad(
                         queued_prefill_tokens=load.queued_prefill_tokens,
                         running_decodes=load.running_decodes,
                         decode_kv_tokens=load.decode_kv_tokens,
                     ),
-                    prefill_queue_s=load.queue_s(now),
-                    indexed_blocks=cluster.index.blocks_of(info.node_id),
-                    resyncs=feed.resyncs if feed is not None else 0,
+                    prefill_queue_s=member.prefill_queue_s,
+                    indexed_blocks=member.indexed_blocks,
+                    resyncs=member.resyncs,
                 )
             return reply
 

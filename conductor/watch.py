@@ -85,7 +85,13 @@ class NodeFeed:
             self.resyncs += 1
             if self._on_resync is not None:
                 self._on_resync(self.node_id, reason)
-            log.info("resubscribing to %s (%s): %s", self.node_id, self.grpc_address, reason)
+            log.info(
+                "resubscribing to %s (%s): %s",
+                self.node_id,
+                self.grpc_address,
+                reason,
+                extra={"node_id": self.node_id, "reason": reason},
+            )
             failures = failures + 1 if reason.startswith("stream") else 0
             self._stop.wait(RETRY_S[min(failures, len(RETRY_S) - 1)])
 

@@ -30,18 +30,24 @@ def load_layers(
     *,
     env_prefix: str,
     env_skip: Collection[str] = (),
+    file_only: Collection[str] = (),
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """Each section's dataclass built from its defaults, then the file, the environment and
-    the flags; and, per `section.field` set, the layer that set it last."""
+    the flags; and, per `section.field` set, the layer that set it last. Tables named in
+    `file_only` are the caller's to read from the file (`read_toml`); they are skipped here,
+    and refused from the environment or the flags."""
     layers: list[tuple[str, dict[str, dict[str, object]]]] = []
     if path is not None:
-        layers.append((str(path), read_toml(path)))
+        from_file = read_toml(path)
+        layers.append((str(path), {name: table for name, table in from_file.items() if name not in file_only}))
     layers.append(("environment", _from_environ(environ, sections, env_prefix, env_skip)))
     layers.append(("flags", _from_overrides(overrides)))
     values: dict[str, dict[str, object]] = {name: {} for name in sections}
     origins: dict[str, str] = {}
     for origin, layer in layers:
         for section, given in layer.items():
+            if section in file_only:
+                raise ConfigError(f"{origin}: [{section}] can only be given in the config file")
             if section not in sections:
                 raise ConfigError(f"{origin}: unknown section [{section}] (known: {', '.join(sections)})")
             known = {f.name for f in dataclasses.fields(sections[section])}

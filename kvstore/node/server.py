@@ -171,6 +171,7 @@ class NodeServer:
         if self.conductor_link is not None:
             self.conductor_link.stop()  # no more heartbeats: the conductor drops this node after its ttl
         self._stop_housekeeping.set()
+        self.store.manager.events.close()  # open WatchEvents streams end now, not after the grace period
         if self._grpc is not None:
             self._grpc.stop(grace=1.0).wait()
         if self.dataplane is not None:

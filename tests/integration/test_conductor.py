@@ -1,15 +1,25 @@
 """The conductor with real node daemons on loopback: nodes register themselves, their events
 build the global index, requests go where their prefix is, lapsed nodes get nothing, a
-restarted conductor rebuilds from etcd and the nodes' snapshots; and every bad input."""
+restarted conductor rebuilds from etcd (or the nodes' re-registrations) and the nodes'
+snapshots, a feed that falls behind resyncs; `conductor serve` as a process; and every bad
+input."""
 
 from __future__ import annotations
 
+import json
+import logging
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conductor.config import load_conductor_config
 from conductor.replication import Replication
@@ -28,25 +38,30 @@ CONDUCTOR_TOKEN = "conductor-token-0123456789"
 
 
 def conductor_server(
-    *, etcd: EtcdProcess | None = None, token: str | None = None, policy: str = "prefix-flow"
+    *,
+    etcd: EtcdProcess | None = None,
+    token: str | None = None,
+    policy: str = "prefix-flow",
+    grpc_port: int = 0,
+    config_file: Path | None = None,
 ) -> ConductorServer:
     overrides = [
-        "server.grpc_port=0",
-        "server.metrics_port=-1",
+        f"server.grpc_port={grpc_port}",
+        "server.metrics_port=0",
         "membership.reconcile_interval_s=0.2",
         f"placement.policy={policy}",
     ]
     if etcd is not None:
-        overrides += ["membership.backend=etcd", f"membership.etcd_endpoint={etcd.endpoint}"]
+        overrides += ["membership.backend=etcd", f"membership.etcd_endpoints={etcd.endpoint}"]
     environ = {"CONDUCTOR_AUTH_TOKEN": token} if token else {}
-    server = ConductorServer(load_conductor_config(None, environ=environ, overrides=overrides))
+    server = ConductorServer(load_conductor_config(config_file, environ=environ, overrides=overrides))
     server.start()
     return server
 
 
 @contextmanager
 def node(
-    tmp_path: Path, name: str, conductor: ConductorServer, role: str, *, token: str | None = None
+    tmp_path: Path, name: str, conductor: ConductorServer, role: str, *, token: str | None = None, **settings: object
 ) -> Iterator[NodeServer]:
     extra = {
         "node__node_id": name,
@@ -54,6 +69,7 @@ def node(
         "conductor__role": role,
         "conductor__ttl_s": 2,
         "conductor__heartbeat_interval_s": 0.3,
+        **settings,
     }
     if token:
         extra["conductor__token_file"] = str(_token_file(tmp_path, token))
@@ -72,7 +88,10 @@ def stub(server: ConductorServer) -> pb_grpc.ConductorStub:
 
 
 def status(server: ConductorServer) -> dict[str, pb.ClusterNode]:
-    return {n.node.node_id: n for n in stub(server).ClusterStatus(pb.ClusterStatusRequest()).nodes}
+    # wait_for_ready: after a conductor restarts on the same port, this process's connections
+    # to it (shared by every channel) may still be backing off from the old one's departure.
+    reply = stub(server).ClusterStatus(pb.ClusterStatusRequest(), wait_for_ready=True, timeout=10)
+    return {n.node.node_id: n for n in reply.nodes}
 
 
 def route_message(namespace_id: NamespaceId, keys: list[bytes], request_id: str = "r") -> pb.RouteRequest:
@@ -107,8 +126,8 @@ def cluster(tmp_path: Path) -> Iterator[tuple[ConductorServer, dict[str, NodeSer
         try:
             yield conductor, nodes
         finally:
+            conductor.shutdown()  # first: its feeds' open WatchEvents would hold each node's stop a grace period
             stack.close()
-            conductor.shutdown()
 
 
 def test_a_request_goes_to_the_node_holding_its_prefix(cluster) -> None:
@@ -166,7 +185,7 @@ def test_with_etcd_a_restarted_conductor_rebuilds_and_a_silent_node_lapses(tmp_p
                     "server.metrics_port=-1",
                     "membership.reconcile_interval_s=0.2",
                     "membership.backend=etcd",
-                    f"membership.etcd_endpoint={etcd.endpoint}",
+                    f"membership.etcd_endpoints={etcd.endpoint}",
                 ],
             )
         )
@@ -234,7 +253,7 @@ def test_bad_routes_are_refused_and_change_nothing(cluster) -> None:
     assert client.ClusterStatus(pb.ClusterStatusRequest()).routed == 0
 
 
-def test_no_live_decode_node_is_an_explicit_rejection(tmp_path: Path) -> None:
+def test_no_live_decode_node_is_an_explicit_rejection_and_counted(tmp_path: Path) -> None:
     conductor = conductor_server()
     try:
         with node(tmp_path, "a", conductor, "prefill") as a:
@@ -243,8 +262,33 @@ def test_no_live_decode_node_is_an_explicit_rejection(tmp_path: Path) -> None:
             assert eventually(lambda: status(conductor)["a"].indexed_blocks == 2, 10)
             reply = stub(conductor).Route(route_message(namespace_id, keys))
             assert reply.rejected == "no live decode node" and not reply.HasField("prefill")
+            assert not reply.HasField("decode") and list(reply.candidates) == []
+            assert conductor.conductor.cluster.loads["a"].queued_prefill_tokens == 0  # nothing charged
+            metrics = scrape(conductor)
+            assert metrics['conductor_routes_total{outcome="rejected",policy="prefix-flow"}'] == 1
+            assert metrics['conductor_rejections_total{reason="no_node"}'] == 1
+            assert metrics["conductor_decision_seconds_count"] == 1
+            assert metrics['conductor_live_nodes{role="prefill"}'] == 1
+            assert metrics['conductor_live_nodes{role="decode"}'] == 0
+            assert metrics["conductor_indexed_blocks"] == 2
+            assert metrics['conductor_calls_total{code="OK",method="Route"}'] == 1
     finally:
         conductor.shutdown()
+
+
+def scrape(conductor: ConductorServer) -> dict[str, float]:
+    """The conductor's /metrics as {'name{labels}': value} (labels sorted by name)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{conductor.metrics_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            if "{" in name:
+                base, _, labels = name.partition("{")
+                name = base + "{" + ",".join(sorted(labels.rstrip("}").split(","))) + "}"
+            values[name] = float(value)
+    return values
 
 
 @pytest.mark.parametrize(
@@ -310,3 +354,129 @@ def test_a_replication_makes_the_target_pull_the_prefix(cluster) -> None:
     with Client(nodes["b"].grpc_address) as client:
         assert client.lookup(namespace_id, keys).num_hits == 4
     assert not conductor.conductor.replicate(Replication(namespace_id, copy.keys, source="a", target="gone"))
+
+
+def test_a_restarted_conductor_without_etcd_is_rebuilt_by_the_nodes(tmp_path: Path) -> None:
+    first = conductor_server()
+    with node(tmp_path, "a", first, "prefill") as a, node(tmp_path, "d", first, "decode"):
+        assert eventually(lambda: set(status(first)) == {"a", "d"}, 10)
+        namespace_id, keys = put_chain(a, 5, seed=10)
+        assert eventually(lambda: status(first)["a"].indexed_blocks == 5, 10)
+        first.shutdown()
+        restarted = conductor_server(grpc_port=first.grpc_port)  # knows nothing: memory membership
+        try:
+            heartbeat = pb.HeartbeatRequest(node_id="nobody")
+            assert stub(restarted).Heartbeat(heartbeat, wait_for_ready=True, timeout=10).register_again
+            # The nodes' next heartbeats are told to register again (or fail, and they retry);
+            # their registrations start the feeds, and the feeds' snapshots rebuild the index.
+            assert eventually(lambda: set(status(restarted)) == {"a", "d"}, 10)
+            assert eventually(lambda: status(restarted)["a"].indexed_blocks == 5, 10)
+            reply = stub(restarted).Route(route_message(namespace_id, keys))
+            assert reply.prefill.node_id == "a" and reply.prefill.local_tokens == 5 * factories.BLOCK_TOKENS - 1
+            assert reply.decode.node_id == "d"
+        finally:
+            restarted.shutdown()
+
+
+def test_a_feed_that_falls_behind_resyncs_from_a_fresh_snapshot(tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="conductor.watch")
+    conductor = conductor_server()
+    try:
+        # A ring of one event: a put of several blocks (one commit, several events) outruns
+        # the feed, whose next read is refused (WatchLagError, ABORTED); it subscribes again.
+        with node(tmp_path, "a", conductor, "both", store__event_ring_events=1) as a:
+            assert eventually(lambda: "a" in status(conductor) and status(conductor)["a"].resyncs == 0, 10)
+            feed = conductor.conductor.feed_of("a")
+            assert feed is not None and feed.synced.wait(10)
+            put_chain(a, 6, seed=11)
+            assert eventually(lambda: status(conductor)["a"].resyncs >= 1, 10)
+            assert eventually(lambda: status(conductor)["a"].indexed_blocks == 6, 10)
+            reasons = [getattr(record, "reason", "") for record in caplog.records]
+            assert any(reason.startswith("stream ended: ABORTED: events") for reason in reasons), reasons
+            metrics = scrape(conductor)
+            assert metrics['conductor_index_resyncs_total{node="a"}'] == status(conductor)["a"].resyncs
+    finally:
+        conductor.shutdown()
+
+
+def test_a_profile_from_the_config_file_can_be_registered(tmp_path: Path) -> None:
+    path = tmp_path / "conductor.toml"
+    numbers = {
+        "kv_bytes_per_token": 131072,
+        "kv_capacity_tokens": 400000,
+        "prefill_fixed_s": 0.01,
+        "prefill_per_token_s": 4e-5,
+        "prefill_per_pair_s": 1.3e-9,
+        "decode_fixed_s": 0.008,
+        "decode_per_sequence_s": 5e-5,
+        "decode_per_kv_token_s": 6.5e-8,
+        "hbm_load_bytes_per_s": "inf",
+        "hbm_load_latency_s": 0,
+        "dram_load_bytes_per_s": 25e9,
+        "dram_load_latency_s": 1e-4,
+        "nvme_load_bytes_per_s": 6e9,
+        "nvme_load_latency_s": 5e-4,
+    }
+    path.write_text("[profiles.small]\n" + "".join(f"{key} = {value}\n" for key, value in numbers.items()))
+    conductor = conductor_server(config_file=path)
+    try:
+        description = pb.NodeDescription(
+            node_id="x", role=pb.NODE_ROLE_DECODE, grpc_address="127.0.0.1:1", profile="small"
+        )
+        stub(conductor).Register(pb.RegisterRequest(node=description, ttl_s=0))  # 0: membership.node_ttl_s
+        assert status(conductor)["x"].node.profile == "small"
+    finally:
+        conductor.shutdown()
+
+
+def test_conductor_serve_runs_until_sigterm_then_ends_its_streams_and_exits_0(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "conductor.cli", "serve", "--grpc-port", "0", "--metrics-port", "0"]
+    command += ["--set", "logging.format=json", "--policy", "kv-centric"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None and process.stderr is not None
+        ready = json.loads(process.stdout.readline())
+        assert ready["ready"] and ready["policy"] == "kv-centric" and ready["membership"] == "memory"
+        channel = grpc.insecure_channel(ready["grpc"])
+        health = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="kvstore.v1.Conductor"), timeout=5
+        )
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        conductor = pb_grpc.ConductorStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            conductor.Route(route_message(NamespaceId(b"z" * 16), [b"k" * 16]), timeout=5)
+        assert caught.value.code() is grpc.StatusCode.NOT_FOUND
+        stream = conductor.WatchDecisions(pb.WatchDecisionsRequest(), timeout=30)
+        url = f"http://127.0.0.1:{ready['metrics_port']}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            assert b'conductor_calls_total{code="NOT_FOUND",method="Route"} 1.0' in response.read()
+        process.send_signal(signal.SIGTERM)
+        assert list(stream) == []  # the open stream ends cleanly
+        assert process.wait(15) == 0
+        logs = [json.loads(line) for line in process.stderr.read().splitlines() if line.strip()]
+        assert any(entry["msg"].startswith("stopping") for entry in logs)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+        for stream_ in (process.stdout, process.stderr):
+            if stream_ is not None:
+                stream_.close()
+
+
+def test_a_node_serves_while_its_conductor_is_down_and_joins_when_it_comes(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a port nothing listens on (yet)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = {"node__node_id": "a", "conductor__address": f"127.0.0.1:{port}", "conductor__role": "both"}
+    settings |= {"conductor__ttl_s": 2, "conductor__heartbeat_interval_s": 0.3}
+    with running_node(tmp_path / "a", **settings) as a:
+        namespace_id, keys = put_chain(a, 3, seed=12)  # the node works without its conductor
+        assert a.conductor_link is not None and not a.conductor_link.registered.is_set()
+        conductor = conductor_server(grpc_port=port)
+        try:
+            assert eventually(lambda: "a" in status(conductor), 15)  # its retries find the conductor
+            assert eventually(lambda: status(conductor)["a"].indexed_blocks == 3, 10)
+            assert stub(conductor).Route(route_message(namespace_id, keys)).prefill.node_id == "a"
+        finally:
+            conductor.shutdown()

@@ -6,8 +6,27 @@ from pathlib import Path
 
 import pytest
 
-from conductor.config import MembershipBackend, load_conductor_config
+from conductor.config import MembershipBackend, ProfileSection, load_conductor_config
+from conductor.costs import DEFAULT_COSTS, LLAMA2_70B_8XA800, Link
 from kvstore.errors import ConfigError
+
+PROFILE = """
+[profiles.small]
+kv_bytes_per_token = 131072
+kv_capacity_tokens = 400000
+prefill_fixed_s = 0.01
+prefill_per_token_s = 4e-5
+prefill_per_pair_s = 1.3e-9
+decode_fixed_s = 0.008
+decode_per_sequence_s = 5e-5
+decode_per_kv_token_s = 6.5e-8
+hbm_load_bytes_per_s = inf
+hbm_load_latency_s = 0
+dram_load_bytes_per_s = 25e9
+dram_load_latency_s = 1e-4
+nvme_load_bytes_per_s = 6e9
+nvme_load_latency_s = 5e-4
+"""
 
 
 def test_defaults_then_file_then_environment_then_flags(tmp_path: Path) -> None:
@@ -19,6 +38,8 @@ def test_defaults_then_file_then_environment_then_flags(tmp_path: Path) -> None:
     )
     assert (config.placement.policy, config.server.grpc_port, config.slo.ttft_s) == ("random", 6001, 10.0)
     assert config.membership.backend is MembershipBackend.ETCD
+    several = load_conductor_config(None, environ={"CONDUCTOR_MEMBERSHIP_ETCD_ENDPOINTS": "a:2379, b:2380,"})
+    assert several.membership.endpoints == ("a:2379", "b:2380")
     assert config.slo_targets.ttft_s == 10.0
 
 
@@ -33,6 +54,12 @@ def test_defaults_then_file_then_environment_then_flags(tmp_path: Path) -> None:
         ([], {"CONDUCTOR_SLO_TBT_S": "fast"}, "environment: slo.tbt_s must be a number"),
         ([], {"CONDUCTOR_AUTH_TOKEN": "short"}, "at least 16 characters"),
         (["network.bytes_per_s=0"], {}, "network.bytes_per_s must be positive"),
+        (["membership.node_ttl_s=0.5"], {}, r"membership.node_ttl_s must be within \[1, 3600\] s, got 0.5"),
+        (["logging.level=loud"], {}, "logging.level must be debug, info, warning or error"),
+        (["membership.etcd_endpoints=a:2379,b"], {}, "membership.etcd_endpoints must be host:port"),
+        (["membership.etcd_endpoints= , "], {}, "membership.etcd_endpoints must be host:port"),
+        (["logging.format=xml"], {}, "flags: logging.format must be one of"),
+        (["profiles.small.kv_bytes_per_token=1"], {}, r"flags: \[profiles\] can only be given in the config file"),
     ],
 )
 def test_mistakes_are_named(overrides: list[str], environ: dict[str, str], message: str) -> None:
@@ -45,6 +72,39 @@ def test_a_missing_token_file_is_named(tmp_path: Path) -> None:
         load_conductor_config(None, environ={}, overrides=[f"auth.token_file={tmp_path / 'missing'}"])
 
 
+def test_profiles_from_the_file_join_the_built_in_ones(tmp_path: Path) -> None:
+    path = tmp_path / "conductor.toml"
+    path.write_text(PROFILE + PROFILE.replace("[profiles.small]", "[profiles.default]"))
+    costs = load_conductor_config(path, environ={}).costs
+    assert sorted(costs.profiles) == ["default", "llama2-70b-8xa800", "small"]
+    small = costs.profile("small")
+    assert (small.name, small.kv_bytes_per_token, small.kv_capacity_tokens) == ("small", 131072, 400000)
+    assert (small.prefill.per_pair_s, small.decode.per_kv_token_s) == (1.3e-9, 6.5e-8)
+    assert small.tier_loads == (Link(float("inf"), 0.0), Link(25e9, 1e-4), Link(6e9, 5e-4))
+    assert costs.profile("default").name == "default"  # replaced; the built-in stays under its own name
+    assert costs.profile("llama2-70b-8xa800") is LLAMA2_70B_8XA800
+    assert load_conductor_config(None, environ={}).costs.profiles == DEFAULT_COSTS.profiles
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda text: text.replace("kv_capacity_tokens = 400000\n", ""), "profiles.small: missing kv_capacity_tokens"),
+        (lambda text: text + "gpus = 8\n", "profiles.small: unknown key gpus"),
+        (lambda text: text.replace("= 131072", '= "big"'), "profiles.small.kv_bytes_per_token must be an integer"),
+        (lambda text: text.replace("decode_fixed_s = 0.008", "decode_fixed_s = -1"), "decode_fixed_s must be a finite"),
+        (lambda text: text.replace("= 25e9", "= 0"), "profiles.small.dram_load_bytes_per_s must be positive"),
+        (lambda text: "profiles.small = 1\n", "profiles.small must be a table"),
+    ],
+)
+def test_profile_mistakes_are_named_with_the_file(tmp_path: Path, edit, message: str) -> None:
+    path = tmp_path / "conductor.toml"
+    path.write_text(edit(PROFILE))
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_conductor_config(path, environ={})
+    assert str(path) in str(caught.value)
+
+
 def test_the_example_file_documents_every_field_and_loads_to_the_defaults() -> None:
     example = Path(__file__).parents[2] / "deploy" / "config" / "conductor.example.toml"
     config = load_conductor_config(example, environ={})
@@ -53,3 +113,5 @@ def test_the_example_file_documents_every_field_and_loads_to_the_defaults() -> N
     for section in ("server", "placement", "slo", "membership", "network", "auth", "logging"):
         for name in getattr(config, section).__dataclass_fields__:
             assert f"{name} =" in text, f"{section}.{name} is not documented"
+    for name in ProfileSection.__dataclass_fields__:
+        assert f"# {name} =" in text, f"profiles.<name>.{name} is not documented"
