@@ -5,7 +5,9 @@ it loads prefixes from and saves blocks to.
   holds (verified against its checksums; a block that fails or is missing ends the run, and
   the rest is computed), computes the remaining tokens chunk by chunk, and after each chunk
   saves the blocks it completed to the node, so a decode engine elsewhere can load them.
-  At least the last prompt token is always computed (its logits give the first token).
+  With a `saver` (a second client of the same node), the saves run on a thread of their own
+  while the next chunk computes; `prefill` returns once every save has finished. At least the
+  last prompt token is always computed (its logits give the first token).
 - `decode(...)`: greedy generation, one token a step, in the same cache.
 
 A node that fails (gone, draining, refusing) never fails a request: a load that fails is a
@@ -21,6 +23,7 @@ Owner: one thread (an engine worker process).
 from __future__ import annotations
 
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +58,7 @@ class Engine:
         client: Client | None = None,
         model_id: str = "tiny-llama",
         chunk_blocks: int = 4,
+        saver: Client | None = None,
     ) -> None:
         self.model = model
         self.cache = cache
@@ -68,6 +72,15 @@ class Engine:
             block_tokens=cache.block_size,
         )
         self.namespace_id: NamespaceId | None = client.register_namespace(self.namespace) if client else None
+        self._saver = saver
+        self._saves: ThreadPoolExecutor | None = None
+        if saver is not None:
+            saver.register_namespace(self.namespace)
+            self._saves = ThreadPoolExecutor(1, thread_name_prefix="kv-save")
+
+    def close(self) -> None:
+        if self._saves is not None:
+            self._saves.shutdown(wait=True)
 
     def keys(self, tokens: list[int]) -> list[BlockKey]:
         assert self.namespace_id is not None
@@ -86,16 +99,27 @@ class Engine:
                 errors.append(f"loading from the node failed ({type(error).__name__}: {error}); computed instead")
         position, saved = loaded * size, 0
         logits = torch.empty(0)
+        pending: list[Future[int]] = []
         while position < len(tokens):
             end = min(len(tokens), (position // size + self.chunk_blocks) * size)
             logits = self.model.forward(torch.tensor(tokens[position:end]), position, table, self.cache)
             if save and keys and not errors:
-                first, last = position // size, min(end // size, len(keys))  # blocks completed in this chunk
-                try:
-                    saved += self._save(keys, table, max(first, loaded), last)
-                except KVStoreError as error:  # the blocks stay unsaved; the request goes on
-                    errors.append(f"saving to the node failed ({type(error).__name__}: {error})")
+                first, last = max(position // size, loaded), min(end // size, len(keys))  # completed in this chunk
+                if last > first:
+                    payloads = self._gather(table, first, last)  # now: later chunks write other blocks
+                    if self._saves is not None and self._saver is not None:
+                        pending.append(self._saves.submit(self._put, self._saver, keys, first, payloads))
+                    else:
+                        try:
+                            saved += self._put(self.client, keys, first, payloads)
+                        except KVStoreError as error:  # the blocks stay unsaved; the request goes on
+                            errors.append(f"saving to the node failed ({type(error).__name__}: {error})")
             position = end
+        for future in pending:
+            try:
+                saved += future.result()
+            except KVStoreError as error:
+                errors.append(f"saving to the node failed ({type(error).__name__}: {error})")
         reused = loaded * size
         first_token = int(logits[-1].argmax())
         return PrefillResult(first_token, table, reused, len(tokens) - reused, loaded, saved, "; ".join(errors))
@@ -135,14 +159,15 @@ class Engine:
             scatter(self.cache.paged(), torch.tensor(table[:got]), buffer[: got * block_bytes])
         return got
 
-    def _save(self, keys: list[BlockKey], table: list[int], first: int, last: int) -> int:
-        if last <= first:
-            return 0
-        assert self.client is not None and self.namespace_id is not None
+    def _gather(self, table: list[int], first: int, last: int) -> list[np.ndarray]:
+        """Blocks `first..last-1` of the sequence as payloads (copies, out of the cache)."""
         block_bytes = self.namespace.block_bytes
         buffer = torch.empty((last - first) * block_bytes, dtype=torch.uint8)
         gather(self.cache.paged(), torch.tensor(table[first:last]), buffer)
-        payloads = [buffer[i * block_bytes : (i + 1) * block_bytes].numpy() for i in range(last - first)]
+        return [buffer[i * block_bytes : (i + 1) * block_bytes].numpy() for i in range(last - first)]
+
+    def _put(self, client: Client | None, keys: list[BlockKey], first: int, payloads: list[np.ndarray]) -> int:
+        assert client is not None and self.namespace_id is not None
         parent = keys[first - 1] if first else None
-        result = self.client.put_blocks(self.namespace_id, keys[first:last], payloads, parent=parent)
+        result = client.put_blocks(self.namespace_id, keys[first : first + len(payloads)], payloads, parent=parent)
         return result.num_written

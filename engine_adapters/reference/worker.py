@@ -24,12 +24,14 @@ def worker_main(
     connection: Connection, model_folder: str, node_address: str, block_size: int, cache_blocks: int
 ) -> None:
     model = LlamaModel.load(Path(model_folder))
-    with Client(node_address) as client:
-        engine = Engine(model, PagedCache(model.config, cache_blocks, block_size), client=client, chunk_blocks=4)
+    with Client(node_address) as client, Client(node_address) as saver:  # saves overlap the next chunk
+        cache = PagedCache(model.config, cache_blocks, block_size)
+        engine = Engine(model, cache, client=client, chunk_blocks=4, saver=saver)
         connection.send({"ready": True, "namespace_id": engine.namespace_id})
         while True:
             command: dict[str, Any] = connection.recv()
             if command["op"] == "stop":
+                engine.close()
                 break
             try:
                 connection.send(_serve(engine, command))

@@ -61,6 +61,20 @@ def test_a_second_engine_loads_the_prefix_and_computes_only_the_rest(model: Llam
         assert output == greedy(model, tokens, 6)
 
 
+def test_saves_on_their_own_thread_give_the_same_blocks(model: LlamaModel, node: NodeServer) -> None:
+    tokens = prompt(37, seed=6)  # 9 whole blocks: saved over 5 chunks of 2 blocks
+    with Client(node.grpc_address) as client, Client(node.grpc_address) as saver:
+        overlapped = Engine(model, PagedCache(model.config, 64, BLOCK), client=client, chunk_blocks=2, saver=saver)
+        try:
+            first = overlapped.prefill(tokens)
+        finally:
+            overlapped.close()
+        assert (first.saved_blocks, first.node_error) == (9, "")
+        second = engine(model, client).prefill(tokens)
+        assert (second.loaded_blocks, second.computed_tokens) == (9, 1)
+        assert second.first_token == first.first_token == greedy(model, tokens, 1)[0]
+
+
 def test_a_prompt_of_whole_blocks_still_computes_its_last_token(model: LlamaModel, node: NodeServer) -> None:
     tokens = prompt(16, seed=2)
     with Client(node.grpc_address) as client:
