@@ -37,7 +37,7 @@ from conductor.router import Router
 from conductor.types import Decision, NodeInfo, NodeLoad, RouteRequest
 from conductor.watch import NodeFeed
 from kvstore.errors import InvalidArgumentError, UnknownNamespaceError
-from kvstore.node.auth import bearer
+from kvstore.node.auth import call_metadata
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.types import BlockKey, NamespaceId, TierKind
@@ -242,7 +242,7 @@ class Conductor:
         return done
 
     def _pull(self, source: NodeInfo, target: NodeInfo, copy: Replication) -> int:
-        metadata = (("authorization", bearer(self._node_token)),) if self._node_token else ()
+        metadata = call_metadata(self._node_token)
         with grpc.insecure_channel(source.grpc_address) as channel:
             info = pb_grpc.KVStoreStub(channel).Info(pb.InfoRequest(), timeout=INFO_TIMEOUT_S, metadata=metadata)
         described = [n.namespace for n in info.namespaces if n.namespace_id == copy.namespace_id]
@@ -329,7 +329,7 @@ class Conductor:
 
     def _learn_namespaces(self) -> None:
         """Ask every member which namespaces it has registered."""
-        metadata = (("authorization", bearer(self._node_token)),) if self._node_token else ()
+        metadata = call_metadata(self._node_token)
         for info in list(self.cluster.nodes.values()):
             try:
                 with grpc.insecure_channel(info.grpc_address) as channel:

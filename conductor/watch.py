@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import grpc
 
-from kvstore.node.auth import bearer
+from kvstore.node.auth import call_metadata
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.types import BlockKey, NamespaceId, TierKind
@@ -57,7 +57,7 @@ class NodeFeed:
         self.node_id = node_id
         self.grpc_address = grpc_address
         self._sink = sink
-        self._metadata = (("authorization", bearer(token)),) if token else ()
+        self._metadata = call_metadata(token)
         self._on_resync = on_resync
         self._stop = threading.Event()
         self._call: Any = None  # the open WatchEvents call, cancelled by stop()

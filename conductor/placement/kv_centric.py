@@ -46,25 +46,12 @@ def decide_within_slo(
     SLO the prediction breaks."""
     chosen = scores[0]
     others = tuple(scores[1 : 1 + TOP_CANDIDATES])
-    if chosen.ttft_s > cluster.slo.ttft_s:
-        return Decision(
-            request.request_id,
-            policy,
-            chosen,
-            None,
-            f"predicted TTFT {chosen.ttft_s:.2f} s exceeds the SLO of {cluster.slo.ttft_s:g} s",
-            others,
-        )
     decode = pick_decode(request, cluster, chosen.node_id)
-    if decode is None:
-        return Decision(request.request_id, policy, chosen, None, NO_DECODE_ROOM, others)
-    if decode.tbt_s > cluster.slo.tbt_s:
-        return Decision(
-            request.request_id,
-            policy,
-            chosen,
-            decode,
-            f"predicted TBT {decode.tbt_s * 1e3:.1f} ms exceeds the SLO of {cluster.slo.tbt_s * 1e3:g} ms",
-            others,
-        )
-    return Decision(request.request_id, policy, chosen, decode, candidates=others)
+    rejected = ""
+    if chosen.ttft_s > cluster.slo.ttft_s:
+        decode, rejected = None, f"predicted TTFT {chosen.ttft_s:.2f} s exceeds the SLO of {cluster.slo.ttft_s:g} s"
+    elif decode is None:
+        rejected = NO_DECODE_ROOM
+    elif decode.tbt_s > cluster.slo.tbt_s:
+        rejected = f"predicted TBT {decode.tbt_s * 1e3:.1f} ms exceeds the SLO of {cluster.slo.tbt_s * 1e3:g} ms"
+    return Decision(request.request_id, policy, chosen, decode, rejected, others)

@@ -42,6 +42,7 @@ from kvstore.events import BlockEvent
 from kvstore.hashing import checksum
 from kvstore.hostid import host_id
 from kvstore.layout import payloads_bytes
+from kvstore.node.auth import call_metadata
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.shared_index import IndexReader, native_copy_blocks
@@ -112,7 +113,7 @@ class Client:
         in shared memory when it can (False: always ask the node)."""
         self.address = address
         self.timeout_s = timeout_s
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._metadata = call_metadata(token)
         options = [("grpc.service_config", _retry_config(max_attempts)), ("grpc.enable_retries", 1)]
         if tls_root_certificates is not None:
             credentials = grpc.ssl_channel_credentials(root_certificates=tls_root_certificates)

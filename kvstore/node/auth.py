@@ -23,6 +23,11 @@ def bearer(token: str) -> str:
     return f"Bearer {token}"
 
 
+def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The metadata a gRPC call presents: the token, when there is one."""
+    return ((AUTHORIZATION_KEY, bearer(token)),) if token else ()
+
+
 class TokenInterceptor(grpc.ServerInterceptor):
     def __init__(self, token: str) -> None:
         self._expected = bearer(token).encode()

@@ -21,7 +21,7 @@ import threading
 
 import grpc
 
-from kvstore.node.auth import bearer
+from kvstore.node.auth import call_metadata
 from kvstore.node.config import ConductorRole, ConductorSection
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
@@ -50,7 +50,7 @@ class ConductorLink:
             profile=settings.profile,
             kv_capacity_tokens=settings.kv_capacity_tokens,
         )
-        self._metadata = (("authorization", bearer(token)),) if token else ()
+        self._metadata = call_metadata(token)
         self._stop = threading.Event()
         self.registered = threading.Event()  # set while the conductor holds this node's registration
         self._thread = threading.Thread(target=self._run, name="conductor-link", daemon=True)
