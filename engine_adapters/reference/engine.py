@@ -31,7 +31,7 @@ import torch
 
 from engine_adapters.kernels.paged import TORCH_DTYPES
 from engine_adapters.kernels.reference import gather, scatter
-from engine_adapters.reference.model import LlamaModel, PagedCache
+from engine_adapters.reference.model import LlamaModel, PagedCache, check_tokens
 from kvstore.client import Client
 from kvstore.errors import KVStoreError
 from kvstore.hashing import block_keys
@@ -87,6 +87,7 @@ class Engine:
         return block_keys(self.namespace_id, np.asarray(tokens, dtype=np.uint32), self.cache.block_size)
 
     def prefill(self, tokens: list[int], *, save: bool = True) -> PrefillResult:
+        check_tokens(torch.tensor(tokens, dtype=torch.int64), self.model.config.vocab_size)  # before any block is taken
         size = self.cache.block_size
         table = self.cache.allocate(math.ceil(len(tokens) / size))
         keys = self.keys(tokens) if self.client is not None else []

@@ -40,6 +40,7 @@ class PagedCache:
             dtype=dtype,
         )
         self._free = list(range(num_blocks - 1, -1, -1))
+        self._paged = PagedKV.from_tensors(CacheLayout.STACKED, [self.tensor])  # checked once
 
     @property
     def num_free(self) -> int:
@@ -55,7 +56,7 @@ class PagedCache:
 
     def paged(self) -> PagedKV:
         """The cache as the block-copy kernels see it."""
-        return PagedKV.from_tensors(CacheLayout.STACKED, [self.tensor])
+        return self._paged
 
 
 class LlamaModel:
@@ -98,6 +99,9 @@ class LlamaModel:
         into `block_table`'s blocks; the positions before `start` must already be there."""
         count = tokens.numel()
         end = start + count
+        check_tokens(tokens, self.config.vocab_size)
+        if start < 0:
+            raise InvalidArgumentError(f"start must not be negative, got {start}")
         if end > len(block_table) * cache.block_size:
             raise InvalidArgumentError(
                 f"{end} positions need {math.ceil(end / cache.block_size)} blocks; the table has {len(block_table)}"
@@ -129,6 +133,7 @@ class LlamaModel:
     @torch.inference_mode()
     def dense_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """The same model over the whole sequence at once, with no cache."""
+        check_tokens(tokens, self.config.vocab_size)
         positions = torch.arange(tokens.numel())
         x = self.w["model.embed_tokens.weight"][tokens]
         cos, sin = self._rope(positions)
@@ -177,6 +182,17 @@ class LlamaModel:
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         x = _rms_norm(x, self.w["model.norm.weight"], self.config.rms_norm_eps)
         return (x @ self.w["lm_head.weight"].T).float()
+
+
+def check_tokens(tokens: torch.Tensor, vocab_size: int) -> None:
+    """A non-empty 1-D tensor of token ids within the vocabulary, or InvalidArgumentError."""
+    if tokens.dim() != 1 or not tokens.numel():
+        raise InvalidArgumentError(f"tokens must be a non-empty 1-D tensor, got shape {tuple(tokens.shape)}")
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex:
+        raise InvalidArgumentError(f"token ids must be integers, got {tokens.dtype}")
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= vocab_size:
+        raise InvalidArgumentError(f"token ids must be within [0, {vocab_size}), got {low}..{high}")
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

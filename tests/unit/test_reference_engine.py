@@ -12,6 +12,7 @@ import torch
 
 from engine_adapters.kernels.reference import gather, scatter
 from engine_adapters.reference.config import CONFIG_FILE, WEIGHTS_FILE
+from engine_adapters.reference.engine import Engine
 from engine_adapters.reference.model import LlamaModel, PagedCache
 from engine_adapters.reference.tiny import make_tiny_model
 from kvstore.errors import InvalidArgumentError
@@ -142,3 +143,21 @@ def test_the_tiny_tokenizer_round_trips_any_text_within_the_vocabulary(folder: P
     assert tokenizer.decode(ids) == text
     again = make_tiny_model(tmp_path / "again")
     assert (again / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()
+
+
+def test_bad_tokens_are_refused_before_anything_changes(model: LlamaModel) -> None:
+    cache = PagedCache(model.config, num_blocks=4, block_size=BLOCK)
+    before = cache.tensor.clone()
+    for tokens, message in (
+        (torch.tensor([], dtype=torch.int64), "non-empty"),
+        (torch.tensor([5, 512]), r"within \[0, 512\), got 5\.\.512"),
+        (torch.tensor([-1, 3]), "within"),
+        (torch.tensor([1.5]), "integers"),
+    ):
+        with pytest.raises(InvalidArgumentError, match=message):
+            model.forward(tokens, 0, [0], cache)
+    assert torch.equal(cache.tensor, before)
+    engine = Engine(model, cache)
+    with pytest.raises(InvalidArgumentError, match="non-empty"):
+        engine.prefill([])
+    assert cache.num_free == 4  # no block was taken
