@@ -15,7 +15,8 @@ from conductor.types import Decision, DecodeScore, NodeInfo, PrefillScore, Role,
 from kvstore.errors import InvalidArgumentError
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.status import answer
-from kvstore.types import KEY_BYTES, BlockKey, NamespaceId
+from kvstore.types import unpack_keys
+from kvstore.wire import namespace_id_from
 
 Reply = TypeVar("Reply")
 
@@ -138,22 +139,13 @@ def node_message(info: NodeInfo) -> pb.NodeDescription:
 
 
 def route_request(message: pb.RouteRequest) -> RouteRequest:
-    packed = message.keys
-    if len(packed) % KEY_BYTES:
-        raise InvalidArgumentError(
-            f"request {message.request_id!r}: keys are {len(packed)} bytes, not a multiple of {KEY_BYTES}"
-        )
-    if len(packed) // KEY_BYTES > MAX_ROUTE_KEYS:
-        raise InvalidArgumentError(f"request {message.request_id!r}: more than {MAX_ROUTE_KEYS} keys")
-    if len(message.namespace_id) != KEY_BYTES:
-        raise InvalidArgumentError(
-            f"request {message.request_id!r}: namespace_id must be {KEY_BYTES} bytes, got {len(message.namespace_id)}"
-        )
-    keys = tuple(BlockKey(packed[i : i + KEY_BYTES]) for i in range(0, len(packed), KEY_BYTES))
+    where = f"request {message.request_id!r}"
+    keys = unpack_keys(message.keys, max_keys=MAX_ROUTE_KEYS, what=f"{where}: keys")
+    namespace_id = namespace_id_from(message.namespace_id, field=f"{where}: namespace_id")
     return RouteRequest(
         message.request_id,
-        NamespaceId(message.namespace_id),
-        keys,
+        namespace_id,
+        tuple(keys),
         message.prompt_tokens,
         message.max_output_tokens,
         message.block_tokens,
