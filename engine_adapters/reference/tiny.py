@@ -40,6 +40,10 @@ TINY = {
     "eos_token_id": 2,
 }
 
+# vLLM's CPU attention takes head sizes from 32 and blocks of a multiple of 32 tokens: the same
+# model, wider, for the vLLM connector's tests and example (`make_tiny_model.py --vllm-cpu`).
+VLLM_CPU = {"hidden_size": 128, "intermediate_size": 256, "head_dim": 32}
+
 
 def make_tiny_model(out: Path, seed: int = 0, overrides: dict[str, object] | None = None) -> Path:
     """Write the folder (replacing its two files) and return it."""

@@ -1,0 +1,112 @@
+"""The connector's settings: vLLM's `kv_connector_extra_config`, checked once at start.
+
+    --kv-transfer-config '{"kv_connector": "KVStoreConnector",
+                           "kv_connector_module_path": "engine_adapters.vllm.connector",
+                           "kv_role": "kv_both",
+                           "kv_connector_extra_config": {"node": "127.0.0.1:50051"}}'
+
+| field | default | meaning |
+|---|---|---|
+| `node` | required | the kvstore node's gRPC address (`host:port`) |
+| `token_file` | none | file holding the node's shared token (or set `KVSTORE_AUTH_TOKEN`) |
+| `timeout_s` | 2.0 | deadline of every call to the node; past it, vLLM computes the tokens itself |
+| `verify` | true | check every loaded block against its checksum, shared memory included |
+| `model_id` | vLLM's model | names the model across instances (set it where one model loads from different paths) |
+| `namespace_salt` | "" | keeps tenants apart: instances with different salts never share blocks |
+| `save_decode_blocks` | true | also store blocks of generated tokens (the next turn of a chat reuses them) |
+| `max_pending_saves` | 2 | steps whose saves may be in flight before a step waits for the oldest |
+
+A missing `node`, a field not in this table, a value of the wrong type and a token file
+that cannot be read are refused with an error naming the field, before vLLM starts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvstore.errors import ConfigError
+from kvstore.layered_config import read_token
+
+TOKEN_ENV = "KVSTORE_AUTH_TOKEN"
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectorConfig:
+    node: str
+    token: str | None = None
+    timeout_s: float = 2.0
+    verify: bool = True
+    model_id: str | None = None
+    namespace_salt: str = ""
+    save_decode_blocks: bool = True
+    max_pending_saves: int = 2
+
+    @classmethod
+    def from_extra_config(
+        cls, extra: Mapping[str, Any] | None, environ: Mapping[str, str] | None = None
+    ) -> ConnectorConfig:
+        """Parse vLLM's `kv_connector_extra_config`; ConfigError names what is wrong."""
+        extra = dict(extra or {})
+        environ = os.environ if environ is None else environ
+        unknown = sorted(set(extra) - _FIELDS)
+        if unknown:
+            raise ConfigError(
+                f"kvstore connector: unknown field(s) {unknown} in kv_connector_extra_config; known: {sorted(_FIELDS)}"
+            )
+        node = extra.get("node")
+        if not isinstance(node, str) or ":" not in node:
+            raise ConfigError(
+                f"kvstore connector: kv_connector_extra_config.node must be the node's address as 'host:port', "
+                f"got {node!r}"
+            )
+        token_file = _typed(extra, "token_file", str, None)
+        token = read_token(Path(token_file) if token_file else None, TOKEN_ENV, "token_file", environ)
+        timeout_s = float(_typed(extra, "timeout_s", (int, float), 2.0))
+        if not 0 < timeout_s <= 600:
+            raise ConfigError(f"kvstore connector: timeout_s must be in (0, 600] seconds, got {timeout_s}")
+        pending = _typed(extra, "max_pending_saves", int, 2)
+        if pending < 1:
+            raise ConfigError(f"kvstore connector: max_pending_saves must be at least 1, got {pending}")
+        model_id = _typed(extra, "model_id", str, None)
+        if model_id == "":
+            raise ConfigError("kvstore connector: model_id must not be empty")
+        return cls(
+            node=node,
+            token=token,
+            timeout_s=timeout_s,
+            verify=_typed(extra, "verify", bool, True),
+            model_id=model_id,
+            namespace_salt=_typed(extra, "namespace_salt", str, ""),
+            save_decode_blocks=_typed(extra, "save_decode_blocks", bool, True),
+            max_pending_saves=pending,
+        )
+
+
+_FIELDS = frozenset(
+    {
+        "node",
+        "token_file",
+        "timeout_s",
+        "verify",
+        "model_id",
+        "namespace_salt",
+        "save_decode_blocks",
+        "max_pending_saves",
+    }
+)
+
+
+def _typed(extra: Mapping[str, Any], name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+    value = extra.get(name, default)
+    if value is default:
+        return value
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    # bool is an int to Python; a flag given as 1, or a count given as true, is a mistake.
+    if isinstance(value, bool) != (bool in kinds) or not isinstance(value, kinds):
+        names = " or ".join(item.__name__ for item in kinds)
+        raise ConfigError(f"kvstore connector: {name} must be {names}, got {value!r}")
+    return value

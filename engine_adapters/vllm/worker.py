@@ -1,0 +1,189 @@
+"""The connector's worker side: moves blocks between vLLM's paged KV cache and the node.
+
+- `register` describes vLLM's cache from its tensors (the layout, shapes and dtype must be
+  the ones the scheduler side derived from the config; otherwise the connector refuses to
+  start) and keeps it as a `PagedKV`.
+- `load`, before the forward pass: each run of blocks is copied out of the node (shared
+  memory on the same host, checked against its checksums with `verify`; the data plane
+  otherwise, always checked) into a reused staging buffer, then scattered into its vLLM
+  blocks. A block that is missing, corrupt or unreachable ends its run; the vLLM blocks of the
+  rest are reported (`take_failed`), and vLLM recomputes them.
+- `save`, after the forward pass: the blocks are gathered into a staging buffer before
+  returning (vLLM may reuse its blocks from then on), and written to the node on a thread of
+  their own while the next step computes. At most `max_pending_saves` steps' saves are in
+  flight; then a step waits for the oldest. A save that fails is skipped: the cache is best
+  effort and vLLM's output never depends on it.
+
+Nothing is pickled: blocks travel as bytes, through the kernels' gather and scatter.
+
+Owner: vLLM's worker thread; the saver thread only touches its own buffers and the client.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from engine_adapters.kernels.paged import TORCH_DTYPES, PagedKV
+from engine_adapters.kernels.reference import gather, scatter
+from engine_adapters.vllm.config import ConnectorConfig
+from engine_adapters.vllm.metadata import BlockTransfer
+from engine_adapters.vllm.node import NODE_ERRORS, NodeErrorLog
+from engine_adapters.vllm.spec import CacheSpec
+from kvstore.client import Client
+from kvstore.errors import ConfigError
+from kvstore.types import Namespace, NamespaceId
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerStats:
+    """What this worker moved since it started (tests and operators read it)."""
+
+    loaded_blocks: int = 0
+    failed_blocks: int = 0  # asked to load, not loaded: vLLM recomputed them
+    saved_blocks: int = 0  # written to the node (blocks it already held are not counted)
+    save_failures: int = 0  # runs of blocks whose save failed
+
+
+class WorkerSide:
+    def __init__(
+        self, config: ConnectorConfig, spec: CacheSpec, client: Client, namespace: Namespace, namespace_id: NamespaceId
+    ) -> None:
+        self._config = config
+        self._spec = spec
+        self._client = client
+        self._namespace_id = namespace_id
+        self._block_bytes = namespace.block_bytes
+        self._kv: PagedKV | None = None
+        self._load_buffer = torch.empty(0, dtype=torch.uint8)
+        self._free_buffers: list[torch.Tensor] = []
+        self._pending: deque[tuple[Future[int], torch.Tensor]] = deque()
+        self._saver = ThreadPoolExecutor(1, thread_name_prefix="kvstore-save")
+        self._failed: set[int] = set()
+        self._load_errors = NodeErrorLog(log, "loading blocks")
+        self._save_errors = NodeErrorLog(log, "saving blocks")
+        self.stats = WorkerStats()
+
+    def register(self, kv_caches: Mapping[str, torch.Tensor]) -> None:
+        names = self._spec.layer_names
+        if set(kv_caches) != set(names):
+            raise ConfigError(
+                f"kvstore connector: vLLM registered KV caches for layers {sorted(kv_caches)}; "
+                f"its config names {sorted(names)}"
+            )
+        kv = PagedKV.from_tensors(self._spec.layout, [kv_caches[name] for name in names])
+        got = (kv.block_size, kv.num_kv_heads, kv.head_size, TORCH_DTYPES[kv.dtype])
+        want = (self._spec.block_size, self._spec.num_kv_heads, self._spec.head_size, self._spec.dtype)
+        if got != want:
+            raise ConfigError(
+                f"kvstore connector: vLLM's KV cache has (block size, kv heads, head size, dtype) {got}; "
+                f"its config says {want}"
+            )
+        if kv.block_bytes != self._block_bytes:
+            raise ConfigError(
+                f"kvstore connector: a block is {kv.block_bytes} bytes here, {self._block_bytes} in the namespace"
+            )
+        self._kv = kv
+
+    def load(self, loads: Sequence[BlockTransfer]) -> None:
+        for transfer in loads:
+            self._load_one(transfer)
+
+    def save(self, saves: Sequence[BlockTransfer]) -> None:
+        if not saves:
+            return
+        kv = self._require_kv()
+        count = sum(len(transfer.keys) for transfer in saves)
+        buffer = self._save_buffer(count * self._block_bytes)
+        ids = torch.tensor([block for transfer in saves for block in transfer.block_ids], dtype=torch.int64)
+        gather(kv, ids, buffer[: count * self._block_bytes])
+        self._pending.append((self._saver.submit(self._put, list(saves), buffer), buffer))
+
+    def take_failed(self) -> set[int]:
+        failed, self._failed = self._failed, set()
+        return failed
+
+    def wait_for_saves(self) -> None:
+        while self._pending:
+            self._finish_oldest()
+
+    def close(self) -> None:
+        self.wait_for_saves()
+        self._saver.shutdown(wait=True)
+        self._client.close()
+
+    # -- loads ---------------------------------------------------------------------------------
+
+    def _load_one(self, transfer: BlockTransfer) -> None:
+        kv = self._require_kv()
+        count, size = len(transfer.keys), self._block_bytes
+        if self._load_buffer.numel() < count * size:
+            self._load_buffer = torch.empty(_capacity(count * size), dtype=torch.uint8)
+        flat = self._load_buffer.numpy()
+        views = [flat[index * size : (index + 1) * size] for index in range(count)]
+        try:
+            loaded = self._client.get_into(self._namespace_id, transfer.keys, views, verify=self._config.verify)
+        except NODE_ERRORS as error:
+            self._load_errors.record(error)
+            loaded = 0
+        if loaded:
+            ids = torch.tensor(transfer.block_ids[:loaded], dtype=torch.int64)
+            scatter(kv, ids, self._load_buffer[: loaded * size])
+        self.stats.loaded_blocks += loaded
+        if loaded < count:
+            self.stats.failed_blocks += count - loaded
+            self._failed.update(transfer.block_ids[loaded:])
+            log.info(
+                "kvstore connector: request %s loaded %d of %d blocks; vLLM recomputes the rest",
+                transfer.request_id,
+                loaded,
+                count,
+            )
+
+    # -- saves ---------------------------------------------------------------------------------
+
+    def _save_buffer(self, nbytes: int) -> torch.Tensor:
+        while len(self._pending) >= self._config.max_pending_saves:
+            self._finish_oldest()
+        for index, buffer in enumerate(self._free_buffers):
+            if buffer.numel() >= nbytes:
+                return self._free_buffers.pop(index)
+        return torch.empty(_capacity(nbytes), dtype=torch.uint8)
+
+    def _finish_oldest(self) -> None:
+        future, buffer = self._pending.popleft()
+        saved = future.result()  # _put catches the node's errors itself
+        self.stats.saved_blocks += saved
+        self._free_buffers.append(buffer)
+
+    def _put(self, saves: list[BlockTransfer], buffer: torch.Tensor) -> int:
+        """Runs on the saver thread. Returns the blocks written."""
+        flat, size, offset, written = buffer.numpy(), self._block_bytes, 0, 0
+        for transfer in saves:
+            count = len(transfer.keys)
+            views = [flat[offset + index * size : offset + (index + 1) * size] for index in range(count)]
+            offset += count * size
+            try:
+                result = self._client.put_blocks(self._namespace_id, transfer.keys, views, parent=transfer.parent)
+                written += result.num_written
+            except NODE_ERRORS as error:
+                self.stats.save_failures += 1
+                self._save_errors.record(error)
+        return written
+
+    def _require_kv(self) -> PagedKV:
+        if self._kv is None:
+            raise RuntimeError("kvstore connector: vLLM moved KV before registering its KV caches")
+        return self._kv
+
+
+def _capacity(nbytes: int) -> int:
+    """Buffers grow in powers of two, so a few sizes serve every step (fresh memory is slow)."""
+    return 1 << max(nbytes - 1, 1).bit_length()
