@@ -14,6 +14,7 @@
 | `model_id` | vLLM's model | names the model across instances (set it where one model loads from different paths) |
 | `namespace_salt` | "" | keeps tenants apart: instances with different salts never share blocks |
 | `save_decode_blocks` | true | also store blocks of generated tokens (the next turn of a chat reuses them) |
+| `load_async` | false | load while the batch computes (the request waits for its blocks) instead of before the step |
 | `max_pending_saves` | 2 | steps whose saves may be in flight before a step waits for the oldest |
 
 A missing `node`, a field not in this table, a value of the wrong type and a token file
@@ -43,6 +44,7 @@ class ConnectorConfig:
     model_id: str | None = None
     namespace_salt: str = ""
     save_decode_blocks: bool = True
+    load_async: bool = False
     max_pending_saves: int = 2
 
     @classmethod
@@ -82,6 +84,7 @@ class ConnectorConfig:
             model_id=model_id,
             namespace_salt=_typed(extra, "namespace_salt", str, ""),
             save_decode_blocks=_typed(extra, "save_decode_blocks", bool, True),
+            load_async=_typed(extra, "load_async", bool, False),
             max_pending_saves=pending,
         )
 
@@ -95,6 +98,7 @@ _FIELDS = frozenset(
         "model_id",
         "namespace_salt",
         "save_decode_blocks",
+        "load_async",
         "max_pending_saves",
     }
 )

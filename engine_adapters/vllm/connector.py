@@ -7,8 +7,9 @@
 vLLM makes one instance per role: the scheduler's (`SchedulerSide`: lookups and the plan of
 each step) and each worker's (`WorkerSide`: the copies). `kv_role` picks what flows: a
 `kv_producer` saves and never loads, a `kv_consumer` loads and never saves, `kv_both` does
-both. Loads are synchronous: the blocks are in vLLM's cache before the forward pass that
-reads them; saves overlap the next step. The cache is best effort: any failure of the node is
+both. Loads are synchronous by default: the blocks are in vLLM's cache before the forward pass
+that reads them; with `load_async` a request waits for its blocks while the batch runs. Saves
+overlap the next step. The cache is best effort: any failure of the node is
 a miss, and vLLM computes the tokens itself (the connector sets vLLM's
 `kv_load_failure_policy` to "recompute" for that: a block that fails to load is recomputed).
 
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,7 @@ class KVStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
         except BaseException:
             client.close()
             raise
+        self._load_async = config.load_async
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
         if role is KVConnectorRole.SCHEDULER:
@@ -117,7 +120,9 @@ class KVStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self._worker_side().register(kv_caches)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        self._worker_side().load(self._metadata().loads)
+        meta = self._metadata()
+        self._worker_side().load(meta.loads)
+        self._worker_side().load_async(meta.async_loads)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads finish in start_load_kv, before the forward pass
@@ -129,6 +134,9 @@ class KVStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def wait_for_save(self) -> None:
         self._worker_side().save(self._metadata().saves)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        return None, self._worker_side().finished_loads() or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker_side().take_failed()
@@ -142,13 +150,18 @@ class KVStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
     # -- scheduler side ------------------------------------------------------------------------
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
-        return self._scheduler_side().matched_tokens(request, num_computed_tokens), False
+        tokens = self._scheduler_side().matched_tokens(request, num_computed_tokens)
+        return tokens, bool(tokens) and self._load_async
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         self._scheduler_side().after_alloc(request, blocks, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         return self._scheduler_side().build(scheduler_output)
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        if connector_output.invalid_block_ids:
+            self._scheduler_side().load_failed(set(connector_output.invalid_block_ids))
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._scheduler_side().finished(request)

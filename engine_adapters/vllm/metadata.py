@@ -1,5 +1,6 @@
 """What the scheduler side tells the worker side each step: which blocks to load into vLLM's
-cache before the forward pass, and which to save to the node after it.
+cache before the forward pass (or, for requests that wait for them, beside it), and which to
+save to the node after it.
 
 Plain frozen dataclasses of strings, ints and key bytes; vLLM passes the object in-process or
 pickles it to its workers itself. No KV ever travels in it.
@@ -30,5 +31,6 @@ class BlockTransfer:
 
 @dataclass
 class KVStoreConnectorMetadata(KVConnectorMetadata):  # type: ignore[misc]
-    loads: list[BlockTransfer] = field(default_factory=list)
+    loads: list[BlockTransfer] = field(default_factory=list)  # before this step's forward pass
+    async_loads: list[BlockTransfer] = field(default_factory=list)  # of requests waiting for them
     saves: list[BlockTransfer] = field(default_factory=list)

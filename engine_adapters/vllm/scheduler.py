@@ -5,7 +5,8 @@ and, each step, which blocks the worker side loads and saves.
   (vLLM's chained block hashes, mapped into the namespace) and answers the node's leading run,
   whole blocks only, and never the prompt's last token (its logits are needed). It changes
   nothing in the node; a node that fails or is slow is a miss, so vLLM computes the tokens.
-- `after_alloc` records the load of those blocks into the vLLM blocks just allocated.
+- `after_alloc` records the load of those blocks into the vLLM blocks just allocated (with
+  `load_async`, vLLM calls it again once they are loaded, with nothing more to load).
 - `build` hands over the loads, and the whole blocks that this step's forward pass completes
   and the node does not hold yet (prompt blocks, and generated ones with
   `save_decode_blocks`), with the vLLM block each sits in.
@@ -37,6 +38,7 @@ class _Request:
     block_ids: list[int]
     stored: int  # leading blocks the node holds or that are being saved to it
     matched: tuple[int, int] = (0, 0)  # (vLLM's own leading blocks, the node's blocks after them)
+    new_match: bool = False  # matched since the last allocation
 
 
 class SchedulerSide:
@@ -62,13 +64,12 @@ class SchedulerSide:
 
     def matched_tokens(self, request: Any, local_tokens: int) -> int:
         """Tokens past `local_tokens` (vLLM's block-aligned own hit) the node can load."""
-        if not self._loads_enabled:
-            return 0
         size = self._spec.block_size
         state = self._track(request)
-        usable = min((request.num_tokens - 1) // size, len(state.keys))  # the last token is computed
         local = local_tokens // size
-        if usable <= local:
+        state.matched, state.new_match = (local, 0), True
+        usable = min((request.num_tokens - 1) // size, len(state.keys))  # the last token is computed
+        if not self._loads_enabled or usable <= local:
             return 0
         try:
             hits = self._client.lookup(self._namespace_id, state.keys[local:usable]).num_hits
@@ -82,7 +83,9 @@ class SchedulerSide:
         state = self._track(request)
         state.block_ids = list(blocks.get_block_ids()[0])
         local, hits = state.matched
-        state.stored = local + hits  # blocks vLLM already had were saved when it computed them
+        if state.new_match:  # not on vLLM's second call, once an asynchronous load is done
+            state.stored = local + hits  # blocks vLLM already had were saved when it computed them
+            state.new_match = False
         count = external_tokens // self._spec.block_size
         if count:
             span = slice(local, local + count)
@@ -106,7 +109,11 @@ class SchedulerSide:
                 state.block_ids = list(new_ids[0]) if new_ids is not None else []
             elif new_ids is not None:
                 state.block_ids.extend(new_ids[0])
-        meta = KVStoreConnectorMetadata(loads=self._loads)
+        meta = KVStoreConnectorMetadata()
+        if self._config.load_async:
+            meta.async_loads = self._loads
+        else:
+            meta.loads = self._loads
         self._loads = []
         if self._saves_enabled:
             for request_id, scheduled in scheduler_output.num_scheduled_tokens.items():
@@ -116,6 +123,14 @@ class SchedulerSide:
                     if save is not None:
                         meta.saves.append(save)
         return meta
+
+    def load_failed(self, block_ids: set[int]) -> None:
+        """vLLM recomputes these blocks (they failed to load): save them again once computed."""
+        for state in self._requests.values():
+            for index, block in enumerate(state.block_ids[: state.stored]):
+                if block in block_ids:
+                    state.stored = index
+                    break
 
     def finished(self, request: Any) -> None:
         self._requests.pop(request.request_id, None)

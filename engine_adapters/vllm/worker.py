@@ -7,7 +7,11 @@
   memory on the same host, checked against its checksums with `verify`; the data plane
   otherwise, always checked) into a reused staging buffer, then scattered into its vLLM
   blocks. A block that is missing, corrupt or unreachable ends its run; the vLLM blocks of the
-  rest are reported (`take_failed`), and vLLM recomputes them.
+  rest are reported (`take_failed`), and vLLM recomputes them; the block that ended a
+  verified run is removed from the node, and the scheduler side saves the recomputed ones.
+- `load_async`: the same on a loader thread of its own, while the batch computes (the
+  request's blocks are its own, and vLLM schedules it only once `finished_loads` names it;
+  its failed blocks are reported first).
 - `save`, after the forward pass: the blocks are gathered into a staging buffer before
   returning (vLLM may reuse its blocks from then on), and written to the node on a thread of
   their own while the next step computes. At most `max_pending_saves` steps' saves are in
@@ -22,6 +26,7 @@ Owner: vLLM's worker thread; the saver thread only touches its own buffers and t
 from __future__ import annotations
 
 import logging
+import threading
 from collections import deque
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,7 +42,7 @@ from engine_adapters.vllm.node import NODE_ERRORS, NodeErrorLog
 from engine_adapters.vllm.spec import CacheSpec
 from kvstore.client import Client
 from kvstore.errors import ConfigError
-from kvstore.types import Namespace, NamespaceId
+from kvstore.types import BlockKey, Namespace, NamespaceId
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +67,10 @@ class WorkerSide:
         self._namespace_id = namespace_id
         self._block_bytes = namespace.block_bytes
         self._kv: PagedKV | None = None
-        self._load_buffer = torch.empty(0, dtype=torch.uint8)
+        self._staging = {"sync": _Staging(), "async": _Staging()}
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="kvstore-load")
+        self._loading: dict[str, Future[None]] = {}
+        self._lock = threading.Lock()  # the failed blocks and the counters, shared with the loader
         self._free_buffers: list[torch.Tensor] = []
         self._pending: deque[tuple[Future[int], torch.Tensor]] = deque()
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="kvstore-save")
@@ -94,7 +102,18 @@ class WorkerSide:
 
     def load(self, loads: Sequence[BlockTransfer]) -> None:
         for transfer in loads:
-            self._load_one(transfer)
+            self._load_one(transfer, self._staging["sync"])
+
+    def load_async(self, loads: Sequence[BlockTransfer]) -> None:
+        for transfer in loads:
+            self._loading[transfer.request_id] = self._loader.submit(self._load_one, transfer, self._staging["async"])
+
+    def finished_loads(self) -> set[str]:
+        """Requests whose asynchronous load has ended (loaded, or failed and reported)."""
+        done = {request_id for request_id, future in self._loading.items() if future.done()}
+        for request_id in done:
+            self._loading.pop(request_id).result()  # re-raises what is not a node failure: a bug
+        return done
 
     def save(self, saves: Sequence[BlockTransfer]) -> None:
         if not saves:
@@ -107,7 +126,8 @@ class WorkerSide:
         self._pending.append((self._saver.submit(self._put, list(saves), buffer), buffer))
 
     def take_failed(self) -> set[int]:
-        failed, self._failed = self._failed, set()
+        with self._lock:
+            failed, self._failed = self._failed, set()
         return failed
 
     def wait_for_saves(self) -> None:
@@ -116,17 +136,17 @@ class WorkerSide:
 
     def close(self) -> None:
         self.wait_for_saves()
+        self._loader.shutdown(wait=True)
         self._saver.shutdown(wait=True)
         self._client.close()
 
     # -- loads ---------------------------------------------------------------------------------
 
-    def _load_one(self, transfer: BlockTransfer) -> None:
+    def _load_one(self, transfer: BlockTransfer, staging: _Staging) -> None:
         kv = self._require_kv()
         count, size = len(transfer.keys), self._block_bytes
-        if self._load_buffer.numel() < count * size:
-            self._load_buffer = torch.empty(_capacity(count * size), dtype=torch.uint8)
-        flat = self._load_buffer.numpy()
+        buffer = staging.get(count * size)
+        flat = buffer.numpy()
         views = [flat[index * size : (index + 1) * size] for index in range(count)]
         try:
             loaded = self._client.get_into(self._namespace_id, transfer.keys, views, verify=self._config.verify)
@@ -135,17 +155,30 @@ class WorkerSide:
             loaded = 0
         if loaded:
             ids = torch.tensor(transfer.block_ids[:loaded], dtype=torch.int64)
-            scatter(kv, ids, self._load_buffer[: loaded * size])
-        self.stats.loaded_blocks += loaded
+            scatter(kv, ids, buffer[: loaded * size])
+        with self._lock:
+            self.stats.loaded_blocks += loaded
+            if loaded < count:
+                self.stats.failed_blocks += count - loaded
+                self._failed.update(transfer.block_ids[loaded:])
+        if loaded < count and self._config.verify:
+            self._drop_suspect(transfer.keys[loaded])
         if loaded < count:
-            self.stats.failed_blocks += count - loaded
-            self._failed.update(transfer.block_ids[loaded:])
             log.info(
                 "kvstore connector: request %s loaded %d of %d blocks; vLLM recomputes the rest",
                 transfer.request_id,
                 loaded,
                 count,
             )
+
+    def _drop_suspect(self, key: BlockKey) -> None:
+        """The block that ended a verified run failed its checksum, or left the node meanwhile:
+        remove it, so the blocks vLLM recomputes can be saved in its place (a leased block is
+        kept; an absent one costs nothing)."""
+        try:
+            self._client.remove(self._namespace_id, [key])
+        except NODE_ERRORS as error:
+            self._load_errors.record(error)
 
     # -- saves ---------------------------------------------------------------------------------
 
@@ -160,7 +193,8 @@ class WorkerSide:
     def _finish_oldest(self) -> None:
         future, buffer = self._pending.popleft()
         saved = future.result()  # _put catches the node's errors itself
-        self.stats.saved_blocks += saved
+        with self._lock:
+            self.stats.saved_blocks += saved
         self._free_buffers.append(buffer)
 
     def _put(self, saves: list[BlockTransfer], buffer: torch.Tensor) -> int:
@@ -174,7 +208,8 @@ class WorkerSide:
                 result = self._client.put_blocks(self._namespace_id, transfer.keys, views, parent=transfer.parent)
                 written += result.num_written
             except NODE_ERRORS as error:
-                self.stats.save_failures += 1
+                with self._lock:
+                    self.stats.save_failures += 1
                 self._save_errors.record(error)
         return written
 
@@ -182,6 +217,18 @@ class WorkerSide:
         if self._kv is None:
             raise RuntimeError("kvstore connector: vLLM moved KV before registering its KV caches")
         return self._kv
+
+
+class _Staging:
+    """One thread's load buffer, grown when a run needs more and reused after."""
+
+    def __init__(self) -> None:
+        self._buffer = torch.empty(0, dtype=torch.uint8)
+
+    def get(self, nbytes: int) -> torch.Tensor:
+        if self._buffer.numel() < nbytes:
+            self._buffer = torch.empty(_capacity(nbytes), dtype=torch.uint8)
+        return self._buffer
 
 
 def _capacity(nbytes: int) -> int:
