@@ -36,6 +36,7 @@ from engine_adapters.reference.model import LlamaModel, PagedCache
 from engine_adapters.reference.tiny import make_tiny_model
 from engine_adapters.reference.worker import worker_main
 from kvstore.client import Client
+from kvstore.errors import KVStoreError
 from kvstore.hashing import block_keys
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
@@ -106,6 +107,10 @@ def _run(args: argparse.Namespace, folder: Path, root: Path) -> int:
         cluster = _Cluster(args, namespace_id, route, workers, nodes, decode_client, colocated, totals)
         for number, (label, tokens) in enumerate(_workload(args, tokenizer)):
             totals["mismatches"] += not cluster.request(number, label, tokens)
+            if number + 1 == args.stop_prefill_node_after:
+                nodes["prefill"].process.terminate()
+                nodes["prefill"].process.wait(30)
+                print("       -- stopped the prefill node's daemon: what follows runs without it --", flush=True)
         print(
             f"\n{totals['requests']} requests: {totals['reused']} of {totals['prompt']} prompt tokens reused "
             f"({totals['reused'] / max(1, totals['prompt']):.0%}), {totals['moved'] / 1e6:.2f} MB of KV moved, "
@@ -148,7 +153,11 @@ class _Cluster:
         prefill = _call(self.workers["prefill"][0], {"op": "prefill", "tokens": tokens})
         ttft_s = time.perf_counter() - started
         moved_at = time.perf_counter()
-        fetched = self.decode_client.fetch(self.namespace_id, keys, self.nodes["prefill"].ready["data"])
+        try:
+            fetched = self.decode_client.fetch(self.namespace_id, keys, self.nodes["prefill"].ready["data"])
+            moved_bytes, fetch_error = fetched.bytes_moved, ""
+        except (KVStoreError, OSError) as error:  # the prefill node (or the decode one) is gone
+            moved_bytes, fetch_error = 0, str(error)
         moved_s = time.perf_counter() - moved_at
         command = {"op": "generate", "tokens": tokens, "max_new_tokens": args.max_new_tokens}
         decode = _call(self.workers["decode"][0], command)
@@ -160,11 +169,13 @@ class _Cluster:
             f"req {number:2d} {label:18s} {len(tokens):4d} tok | prefill on {why.node_id} (predicted TTFT "
             f"{why.ttft_s * 1e3:.0f} ms: queue {why.queue_s * 1e3:.0f} ms, {why.local_tokens} tok held there), "
             f"decode on {decision.decode.node_id} | reused {prefill['reused_tokens']:4d} tok from the prefill "
-            f"node's DRAM, computed {prefill['computed_tokens']:4d} | KV to decode: {fetched.bytes_moved / 1e3:.0f} kB "
+            f"node's DRAM, computed {prefill['computed_tokens']:4d} | KV to decode: {moved_bytes / 1e3:.0f} kB "
             f"in {moved_s * 1e3:.1f} ms | TTFT {ttft_s * 1e3:.0f} ms | decode {rate:.0f} tok/s | "
             f"{'same as colocated' if ok else 'DIFFERENT from colocated'}",
             flush=True,
         )
+        if fetch_error:
+            print(f"       moving the KV to the decode node failed: {fetch_error}", flush=True)
         for role, reply in (("prefill", prefill), ("decode", decode)):
             if reply["node_error"]:
                 print(f"       the {role} engine's node failed: {reply['node_error']}", flush=True)
@@ -172,7 +183,7 @@ class _Cluster:
         totals["requests"] += 1
         totals["reused"] += prefill["reused_tokens"]
         totals["prompt"] += len(tokens)
-        totals["moved"] += fetched.bytes_moved
+        totals["moved"] += moved_bytes
         return ok
 
 

@@ -16,3 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=8, help="tokens generated per request (default 8)")
     parser.add_argument("--model", type=Path, help="model folder (built with tools/make_tiny_model.py if missing)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the workload's order")
+    parser.add_argument(
+        "--stop-prefill-node-after",
+        type=int,
+        metavar="N",
+        help="stop the prefill node's daemon after request N, to show requests still served (computed, not loaded)",
+    )

@@ -148,11 +148,12 @@ class WorkerSide:
         buffer = staging.get(count * size)
         flat = buffer.numpy()
         views = [flat[index * size : (index + 1) * size] for index in range(count)]
+        answered = True
         try:
             loaded = self._client.get_into(self._namespace_id, transfer.keys, views, verify=self._config.verify)
         except NODE_ERRORS as error:
             self._load_errors.record(error)
-            loaded = 0
+            loaded, answered = 0, False
         if loaded:
             ids = torch.tensor(transfer.block_ids[:loaded], dtype=torch.int64)
             scatter(kv, ids, buffer[: loaded * size])
@@ -161,7 +162,7 @@ class WorkerSide:
             if loaded < count:
                 self.stats.failed_blocks += count - loaded
                 self._failed.update(transfer.block_ids[loaded:])
-        if loaded < count and self._config.verify:
+        if loaded < count and answered and self._config.verify:
             self._drop_suspect(transfer.keys[loaded])
         if loaded < count:
             log.info(
@@ -188,6 +189,8 @@ class WorkerSide:
         for index, buffer in enumerate(self._free_buffers):
             if buffer.numel() >= nbytes:
                 return self._free_buffers.pop(index)
+        if self._free_buffers:  # all too small: this one replaces one of them
+            self._free_buffers.pop(0)
         return torch.empty(_capacity(nbytes), dtype=torch.uint8)
 
     def _finish_oldest(self) -> None:

@@ -23,6 +23,20 @@ def test_the_demo_runs_a_disaggregated_workload_and_checks_every_output() -> Non
     assert "5 requests:" in result.stdout and "0 outputs differing" in result.stdout
 
 
+def test_the_demo_serves_and_reports_requests_after_the_prefill_node_is_gone() -> None:
+    command = [sys.executable, "-m", "kvstore.cli", "demo", "--requests", "4", "--sessions", "2"]
+    command += ["--stop-prefill-node-after", "2"]
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("req ")]
+    assert len(lines) == 4
+    assert all(line.endswith("same as colocated") or "rejected" in line for line in lines)
+    after = result.stdout.split("stopped the prefill node's daemon")[1]
+    assert "the prefill engine's node failed: " in after
+    assert "moving the KV to the decode node failed" in after
+    assert "0 outputs differing" in result.stdout
+
+
 def test_bad_demo_settings_are_refused() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "kvstore.cli", "demo", "--requests", "0"],
