@@ -2,7 +2,10 @@
 
 Built from every node's `WatchEvents` (conductor/watch.py) or, in the simulator, from the
 simulated nodes' residency changes; both call `set_tiers`. A node that leaves is dropped with
-`drop_node`, which forgets all its blocks at once.
+`drop_node`, at once: its slot stops counting in every query. Its bits are cleared later, by a
+sweep the owner runs in chunks (`stale_mask`, `snapshot_keys`, `sweep`, `release`), so that a
+node leaving a million-block index does not hold the caller's lock for the whole pass (~0.2 s);
+until then its slot is not given to another node, and a write to an entry clears them there.
 
 Layout, for speed: each node gets a slot number b, and each key one Python int whose bits
 4b+t (t = TierKind) say node b holds a copy in tier t. Matching a request's chain against all
@@ -30,6 +33,7 @@ class GlobalIndex:
         self._slot_of: dict[str, int] = {}
         self._node_at: list[str | None] = []
         self._ones = 0  # bit 4b set for every live slot b
+        self._stale = 0  # the tier bits of dropped slots not yet swept (those slots are not reused)
         self._blocks_per_node: dict[str, int] = {}
 
     # -- nodes -----------------------------------------------------------------------------------
@@ -39,6 +43,7 @@ class GlobalIndex:
         return list(self._slot_of)
 
     def __len__(self) -> int:
+        """Entries, counting those only dropped nodes held until they are swept."""
         return len(self._entries)
 
     def blocks_of(self, node_id: str) -> int:
@@ -47,7 +52,12 @@ class GlobalIndex:
     def _slot(self, node_id: str) -> int:
         slot = self._slot_of.get(node_id)
         if slot is None:
-            slot = self._node_at.index(None) if None in self._node_at else len(self._node_at)
+            free = [
+                at
+                for at, node in enumerate(self._node_at)
+                if node is None and not self._stale >> (_BITS * at) & _TIER_BITS
+            ]
+            slot = free[0] if free else len(self._node_at)
             if slot == len(self._node_at):
                 self._node_at.append(node_id)
             else:
@@ -58,24 +68,48 @@ class GlobalIndex:
         return slot
 
     def drop_node(self, node_id: str) -> int:
-        """Forget every block `node_id` holds (it left, or is about to resync); returns how many."""
+        """Forget every block `node_id` holds (it left, or is about to resync); returns how many.
+        O(1): its bits are swept later (see the module's docstring)."""
         slot = self._slot_of.pop(node_id, None)
         if slot is None:
             return 0
-        clear = ~(_TIER_BITS << (_BITS * slot))
-        entries = self._entries
-        dropped = 0
-        for key, bits in list(entries.items()):
-            if bits >> (_BITS * slot) & _TIER_BITS:
-                dropped += 1
-                if bits & clear:
-                    entries[key] = bits & clear
-                else:
-                    del entries[key]
+        self._stale |= _TIER_BITS << (_BITS * slot)
         self._node_at[slot] = None
         self._ones &= ~(1 << (_BITS * slot))
-        del self._blocks_per_node[node_id]
-        return dropped
+        return self._blocks_per_node.pop(node_id)
+
+    @property
+    def stale_mask(self) -> int:
+        """The bits of dropped nodes still to be swept (0: nothing to do)."""
+        return self._stale
+
+    def snapshot_keys(self) -> list[BlockKey]:
+        """Every key now indexed, for a sweep to walk (entries added later are written after
+        the drop, so carry no stale bits)."""
+        return list(self._entries)
+
+    def sweep(self, keys: Iterable[BlockKey], mask: int) -> None:
+        """Clear `mask`'s bits from these entries, deleting those left empty."""
+        entries = self._entries
+        keep = ~mask
+        for key in keys:
+            bits = entries.get(key)
+            if bits is not None and bits & mask:
+                if bits & keep:
+                    entries[key] = bits & keep
+                else:
+                    del entries[key]
+
+    def release(self, mask: int) -> None:
+        """After a sweep of a snapshot taken with `stale_mask == mask`: those slots are clean."""
+        self._stale &= ~mask
+
+    def sweep_all(self) -> None:
+        """The whole sweep in one call (for owners with no lock to share: tests, the simulator)."""
+        mask = self._stale
+        if mask:
+            self.sweep(self.snapshot_keys(), mask)
+            self.release(mask)
 
     # -- updates ---------------------------------------------------------------------------------
 
@@ -86,12 +120,13 @@ class GlobalIndex:
         mask = 0
         for tier in tiers:
             mask |= 1 << tier
-        old = self._entries.get(key, 0)
+        raw = self._entries.get(key, 0)
+        old = raw & ~self._stale  # a dropped node's bits go as soon as the entry is written
         had = old >> shift & _TIER_BITS
         bits = (old & ~(_TIER_BITS << shift)) | (mask << shift)
         if bits:
             self._entries[key] = bits
-        elif old:
+        elif raw:
             del self._entries[key]
         self._blocks_per_node[node_id] += (mask != 0) - (had != 0)
 

@@ -44,20 +44,45 @@ def test_removal_and_node_drop_forget_blocks() -> None:
     assert index.drop_node("b") == 2
     assert "b" not in index.match(chain)
     assert index.drop_node("b") == 0  # already gone
+    assert len(index) == 2  # b's bits are still there, ignored, until swept
+    index.sweep_all()
     assert len(index) == 1  # only a's root remains
+    assert index.stale_mask == 0
 
 
-def test_a_dropped_nodes_slot_is_reused_without_leaking_old_bits() -> None:
+def test_a_dropped_nodes_slot_is_reused_only_once_swept_and_without_leaking_old_bits() -> None:
     index = GlobalIndex()
     chain = keys(1, 2)
     index.set_many("a", chain, DRAM)
     index.set_many("b", chain, DRAM)
     index.drop_node("a")
+    index.set_many("d", chain[1:], NVME)  # a's slot is not swept yet: d gets a new one
+    assert index.match(chain[1:])["d"].by_tier == (0, 0, 1)
+    index.drop_node("d")
+    index.sweep_all()
     index.set_many("c", chain[:1], HBM)  # takes a's old slot
     found = index.match(chain)
     assert found["c"].blocks == 1 and found["c"].by_tier == (1, 0, 0)
     assert found["b"].blocks == 2
     assert index.nodes == ["b", "c"]
+
+
+def test_a_sweep_in_chunks_clears_a_dropped_node_while_writes_go_on() -> None:
+    index = GlobalIndex()
+    chain = keys(*range(10))
+    index.set_many("a", chain, DRAM)
+    index.set_many("b", chain[:5], DRAM)
+    index.drop_node("a")
+    mask = index.stale_mask
+    snapshot = index.snapshot_keys()
+    index.sweep(snapshot[:3], mask)
+    index.set_tiers("b", chain[7], HBM)  # written mid-sweep: a's bits go with the write
+    index.sweep(snapshot[3:], mask)
+    index.release(mask)
+    assert index.stale_mask == 0
+    assert len(index) == 6  # b's five, and the one b now holds
+    assert index.match(chain)["b"].blocks == 5
+    assert index.holders(chain[7]) == {"b": (TierKind.HBM,)}
 
 
 def test_setting_the_same_tiers_twice_counts_once() -> None:
