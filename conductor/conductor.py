@@ -38,7 +38,7 @@ from conductor.router import Router
 from conductor.types import Decision, NodeInfo, NodeLoad, RouteRequest
 from conductor.watch import NodeFeed
 from kvstore.errors import InvalidArgumentError, UnknownNamespaceError
-from kvstore.node.auth import call_metadata
+from kvstore.node.auth import PLAINTEXT, Access
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.types import BlockKey, NamespaceId, TierKind
@@ -79,7 +79,7 @@ class Conductor:
         policy: PlacementPolicy,
         membership: Membership,
         *,
-        node_token: str | None = None,
+        node_access: Access = PLAINTEXT,
         reconcile_interval_s: float = 1.0,
         default_ttl_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
@@ -91,7 +91,7 @@ class Conductor:
         self.cluster = cluster
         self.router = Router(cluster, policy)
         self.membership = membership
-        self._node_token = node_token
+        self._node_access = node_access  # the nodes' token and TLS roots
         self._interval_s = reconcile_interval_s
         self._default_ttl_s = default_ttl_s
         self._clock = clock
@@ -198,7 +198,7 @@ class Conductor:
             if feed is not None:
                 feed.stop()
             self._feeds[info.node_id] = feed = NodeFeed(
-                info.node_id, info.grpc_address, self, token=self._node_token, on_resync=self._on_resync
+                info.node_id, info.grpc_address, self, access=self._node_access, on_resync=self._on_resync
             )
             feed.start()
             log.info(
@@ -261,11 +261,12 @@ class Conductor:
         return done
 
     def _pull(self, source: NodeInfo, target: NodeInfo, copy: Replication) -> int:
-        metadata = call_metadata(self._node_token)
-        with grpc.insecure_channel(source.grpc_address) as channel:
+        access = self._node_access
+        metadata = access.metadata
+        with access.channel(source.grpc_address) as channel:
             info = pb_grpc.KVStoreStub(channel).Info(pb.InfoRequest(), timeout=INFO_TIMEOUT_S, metadata=metadata)
         described = [n.namespace for n in info.namespaces if n.namespace_id == copy.namespace_id]
-        with grpc.insecure_channel(target.grpc_address) as channel:
+        with access.channel(target.grpc_address) as channel:
             node = pb_grpc.KVStoreStub(channel)
             if described:  # the target may never have seen the namespace: register it as the source has it
                 request = pb.RegisterNamespaceRequest(namespace=described[0])
@@ -348,10 +349,10 @@ class Conductor:
 
     def _learn_namespaces(self) -> None:
         """Ask every member which namespaces it has registered."""
-        metadata = call_metadata(self._node_token)
+        metadata = self._node_access.metadata
         for info in list(self.cluster.nodes.values()):
             try:
-                with grpc.insecure_channel(info.grpc_address) as channel:
+                with self._node_access.channel(info.grpc_address) as channel:
                     reply = pb_grpc.KVStoreStub(channel).Info(
                         pb.InfoRequest(), timeout=INFO_TIMEOUT_S, metadata=metadata
                     )

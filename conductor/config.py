@@ -27,7 +27,7 @@ from conductor.costs import DEFAULT_COSTS, CostModel, DecodeModel, Link, Prefill
 from conductor.membership import MAX_TTL_S, MIN_TTL_S
 from conductor.placement import PLACEMENTS
 from kvstore.errors import ConfigError
-from kvstore.layered_config import coerce, load_layers, read_token, read_toml
+from kvstore.layered_config import check_tls_files, coerce, load_layers, read_pem, read_token, read_toml
 from kvstore.node.config import LogFormat
 
 ENV_PREFIX = "CONDUCTOR_"
@@ -85,6 +85,9 @@ class NetworkSection:
 class AuthSection:
     token_file: Path | None = None  # the token callers must present (or CONDUCTOR_AUTH_TOKEN)
     node_token_file: Path | None = None  # the token of the nodes' gRPC (or CONDUCTOR_NODE_TOKEN)
+    tls_cert_file: Path | None = None  # PEM certificate chain: serve gRPC over TLS
+    tls_key_file: Path | None = None  # its PEM private key
+    node_tls_ca_file: Path | None = None  # PEM roots of the nodes' certificates, when they serve TLS
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +155,7 @@ class ConductorConfig:
     profiles: tuple[Profile, ...] = ()  # from the file's [profiles.<name>] tables
     token: str | None = None
     node_token: str | None = None
+    node_tls_root_certificates: bytes | None = None
 
     @property
     def costs(self) -> CostModel:
@@ -183,6 +187,7 @@ def load_conductor_config(
         profiles=load_profiles(path) if path is not None else (),
         token=read_token(auth.token_file, TOKEN_ENV, "auth.token_file", environ),
         node_token=read_token(auth.node_token_file, NODE_TOKEN_ENV, "auth.node_token_file", environ),
+        node_tls_root_certificates=read_pem(auth.node_tls_ca_file, "auth.node_tls_ca_file"),
     )
     _validate(config)
     return config
@@ -227,6 +232,7 @@ def _validate(config: ConductorConfig) -> None:
     for name, port in (("server.grpc_port", server.grpc_port), ("server.metrics_port", server.metrics_port)):
         if not -1 <= port <= 65535 or (name == "server.grpc_port" and port < 0):
             raise ConfigError(f"{name} must be a port number, got {port}")
+    check_tls_files(config.auth.tls_cert_file, config.auth.tls_key_file, "auth")
     if server.max_workers < 2:
         raise ConfigError(f"server.max_workers must be at least 2, got {server.max_workers}")
     if config.placement.policy not in PLACEMENTS:

@@ -20,7 +20,7 @@ from conductor.membership import InMemoryMembership, Membership
 from conductor.metrics import ConductorMetrics
 from conductor.placement import make_placement
 from conductor.service import ConductorService
-from kvstore.node.auth import TokenInterceptor
+from kvstore.node.auth import Access, TokenInterceptor, bind
 from kvstore.node.service import generic_handler
 from kvstore.proto import kvstore_pb2 as pb
 
@@ -47,7 +47,7 @@ class ConductorServer:
             cluster,
             make_placement(config.placement.policy, config.placement.seed),
             make_membership(config),
-            node_token=config.node_token,
+            node_access=Access(config.node_token, config.node_tls_root_certificates),
             reconcile_interval_s=config.membership.reconcile_interval_s,
             default_ttl_s=config.membership.node_ttl_s,
             on_resync=lambda node_id, reason: self.metrics.resyncs.labels(node_id).inc(),
@@ -102,7 +102,7 @@ class ConductorServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         address = f"{config.server.bind_host}:{config.server.grpc_port}"
-        port = server.add_insecure_port(address)
+        port = bind(server, address, config.auth.tls_cert_file, config.auth.tls_key_file)
         if port == 0:
             raise OSError(f"cannot bind the gRPC port at {address}")
         return server, port

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import grpc
 
-from kvstore.node.auth import call_metadata
+from kvstore.node.auth import PLAINTEXT, Access
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.types import BlockKey, NamespaceId, TierKind
@@ -51,13 +51,14 @@ class NodeFeed:
         grpc_address: str,
         sink: IndexSink,
         *,
-        token: str | None = None,
+        access: Access = PLAINTEXT,
         on_resync: Callable[[str, str], None] | None = None,
     ) -> None:
         self.node_id = node_id
         self.grpc_address = grpc_address
         self._sink = sink
-        self._metadata = call_metadata(token)
+        self._access = access
+        self._metadata = access.metadata
         self._on_resync = on_resync
         self._stop = threading.Event()
         self._call: Any = None  # the open WatchEvents call, cancelled by stop()
@@ -97,7 +98,7 @@ class NodeFeed:
 
     def _subscribe(self) -> str:
         """Follow one subscription until it ends; returns why it ended."""
-        with grpc.insecure_channel(self.grpc_address) as channel:
+        with self._access.channel(self.grpc_address) as channel:
             stub = pb_grpc.KVStoreStub(channel)
             try:
                 with self._lock:

@@ -175,3 +175,25 @@ def read_token(path: Path | None, env: str, key: str, environ: Mapping[str, str]
     if token is not None and len(token) < MIN_TOKEN_CHARS:
         raise ConfigError(f"the token of {key} / {env} must have at least {MIN_TOKEN_CHARS} characters")
     return token
+
+
+def check_tls_files(cert_file: Path | None, key_file: Path | None, prefix: str) -> None:
+    """A server's TLS certificate and key: both or neither, and both files."""
+    if (cert_file is None) != (key_file is None):
+        raise ConfigError(f"{prefix}.tls_cert_file and {prefix}.tls_key_file go together: set both or neither")
+    for name, path in (("tls_cert_file", cert_file), ("tls_key_file", key_file)):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{prefix}.{name}: {path} is not a file")
+
+
+def read_pem(path: Path | None, key: str) -> bytes | None:
+    """PEM certificates a client trusts (config key `key`); None when unset."""
+    if path is None:
+        return None
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"{key}: cannot read {path}: {error.strerror}") from None
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise ConfigError(f"{key}: {path} holds no PEM certificate")
+    return data

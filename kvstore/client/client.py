@@ -42,7 +42,7 @@ from kvstore.events import BlockEvent
 from kvstore.hashing import checksum
 from kvstore.hostid import host_id
 from kvstore.layout import payloads_bytes
-from kvstore.node.auth import call_metadata
+from kvstore.node.auth import Access, call_metadata
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.shared_index import IndexReader, native_copy_blocks
@@ -115,11 +115,7 @@ class Client:
         self.timeout_s = timeout_s
         self._metadata = call_metadata(token)
         options = [("grpc.service_config", _retry_config(max_attempts)), ("grpc.enable_retries", 1)]
-        if tls_root_certificates is not None:
-            credentials = grpc.ssl_channel_credentials(root_certificates=tls_root_certificates)
-            self._channel = grpc.secure_channel(address, credentials, options=options)
-        else:
-            self._channel = grpc.insecure_channel(address, options=options)
+        self._channel = Access(token, tls_root_certificates).channel(address, options)
         self._stub = pb_grpc.KVStoreStub(self._channel)
         self._namespaces: dict[NamespaceId, Namespace] = {}
         self._pool = DataPlanePool(token=token, timeout_s=timeout_s)

@@ -8,7 +8,9 @@ comparison takes constant time. The data plane checks the same token in its HELL
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -26,6 +28,37 @@ def bearer(token: str) -> str:
 def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     """The metadata a gRPC call presents: the token, when there is one."""
     return ((AUTHORIZATION_KEY, bearer(token)),) if token else ()
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """What a caller presents to a node's or the conductor's gRPC: the shared token, and the
+    PEM root certificates it trusts when the server speaks TLS (plaintext without them)."""
+
+    token: str | None = None
+    tls_root_certificates: bytes | None = None
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return call_metadata(self.token)
+
+    def channel(self, address: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
+        if self.tls_root_certificates is None:
+            return grpc.insecure_channel(address, options=list(options))
+        credentials = grpc.ssl_channel_credentials(root_certificates=self.tls_root_certificates)
+        return grpc.secure_channel(address, credentials, options=list(options))
+
+
+PLAINTEXT = Access()  # no token, no TLS
+
+
+def bind(server: grpc.Server, address: str, cert_file: Path | None, key_file: Path | None) -> int:
+    """Listen on `address`, over TLS when a certificate and its key are given; the port bound
+    (0 when binding failed)."""
+    if cert_file is not None and key_file is not None:
+        credentials = grpc.ssl_server_credentials([(key_file.read_bytes(), cert_file.read_bytes())])
+        return int(server.add_secure_port(address, credentials))
+    return int(server.add_insecure_port(address))
 
 
 class TokenInterceptor(grpc.ServerInterceptor):

@@ -21,7 +21,8 @@ import threading
 
 import grpc
 
-from kvstore.node.auth import call_metadata
+from kvstore.layered_config import read_pem
+from kvstore.node.auth import Access
 from kvstore.node.config import ConductorRole, ConductorSection
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
@@ -50,7 +51,8 @@ class ConductorLink:
             profile=settings.profile,
             kv_capacity_tokens=settings.kv_capacity_tokens,
         )
-        self._metadata = call_metadata(token)
+        self._access = Access(token, read_pem(settings.tls_ca_file, "conductor.tls_ca_file"))
+        self._metadata = self._access.metadata
         self._stop = threading.Event()
         self.registered = threading.Event()  # set while the conductor holds this node's registration
         self._thread = threading.Thread(target=self._run, name="conductor-link", daemon=True)
@@ -66,7 +68,7 @@ class ConductorLink:
         settings = self._settings
         timeout = max(1.0, settings.heartbeat_interval_s)
         backoff = settings.heartbeat_interval_s
-        with grpc.insecure_channel(settings.address) as channel:
+        with self._access.channel(settings.address) as channel:
             stub = pb_grpc.ConductorStub(channel)
             while not self._stop.is_set():
                 try:

@@ -27,7 +27,7 @@ from kvstore.config import GiB, KiB, MiB, StoreConfig, WritePolicy
 from kvstore.config import HbmConfig as HbmTierConfig
 from kvstore.config import NvmeConfig as NvmeTierConfig
 from kvstore.errors import ConfigError
-from kvstore.layered_config import load_layers, read_token
+from kvstore.layered_config import check_tls_files, load_layers, read_pem, read_token
 
 ENV_PREFIX = "KVSTORE_"
 TOKEN_ENV = "KVSTORE_AUTH_TOKEN"
@@ -116,6 +116,7 @@ class ConductorSection:
     ttl_s: float = 10.0  # the conductor drops the node after this long without a heartbeat
     heartbeat_interval_s: float = 2.0  # how often it tells the conductor it is alive, and how busy
     token_file: Path | None = None  # the conductor's token, if it wants one (or KVSTORE_CONDUCTOR_TOKEN)
+    tls_ca_file: Path | None = None  # PEM roots of the conductor's certificate, when it serves TLS
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,13 +232,8 @@ def _validate(config: NodeConfig, origins: Mapping[str, str]) -> None:
         raise ConfigError(f"{where('server.shared_index_blocks')} must be -1 (off), 0 (sized from the tiers) or more")
     if server.max_message_bytes < 64 * KiB:
         raise ConfigError(f"{where('server.max_message_bytes')} must be >= 64 KiB")
-    auth = config.auth
-    if (auth.tls_cert_file is None) != (auth.tls_key_file is None):
-        raise ConfigError("auth.tls_cert_file and auth.tls_key_file go together: set both or neither")
-    for name in ("tls_cert_file", "tls_key_file"):
-        path = getattr(auth, name)
-        if path is not None and not path.is_file():
-            raise ConfigError(f"{where('auth.' + name)}: {path} is not a file")
+    check_tls_files(config.auth.tls_cert_file, config.auth.tls_key_file, "auth")
+    read_pem(config.conductor.tls_ca_file, "conductor.tls_ca_file")
     if config.shutdown.drain_timeout_s < 0:
         raise ConfigError(f"{where('shutdown.drain_timeout_s')} must be >= 0")
     if config.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

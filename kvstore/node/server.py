@@ -27,7 +27,7 @@ from kvstore.dataplane.client import DataPlanePool
 from kvstore.dataplane.local_server import LocalControlServer
 from kvstore.dataplane.server import DataPlaneServer
 from kvstore.events import EventLog
-from kvstore.node.auth import TokenInterceptor
+from kvstore.node.auth import TokenInterceptor, bind
 from kvstore.node.conductor_link import ConductorLink
 from kvstore.node.config import NodeConfig
 from kvstore.node.metrics import NodeMetrics, StoreCollector
@@ -215,13 +215,7 @@ class NodeServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         address = f"{config.server.bind_host}:{config.server.grpc_port}"
-        if config.auth.tls_cert_file is not None and config.auth.tls_key_file is not None:
-            credentials = grpc.ssl_server_credentials(
-                [(config.auth.tls_key_file.read_bytes(), config.auth.tls_cert_file.read_bytes())]
-            )
-            port = server.add_secure_port(address, credentials)
-        else:
-            port = server.add_insecure_port(address)
+        port = bind(server, address, config.auth.tls_cert_file, config.auth.tls_key_file)
         if port == 0:
             raise OSError(f"cannot bind the gRPC port at {address}")
         return server, port

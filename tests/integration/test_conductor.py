@@ -32,7 +32,7 @@ from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.types import BlockKey, NamespaceId
 from tests import factories
 from tests.etcd import EtcdProcess
-from tests.nodes import eventually, running_node
+from tests.nodes import eventually, running_node, self_signed_certificate
 
 CONDUCTOR_TOKEN = "conductor-token-0123456789"
 
@@ -44,12 +44,14 @@ def conductor_server(
     policy: str = "prefix-flow",
     grpc_port: int = 0,
     config_file: Path | None = None,
+    extra: tuple[str, ...] = (),
 ) -> ConductorServer:
     overrides = [
         f"server.grpc_port={grpc_port}",
         "server.metrics_port=0",
         "membership.reconcile_interval_s=0.2",
         f"placement.policy={policy}",
+        *extra,
     ]
     if etcd is not None:
         overrides += ["membership.backend=etcd", f"membership.etcd_endpoints={etcd.endpoint}"]
@@ -483,3 +485,31 @@ def test_a_node_serves_while_its_conductor_is_down_and_joins_when_it_comes(tmp_p
             assert stub(conductor).Route(route_message(namespace_id, keys)).prefill.node_id == "a"
         finally:
             conductor.shutdown()
+
+
+def test_with_tls_on_both_sides_nodes_register_and_the_index_follows_them(tmp_path: Path) -> None:
+    cert, key = self_signed_certificate(tmp_path)
+    tls = (f"auth.tls_cert_file={cert}", f"auth.tls_key_file={key}", f"auth.node_tls_ca_file={cert}")
+    conductor = conductor_server(extra=tls)
+    try:
+        node_tls = {"auth__tls_cert_file": cert, "auth__tls_key_file": key, "conductor__tls_ca_file": cert}
+        with node(tmp_path, "a", conductor, "both", **node_tls) as server:
+            channel = grpc.secure_channel(conductor.grpc_address, grpc.ssl_channel_credentials(cert.read_bytes()))
+            tls_stub = pb_grpc.ConductorStub(channel)
+
+            def indexed() -> int:
+                nodes = tls_stub.ClusterStatus(pb.ClusterStatusRequest(), timeout=5).nodes
+                return nodes[0].indexed_blocks if nodes else -1
+
+            with Client(server.grpc_address, tls_root_certificates=cert.read_bytes()) as client:
+                namespace_id = client.register_namespace(factories.namespace())
+                keys = factories.chain(namespace_id, 3)
+                client.put_blocks(namespace_id, keys, factories.payloads(factories.namespace(), 3))
+            assert eventually(lambda: indexed() == 3, 10)  # registered over TLS, events followed over TLS
+            reply = tls_stub.Route(route_message(namespace_id, keys), timeout=5)
+            assert reply.prefill.node_id == "a" and reply.prefill.local_tokens > 0
+            with pytest.raises(grpc.RpcError):  # plaintext against the conductor's TLS port
+                stub(conductor).ClusterStatus(pb.ClusterStatusRequest(), timeout=2)
+            channel.close()
+    finally:
+        conductor.shutdown()

@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 
 from kvstore.client import Client
 from kvstore.errors import PeerUnavailableError
 from tests import factories
-from tests.nodes import running_node
+from tests.nodes import running_node, self_signed_certificate
 
 
 @pytest.fixture
 def certificate(tmp_path):
-    """A self-signed certificate for 127.0.0.1, made with the openssl command line."""
-    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
-    subprocess.run(
-        [
-            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-            "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
-            "-addext", "subjectAltName=IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
-    return cert, key
+    return self_signed_certificate(tmp_path)
 
 
 def test_tls_node_serves_clients_that_trust_it(tmp_path, certificate):

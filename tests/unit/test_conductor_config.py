@@ -72,6 +72,22 @@ def test_a_missing_token_file_is_named(tmp_path: Path) -> None:
         load_conductor_config(None, environ={}, overrides=[f"auth.token_file={tmp_path / 'missing'}"])
 
 
+def test_tls_settings_are_checked_and_the_node_roots_read(tmp_path: Path) -> None:
+    pem, other = tmp_path / "ca.crt", tmp_path / "notes.txt"
+    pem.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    other.write_text("not a certificate")
+    config = load_conductor_config(None, environ={}, overrides=[f"auth.node_tls_ca_file={pem}"])
+    assert config.node_tls_root_certificates == pem.read_bytes()
+    with pytest.raises(ConfigError, match=r"auth\.node_tls_ca_file: .* holds no PEM certificate"):
+        load_conductor_config(None, environ={}, overrides=[f"auth.node_tls_ca_file={other}"])
+    with pytest.raises(ConfigError, match=r"auth\.tls_cert_file and auth\.tls_key_file go together"):
+        load_conductor_config(None, environ={}, overrides=[f"auth.tls_cert_file={pem}"])
+    with pytest.raises(ConfigError, match=r"auth\.tls_key_file: .* is not a file"):
+        load_conductor_config(
+            None, environ={}, overrides=[f"auth.tls_cert_file={pem}", f"auth.tls_key_file={tmp_path / 'none'}"]
+        )
+
+
 def test_profiles_from_the_file_join_the_built_in_ones(tmp_path: Path) -> None:
     path = tmp_path / "conductor.toml"
     path.write_text(PROFILE + PROFILE.replace("[profiles.small]", "[profiles.default]"))

@@ -67,6 +67,7 @@ def test_token_from_a_file_or_the_environment(tmp_path):
         (["store.promote_on_hit=maybe"], {}, "must be true or false"),
         (["store.eviction_policy=mru"], {}, "eviction_policy must be one of ["),
         (["auth.tls_cert_file=/nonexistent.pem"], {}, "set both or neither"),
+        (["conductor.tls_ca_file=/nonexistent.pem"], {}, "conductor.tls_ca_file: cannot read /nonexistent.pem"),
         (["store.low_watermark_fraction=0.99"], {}, "low_watermark_fraction"),
         (["store.dram_slab_bytes=1000"], {}, "dram.slab_bytes must be a positive multiple of 4096"),
         (["noequals"], {}, "section.field=value"),
