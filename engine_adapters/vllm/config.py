@@ -9,6 +9,7 @@
 |---|---|---|
 | `node` | required | the kvstore node's gRPC address (`host:port`) |
 | `token_file` | none | file holding the node's shared token (or set `KVSTORE_AUTH_TOKEN`) |
+| `tls_ca_file` | none | PEM roots of the node's certificate, when the node serves gRPC over TLS |
 | `timeout_s` | 2.0 | deadline of every call to the node; past it, vLLM computes the tokens itself |
 | `verify` | true | check every loaded block against its checksum, shared memory included |
 | `model_id` | vLLM's model | names the model across instances (set it where one model loads from different paths) |
@@ -17,8 +18,8 @@
 | `load_async` | false | load while the batch computes (the request waits for its blocks) instead of before the step |
 | `max_pending_saves` | 2 | steps whose saves may be in flight before a step waits for the oldest |
 
-A missing `node`, a field not in this table, a value of the wrong type and a token file
-that cannot be read are refused with an error naming the field, before vLLM starts.
+A missing `node`, a field not in this table, a value of the wrong type and a token or
+certificate file that cannot be read are refused with an error naming the field, before vLLM starts.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from kvstore.errors import ConfigError
-from kvstore.layered_config import read_token
+from kvstore.layered_config import read_pem, read_token
 
 TOKEN_ENV = "KVSTORE_AUTH_TOKEN"
 
@@ -39,6 +40,7 @@ TOKEN_ENV = "KVSTORE_AUTH_TOKEN"
 class ConnectorConfig:
     node: str
     token: str | None = None
+    tls_root_certificates: bytes | None = None
     timeout_s: float = 2.0
     verify: bool = True
     model_id: str | None = None
@@ -67,6 +69,8 @@ class ConnectorConfig:
             )
         token_file = _typed(extra, "token_file", str, None)
         token = read_token(Path(token_file) if token_file else None, TOKEN_ENV, "token_file", environ)
+        tls_ca_file = _typed(extra, "tls_ca_file", str, None)
+        roots = read_pem(Path(tls_ca_file) if tls_ca_file else None, "tls_ca_file")
         timeout_s = float(_typed(extra, "timeout_s", (int, float), 2.0))
         if not 0 < timeout_s <= 600:
             raise ConfigError(f"kvstore connector: timeout_s must be in (0, 600] seconds, got {timeout_s}")
@@ -79,6 +83,7 @@ class ConnectorConfig:
         return cls(
             node=node,
             token=token,
+            tls_root_certificates=roots,
             timeout_s=timeout_s,
             verify=_typed(extra, "verify", bool, True),
             model_id=model_id,
@@ -93,6 +98,7 @@ _FIELDS = frozenset(
     {
         "node",
         "token_file",
+        "tls_ca_file",
         "timeout_s",
         "verify",
         "model_id",

@@ -22,7 +22,13 @@ WARN_EVERY_S = 60.0
 
 def connect(config: ConnectorConfig) -> Client:
     try:
-        return Client(config.node, token=config.token, timeout_s=config.timeout_s, max_attempts=1)
+        return Client(
+            config.node,
+            token=config.token,
+            tls_root_certificates=config.tls_root_certificates,
+            timeout_s=config.timeout_s,
+            max_attempts=1,
+        )
     except NODE_ERRORS as error:
         raise ConfigError(f"kvstore connector: cannot reach the kvstore node at {config.node}: {error}") from None
 

@@ -42,6 +42,7 @@ def test_only_the_node_is_required_and_the_defaults_are_safe() -> None:
         ({"node": "h:1", "max_pending_saves": 1.5}, "max_pending_saves must be int, got 1.5"),
         ({"node": "h:1", "model_id": ""}, "model_id must not be empty"),
         ({"node": "h:1", "token_file": "/nonexistent/token"}, "token_file: cannot read /nonexistent/token"),
+        ({"node": "h:1", "tls_ca_file": "/nonexistent/ca.crt"}, "tls_ca_file: cannot read /nonexistent/ca.crt"),
     ],
 )
 def test_a_wrong_setting_is_refused_naming_it(extra: dict[str, object], message: str) -> None:
