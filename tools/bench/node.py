@@ -71,7 +71,7 @@ if not __package__:  # run as a script (the documented way): make the `tools` pa
 
 from kvstore.client import Client, Transport
 from kvstore.errors import ConfigError
-from kvstore.node.config import parse_size_bytes
+from kvstore.layered_config import parse_size_bytes
 from tools.bench import harness, mooncake_ref, node_refs, refs_common
 from tools.bench.harness import Figure, Target, Trial, Unit, median_figures
 from tools.bench.node_engines import (
