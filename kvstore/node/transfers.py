@@ -69,7 +69,10 @@ class OutgoingBlocks:
 def open_read(store: Store, namespace_id: NamespaceId, keys: Sequence[BlockKey], *, verify: bool) -> OutgoingBlocks:
     """Lease the longest stored leading run of `keys` and prepare its bytes for sending."""
     budget = transfer_budget_s(len(keys) * store.manager.namespace(namespace_id).block_bytes)
-    lease = store.manager.acquire(namespace_id, keys, verify=verify, ttl_s=budget + EXPIRY_GRACE_S)
+    # The receiver checks every block against the checksum sent with it, so the checksums must
+    # be final: blocks still queued for background hashing are hashed now (verify=True settles
+    # them; whether the bytes are checked before sending is `verify` here, in _prepare).
+    lease = store.manager.acquire(namespace_id, keys, verify=True, ttl_s=budget + EXPIRY_GRACE_S)
     outgoing = OutgoingBlocks(store, lease, lease.size_bytes, time.monotonic() + budget)
     try:
         count = _prepare(store, lease, outgoing, verify)

@@ -3,11 +3,19 @@ anything that needs a checksum earlier gets a correct one."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
 import numpy as np
+import pytest
 import xxhash
 
+from kvstore.checksums import ChecksumBook
+from kvstore.client import Client, Transport
 from kvstore.types import TierKind
 from tests import factories as f
+from tests.nodes import running_node
 
 
 def test_blocks_are_hashed_after_commit_and_the_pins_go(tmp_path):
@@ -65,3 +73,44 @@ def test_blocks_below_the_size_floor_are_hashed_before_commit_returns():
         assert store.stats().num_unhashed == 0
         assert int(store.manager._table.leases.sum()) == 0
         assert store.manager.block_ref(keys[3]).checksum == xxhash.xxh3_64_intdigest(data[3])
+
+
+@pytest.fixture
+def hashing_held(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """Nodes started while this is active hash nothing in the background until it is set."""
+    release = threading.Event()
+    original = ChecksumBook._run
+
+    def held(self: ChecksumBook) -> None:
+        release.wait()
+        original(self)
+
+    monkeypatch.setattr(ChecksumBook, "_run", held)
+    yield release
+    release.set()
+
+
+def test_blocks_still_unhashed_are_sent_with_their_real_checksums(tmp_path: Path, hashing_held) -> None:
+    """A peer checks every block it receives: a Fetch or a remote get right after a put of
+    big blocks (hashed in the background) must not send the placeholder of a checksum."""
+    ns = f.namespace(num_layers=32)  # 128 KiB blocks: the node hashes them after the commit
+    settings = {"nvme_kib": 0, "dram_kib": 8192, "store__dram_slab_bytes": "1 MiB"}
+    with (
+        running_node(tmp_path / "a", **settings) as a,
+        running_node(tmp_path / "b", **settings) as b,
+        Client(a.grpc_address) as writer,
+        Client(b.grpc_address) as puller,
+    ):
+        try:
+            nid = writer.register_namespace(ns)
+            puller.register_namespace(ns)
+            keys, data = f.chain(nid, 4), f.payloads(ns, 4)
+            writer.put_blocks(nid, keys, data)
+            assert a.store.stats().num_unhashed == 4  # the background hashing is held
+            assert puller.fetch(nid, keys, a.data_address).num_fetched == 4
+            with Client(a.grpc_address, transport=Transport.TCP) as remote:
+                dests = [np.zeros(ns.block_bytes, dtype=np.uint8) for _ in keys]
+                assert remote.get_into(nid, keys, dests) == 4
+            assert all(np.array_equal(got, want) for got, want in zip(dests, data, strict=True))
+        finally:
+            hashing_held.set()  # before the nodes stop: their hashing threads must end
