@@ -27,6 +27,7 @@ the store.
 
 from __future__ import annotations
 
+import math
 import socket
 import struct
 import time
@@ -194,11 +195,15 @@ def recv_blocks_hashed(sock: socket.socket, views: Sequence[memoryview], deadlin
 
     Bulk payloads are read with the socket blocking and MSG_WAITALL, bounded by SO_RCVTIMEO:
     one system call per chunk. A socket with a Python timeout polls before every recv and the
-    kernel hands back whatever has arrived, several calls per chunk. The socket's timeout is
-    restored afterwards, also when the transfer fails. Without a deadline, each chunk must
-    arrive within the socket's timeout, as for a plain recv."""
+    kernel hands back whatever has arrived, several calls per chunk. SO_RCVTIMEO is re-armed
+    to the time left at most every REARM_S (a system call per chunk cost ~6% of a transfer),
+    so a transfer may run up to REARM_S past its deadline; callers keep a larger margin
+    between a deadline and the expiry of what they hold. The socket's timeout is restored
+    afterwards, also when the transfer fails. Without a deadline, each chunk must arrive
+    within the socket's timeout, as for a plain recv."""
     timeout = sock.gettimeout()
     sock.settimeout(None)
+    alarm = _ReceiveTimeout(sock)
     try:
         checksums = []
         for view in views:
@@ -208,7 +213,7 @@ def recv_blocks_hashed(sock: socket.socket, views: Sequence[memoryview], deadlin
                 chunk_deadline = deadline
                 if chunk_deadline is None and timeout is not None:
                     chunk_deadline = time.monotonic() + timeout
-                _recv_waitall(sock, chunk, chunk_deadline)
+                _recv_waitall(sock, chunk, chunk_deadline, alarm)
                 hasher.update(chunk)
             checksums.append(hasher.intdigest())
         return checksums
@@ -217,18 +222,40 @@ def recv_blocks_hashed(sock: socket.socket, views: Sequence[memoryview], deadlin
         sock.settimeout(timeout)
 
 
-def _recv_waitall(sock: socket.socket, view: memoryview, deadline: float | None) -> None:
+REARM_S = 0.05
+
+
+class _ReceiveTimeout:
+    """The socket's SO_RCVTIMEO, set to the time left before a deadline, again only once
+    REARM_S has passed since it was last set (or when the deadline changes)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._armed_at = -math.inf
+        self._deadline: float | None = None
+
+    def arm(self, deadline: float) -> None:
+        now = time.monotonic()
+        if deadline == self._deadline and now - self._armed_at < REARM_S:
+            return
+        remaining = _remaining(deadline)
+        seconds = int(remaining)
+        microseconds = max(1, int((remaining - seconds) * 1e6))  # (0, 0) would mean no limit
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.pack(seconds, microseconds))
+        self._armed_at, self._deadline = now, deadline
+
+
+def _recv_waitall(sock: socket.socket, view: memoryview, deadline: float | None, alarm: _ReceiveTimeout) -> None:
     received, total = 0, len(view)
     while received < total:
         if deadline is not None:
-            remaining = _remaining(deadline)
-            seconds = int(remaining)
-            microseconds = max(1, int((remaining - seconds) * 1e6))  # (0, 0) would mean no limit
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.pack(seconds, microseconds))
+            alarm.arm(deadline)
         try:
             count = sock.recv_into(view[received:], total - received, socket.MSG_WAITALL)
         except BlockingIOError:  # SO_RCVTIMEO expired with nothing received
-            continue  # _remaining raises once the deadline has passed
+            if deadline is not None:
+                _remaining(deadline)  # raises once the deadline has passed
+            continue
         if count == 0:
             raise ConnectionResetError(f"peer closed the connection after {received} of {total} bytes")
         received += count
