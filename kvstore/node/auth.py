@@ -3,6 +3,10 @@
 When a token is configured, a call must carry `authorization: Bearer <token>` metadata, or it
 is answered UNAUTHENTICATED before any handler runs (health and reflection included). The
 comparison takes constant time. The data plane checks the same token in its HELLO frame.
+
+Both ends of every gRPC link (clients and nodes, nodes and the conductor) use the two helpers
+here: `Access` (the token a caller presents and the TLS roots it trusts) opens channels, and
+`bind` opens a server's port, over TLS when it has a certificate.
 """
 
 from __future__ import annotations
