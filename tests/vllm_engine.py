@@ -23,8 +23,8 @@ from vllm.inputs import TokensPrompt
 
 
 def main() -> int:
-    """Run with VLLM_ENABLE_V1_MULTIPROCESSING=0: the engine core, and so the worker-side
-    connector whose counters are printed, in this process."""
+    """With VLLM_ENABLE_V1_MULTIPROCESSING=0 the engine core, and so the worker-side
+    connector whose counters are printed, runs in this process; otherwise they are empty."""
     job = json.loads(sys.stdin.readline())
     transfer = None
     if job.get("connector") is not None:

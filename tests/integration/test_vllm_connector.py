@@ -54,12 +54,21 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def run_engine(
-    model: Path, prompts: list[list[int]], connector: dict[str, Any] | None, *, phases: int = 1, between: Any = None
+    model: Path,
+    prompts: list[list[int]],
+    connector: dict[str, Any] | None,
+    *,
+    phases: int = 1,
+    between: Any = None,
+    engine_core_apart: bool = False,
 ) -> list[dict[str, Any]]:
-    """One vLLM process; `between(phase)` runs while it waits before each later phase."""
+    """One vLLM process; `between(phase)` runs while it waits before each later phase. With
+    `engine_core_apart`, vLLM runs its engine core (and the connector) in a process of its own,
+    as its servers do by default; the connector's counters are then out of reach (empty)."""
     job = {"model": str(model), "prompts": prompts, "max_tokens": MAX_TOKENS, "block_size": BLOCK}
     job |= {"connector": connector, "phases": phases}
-    environment = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "PYTHONUNBUFFERED": "1"}
+    environment = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1" if engine_core_apart else "0"}
+    environment["PYTHONUNBUFFERED"] = "1"
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "tests" / "vllm_engine.py")],
         stdin=subprocess.PIPE,
@@ -163,6 +172,20 @@ def test_a_second_engine_loads_the_prefix_and_computes_only_the_tail(
     assert second["cached"] == [192, 32, 0]
     # every block it completes is on the node already (the saves find them present)
     assert second["stats"] == {"loaded_blocks": 7, "failed_blocks": 0, "saved_blocks": 0, "save_failures": 0}
+
+
+def test_with_the_engine_core_in_its_own_process_the_connector_stores_and_loads_alike(
+    tmp_path: Path, models: tuple[Path, Path], expected: list[list[int]]
+) -> None:
+    with running_node(tmp_path / "node", **node_settings()) as node:
+        connector = {"node": node.grpc_address}
+        (first,) = run_engine(models[0], PROMPTS, connector, engine_core_apart=True)
+        (second,) = run_engine(models[0], PROMPTS, connector, engine_core_apart=True)
+        with Client(node.grpc_address) as client:
+            assert client.status().num_blocks == 8  # saved from the engine core's process
+    assert first["outputs"] == second["outputs"] == expected
+    assert (first["cached"], second["cached"]) == ([0, 0, 0], [192, 32, 0])
+    assert first["stats"] == {}  # (the counters live in the engine core's process)
 
 
 def test_a_different_model_on_the_same_node_shares_nothing(
