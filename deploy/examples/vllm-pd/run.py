@@ -110,7 +110,12 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ports", default="8100,8200", help="the prefill and decode servers' HTTP ports")
     args = parser.parse_args()
-    prefill_port, decode_port = (int(port) for port in args.ports.split(","))
+    try:
+        prefill_port, decode_port = (int(port) for port in args.ports.split(","))
+    except ValueError:
+        parser.error(f"--ports must be two port numbers, prefill,decode; got {args.ports!r}")
+    if min(args.sessions, args.turns, args.max_tokens) < 1:
+        parser.error("--sessions, --turns and --max-tokens must be positive")
     with tempfile.TemporaryDirectory(prefix="vllm-pd-") as folder, contextlib.ExitStack() as stack:
         root = Path(folder)
         model = args.model or make_tiny_model(root / "model", overrides=VLLM_CPU)
