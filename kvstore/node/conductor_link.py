@@ -21,7 +21,6 @@ import threading
 
 import grpc
 
-from kvstore.layered_config import read_pem
 from kvstore.node.auth import Access
 from kvstore.node.config import ConductorRole, ConductorSection
 from kvstore.proto import kvstore_pb2 as pb
@@ -40,7 +39,7 @@ MAX_BACKOFF_S = 10.0
 
 class ConductorLink:
     def __init__(
-        self, settings: ConductorSection, node_id: str, grpc_address: str, data_address: str, token: str | None
+        self, settings: ConductorSection, node_id: str, grpc_address: str, data_address: str, access: Access
     ) -> None:
         self._settings = settings
         self._description = pb.NodeDescription(
@@ -51,8 +50,8 @@ class ConductorLink:
             profile=settings.profile,
             kv_capacity_tokens=settings.kv_capacity_tokens,
         )
-        self._access = Access(token, read_pem(settings.tls_ca_file, "conductor.tls_ca_file"))
-        self._metadata = self._access.metadata
+        self._access = access  # the conductor's token and the roots its certificate chains to
+        self._metadata = access.metadata
         self._stop = threading.Event()
         self.registered = threading.Event()  # set while the conductor holds this node's registration
         self._thread = threading.Thread(target=self._run, name="conductor-link", daemon=True)

@@ -130,6 +130,7 @@ class NodeConfig:
     conductor: ConductorSection = field(default_factory=ConductorSection)
     token: str | None = field(default=None, repr=False)  # resolved from token_file or KVSTORE_AUTH_TOKEN
     conductor_token: str | None = field(default=None, repr=False)  # conductor.token_file or KVSTORE_CONDUCTOR_TOKEN
+    conductor_tls_root_certificates: bytes | None = field(default=None, repr=False)  # conductor.tls_ca_file
 
     @property
     def node_id(self) -> str:
@@ -197,6 +198,7 @@ def load_node_config(
         **built,
         token=read_token(built["auth"].token_file, TOKEN_ENV, "auth.token_file", environ),
         conductor_token=read_token(built["conductor"].token_file, CONDUCTOR_TOKEN_ENV, "conductor.token_file", environ),
+        conductor_tls_root_certificates=read_pem(built["conductor"].tls_ca_file, "conductor.tls_ca_file"),
     )
     _validate(config, origins)
     return config
@@ -233,7 +235,6 @@ def _validate(config: NodeConfig, origins: Mapping[str, str]) -> None:
     if server.max_message_bytes < 64 * KiB:
         raise ConfigError(f"{where('server.max_message_bytes')} must be >= 64 KiB")
     check_tls_files(config.auth.tls_cert_file, config.auth.tls_key_file, "auth")
-    read_pem(config.conductor.tls_ca_file, "conductor.tls_ca_file")
     if config.shutdown.drain_timeout_s < 0:
         raise ConfigError(f"{where('shutdown.drain_timeout_s')} must be >= 0")
     if config.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -27,7 +27,7 @@ from kvstore.dataplane.client import DataPlanePool
 from kvstore.dataplane.local_server import LocalControlServer
 from kvstore.dataplane.server import DataPlaneServer
 from kvstore.events import EventLog
-from kvstore.node.auth import TokenInterceptor, bind
+from kvstore.node.auth import Access, TokenInterceptor, bind
 from kvstore.node.conductor_link import ConductorLink
 from kvstore.node.config import NodeConfig
 from kvstore.node.metrics import NodeMetrics, StoreCollector
@@ -132,7 +132,7 @@ class NodeServer:
                 self.node.node_id,
                 f"{host}:{self.grpc_port}",
                 self.data_address,
-                self.config.conductor_token,
+                Access(self.config.conductor_token, self.config.conductor_tls_root_certificates),
             )
             self.conductor_link.start()
         log.info(
