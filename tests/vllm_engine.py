@@ -21,6 +21,8 @@ from vllm.config import KVTransferConfig
 from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
 from vllm.inputs import TokensPrompt
 
+from engine_adapters.vllm.config import transfer_config
+
 
 def main() -> int:
     """With VLLM_ENABLE_V1_MULTIPROCESSING=0 the engine core, and so the worker-side
@@ -28,12 +30,7 @@ def main() -> int:
     job = json.loads(sys.stdin.readline())
     transfer = None
     if job.get("connector") is not None:
-        transfer = KVTransferConfig(
-            kv_connector="KVStoreConnector",
-            kv_connector_module_path="engine_adapters.vllm.connector",
-            kv_role=job.get("kv_role", "kv_both"),
-            kv_connector_extra_config=job["connector"],
-        )
+        transfer = KVTransferConfig(**transfer_config(job["connector"], job.get("kv_role", "kv_both")))
     llm = LLM(
         model=job["model"],
         dtype="float32",

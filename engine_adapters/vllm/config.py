@@ -34,6 +34,20 @@ from kvstore.errors import ConfigError
 from kvstore.layered_config import read_pem, read_token
 
 TOKEN_ENV = "KVSTORE_AUTH_TOKEN"
+KV_ROLES = ("kv_both", "kv_producer", "kv_consumer")
+
+
+def transfer_config(extra: Mapping[str, Any], role: str = "kv_both") -> dict[str, Any]:
+    """vLLM's `--kv-transfer-config` for this connector with `extra` as its settings: a dict
+    for `KVTransferConfig(**...)`, or for `json.dumps` on a server's command line."""
+    if role not in KV_ROLES:
+        raise ConfigError(f"kvstore connector: kv_role must be one of {KV_ROLES}, got {role!r}")
+    return {
+        "kv_connector": "KVStoreConnector",
+        "kv_connector_module_path": "engine_adapters.vllm.connector",
+        "kv_role": role,
+        "kv_connector_extra_config": dict(extra),
+    }
 
 
 @dataclass(frozen=True, slots=True)

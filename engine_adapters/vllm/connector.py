@@ -87,7 +87,6 @@ class KVStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
         except BaseException:
             client.close()
             raise
-        self._load_async = config.load_async
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
         if role is KVConnectorRole.SCHEDULER:
@@ -150,8 +149,9 @@ class KVStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
     # -- scheduler side ------------------------------------------------------------------------
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
-        tokens = self._scheduler_side().matched_tokens(request, num_computed_tokens)
-        return tokens, bool(tokens) and self._load_async
+        scheduler = self._scheduler_side()
+        tokens = scheduler.matched_tokens(request, num_computed_tokens)
+        return tokens, bool(tokens) and scheduler.loads_async
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         self._scheduler_side().after_alloc(request, blocks, num_external_tokens)

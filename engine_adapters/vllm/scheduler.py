@@ -79,6 +79,11 @@ class SchedulerSide:
         state.matched = (local, hits)
         return hits * size
 
+    @property
+    def loads_async(self) -> bool:
+        """Whether its loads run beside the batch (vLLM makes the request wait for them)."""
+        return self._config.load_async
+
     def after_alloc(self, request: Any, blocks: Any, external_tokens: int) -> None:
         state = self._track(request)
         state.block_ids = list(blocks.get_block_ids()[0])
@@ -110,7 +115,7 @@ class SchedulerSide:
             elif new_ids is not None:
                 state.block_ids.extend(new_ids[0])
         meta = KVStoreConnectorMetadata()
-        if self._config.load_async:
+        if self.loads_async:
             meta.async_loads = self._loads
         else:
             meta.loads = self._loads
@@ -165,6 +170,7 @@ class SchedulerSide:
         return state
 
     def _extend_keys(self, state: _Request) -> None:
-        hashes = self._spec.block_hashes(state.request.block_hashes)
-        if len(hashes) > len(state.keys):
-            state.keys.extend(keys_from_engine_hashes(self._namespace_id, hashes[len(state.keys) :]))
+        """Keys for the blocks vLLM has hashed since the last call (only those are read)."""
+        if len(state.request.block_hashes) // self._spec.hashes_per_block > len(state.keys):
+            new = self._spec.block_hashes(state.request.block_hashes, first=len(state.keys))
+            state.keys.extend(keys_from_engine_hashes(self._namespace_id, new))

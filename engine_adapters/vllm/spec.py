@@ -84,9 +84,8 @@ class CacheSpec:
             tenant_salt=config.namespace_salt,
         )
 
-    def block_hashes(self, hashes: list[bytes], count: int | None = None) -> list[bytes]:
-        """The hash of each whole block, from vLLM's per-hash-block list (each hash chains its
-        whole prefix, so a block's is the last one inside it)."""
+    def block_hashes(self, hashes: list[bytes], first: int = 0) -> list[bytes]:
+        """The hash of each whole block from block `first` on, from vLLM's per-hash-block list
+        (each hash chains its whole prefix, so a block's is the last one inside it)."""
         step = self.hashes_per_block
-        picked = hashes if step == 1 else hashes[step - 1 :: step]
-        return picked if count is None else picked[:count]
+        return hashes[(first + 1) * step - 1 :: step]

@@ -67,7 +67,7 @@ class WorkerSide:
         self._namespace_id = namespace_id
         self._block_bytes = namespace.block_bytes
         self._kv: PagedKV | None = None
-        self._staging = {"sync": _Staging(), "async": _Staging()}
+        self._staging, self._async_staging = _Staging(), _Staging()  # one per thread that loads
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="kvstore-load")
         self._loading: dict[str, Future[None]] = {}
         self._lock = threading.Lock()  # the failed blocks and the counters, shared with the loader
@@ -102,11 +102,11 @@ class WorkerSide:
 
     def load(self, loads: Sequence[BlockTransfer]) -> None:
         for transfer in loads:
-            self._load_one(transfer, self._staging["sync"])
+            self._load_one(transfer, self._staging)
 
     def load_async(self, loads: Sequence[BlockTransfer]) -> None:
         for transfer in loads:
-            self._loading[transfer.request_id] = self._loader.submit(self._load_one, transfer, self._staging["async"])
+            self._loading[transfer.request_id] = self._loader.submit(self._load_one, transfer, self._async_staging)
 
     def finished_loads(self) -> set[str]:
         """Requests whose asynchronous load has ended (loaded, or failed and reported)."""

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,7 +12,7 @@ import torch
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, SlidingWindowSpec
 
 from engine_adapters.kernels.paged import CacheLayout
-from engine_adapters.vllm.config import ConnectorConfig
+from engine_adapters.vllm.config import ConnectorConfig, transfer_config
 from engine_adapters.vllm.spec import CacheSpec
 from kvstore.errors import ConfigError
 from kvstore.types import DType, KVPacking, Namespace
@@ -59,6 +60,16 @@ def test_the_token_comes_from_a_file_or_the_environment_not_both(tmp_path: Path)
         parse({"node": "h:1", "token_file": str(tmp_path / "token")}, {"KVSTORE_AUTH_TOKEN": TOKEN})
     with pytest.raises(ConfigError, match="at least 16 characters"):
         parse({"node": "h:1"}, {"KVSTORE_AUTH_TOKEN": "short"})
+
+
+def test_the_transfer_config_names_the_connector_and_checks_the_role() -> None:
+    config = transfer_config({"node": "h:1"}, "kv_producer")
+    assert config["kv_role"] == "kv_producer"
+    module = importlib.import_module(config["kv_connector_module_path"])  # what vLLM loads
+    assert getattr(module, config["kv_connector"]).__name__ == "KVStoreConnector"
+    assert ConnectorConfig.from_extra_config(config["kv_connector_extra_config"], {}).node == "h:1"
+    with pytest.raises(ConfigError, match="kv_role must be one of"):
+        transfer_config({"node": "h:1"}, "kv_prefill")
 
 
 def kv_config(*specs: object, layers: int = 2, hash_block_size: int | None = None) -> KVCacheConfig:
@@ -117,6 +128,7 @@ def test_finer_hashes_pick_the_last_hash_inside_each_block() -> None:
     assert spec.hashes_per_block == 4
     hashes = [bytes([index]) for index in range(10)]
     assert spec.block_hashes(hashes) == [bytes([3]), bytes([7])]
+    assert spec.block_hashes(hashes, first=1) == [bytes([7])]
     with pytest.raises(ConfigError, match="does not divide"):
         CacheSpec.from_vllm(VLLM, kv_config(attention(block_size=64), hash_block_size=24), on_cpu=True)
 

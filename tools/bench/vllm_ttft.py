@@ -39,6 +39,7 @@ from vllm.distributed.kv_transfer import get_kv_transfer_group
 from vllm.inputs import TokensPrompt
 
 from engine_adapters.reference.tiny import make_tiny_model
+from engine_adapters.vllm.config import transfer_config
 from tools.bench import harness
 from tools.bench.node_engines import node_daemon
 
@@ -71,12 +72,7 @@ def engine(job: dict[str, Any]) -> dict[str, Any]:
     """Runs in its own process (vLLM's engine core in it too)."""
     transfer = None
     if job["node"]:
-        transfer = KVTransferConfig(
-            kv_connector="KVStoreConnector",
-            kv_connector_module_path="engine_adapters.vllm.connector",
-            kv_role="kv_both",
-            kv_connector_extra_config={"node": job["node"]},
-        )
+        transfer = KVTransferConfig(**transfer_config({"node": job["node"]}))
     longest = max(job["lengths"]) + 2 * SUFFIX
     llm = LLM(
         model=job["model"],

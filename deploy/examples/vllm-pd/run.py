@@ -34,6 +34,7 @@ import grpc
 
 from engine_adapters.demo import conductor_settings, daemon, node_settings, wait_for_members
 from engine_adapters.reference.tiny import VLLM_CPU, make_tiny_model
+from engine_adapters.vllm.config import transfer_config
 from engine_adapters.vllm.keys import prompt_keys
 from kvstore.client import Client
 from kvstore.proto import kvstore_pb2 as pb
@@ -45,12 +46,7 @@ BLOCK = 32
 
 @contextlib.contextmanager
 def vllm_server(model: Path, port: int, role: str, node: str, log: Path) -> Iterator[str]:
-    transfer = {
-        "kv_connector": "KVStoreConnector",
-        "kv_connector_module_path": "engine_adapters.vllm.connector",
-        "kv_role": role,
-        "kv_connector_extra_config": {"node": node},
-    }
+    transfer = transfer_config({"node": node}, role)
     command = [
         *(sys.executable, "-m", "vllm.entrypoints.openai.api_server"),
         *("--model", str(model), "--port", str(port), "--host", "127.0.0.1"),
