@@ -70,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
             "kvstore demo: --requests, --sessions, --block-size and --max-new-tokens must be positive", file=sys.stderr
         )
         return 2
+    stop_after = args.stop_prefill_node_after
+    if stop_after is not None and not 1 <= stop_after < args.requests:
+        print(f"kvstore demo: --stop-prefill-node-after must be in 1..{args.requests - 1}", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory(prefix="kvstore-demo-") as scratch:
         root = Path(scratch)
         folder = args.model or root / "model"

@@ -310,6 +310,17 @@ def flip_a_byte(node: NodeServer, key: BlockKey) -> None:
     view[10] ^= 0xFF
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--ports", "8100"], "--ports must be two port numbers"), (["--turns", "0"], "must be positive")],
+)
+def test_the_disaggregated_example_refuses_bad_flags_before_starting_anything(flags: list[str], message: str) -> None:
+    command = [sys.executable, str(ROOT / "deploy/examples/vllm-pd/run.py"), *flags]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False, cwd=ROOT)
+    assert result.returncode == 2 and message in result.stderr
+    assert "starting" not in result.stdout
+
+
 def test_the_disaggregated_example_routes_prefill_and_decode_and_matches_colocated() -> None:
     ports = []
     for _ in range(2):
