@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine_adapters.kernels.copy import gather, scatter
 from engine_adapters.kernels.paged import TORCH_DTYPES
-from engine_adapters.kernels.reference import gather, scatter
 from engine_adapters.reference.model import LlamaModel, PagedCache, check_tokens
 from kvstore.client import Client
 from kvstore.errors import KVStoreError

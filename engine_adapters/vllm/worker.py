@@ -6,7 +6,8 @@
 - `load`, before the forward pass: each run of blocks is copied out of the node (shared
   memory on the same host, checked against its checksums with `verify`; the data plane
   otherwise, always checked) into a reused staging buffer, then scattered into its vLLM
-  blocks. A block that is missing, corrupt or unreachable ends its run; the vLLM blocks of the
+  blocks. With the cache on a GPU and the node on this host, the node's shared memory is
+  registered with CUDA and the kernels read the leased slots in place, with no staging copy. A block that is missing, corrupt or unreachable ends its run; the vLLM blocks of the
   rest are reported (`take_failed`), and vLLM recomputes them; the block that ended a
   verified run is removed from the node, and the scheduler side saves the recomputed ones.
 - `load_async`: the same on a loader thread of its own, while the batch computes (the
@@ -18,30 +19,36 @@
   flight; then a step waits for the oldest. A save that fails is skipped: the cache is best
   effort and vLLM's output never depends on it.
 
-Nothing is pickled: blocks travel as bytes, through the kernels' gather and scatter.
+Nothing is pickled: blocks travel as bytes, through the kernels' gather and scatter (the CUDA
+kernels when the cache is on a GPU, with pinned staging buffers they read and write directly;
+engine_adapters/kernels/copy.py).
 
 Owner: vLLM's worker thread; the saver thread only touches its own buffers and the client.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
+from engine_adapters.kernels import cuda
+from engine_adapters.kernels.copy import gather, scatter
+from engine_adapters.kernels.host import HostRegistration
 from engine_adapters.kernels.paged import TORCH_DTYPES, PagedKV
-from engine_adapters.kernels.reference import gather, scatter
+from engine_adapters.kernels.plan import layout_problem
 from engine_adapters.vllm.config import ConnectorConfig
 from engine_adapters.vllm.metadata import BlockTransfer
 from engine_adapters.vllm.node import NODE_ERRORS, NodeErrorLog
 from engine_adapters.vllm.spec import CacheSpec
 from kvstore.client import Client
-from kvstore.errors import ConfigError
+from kvstore.errors import ConfigError, KVStoreError
 from kvstore.types import BlockKey, Namespace, NamespaceId
 
 log = logging.getLogger(__name__)
@@ -67,6 +74,7 @@ class WorkerSide:
         self._namespace_id = namespace_id
         self._block_bytes = namespace.block_bytes
         self._kv: PagedKV | None = None
+        self._registration: HostRegistration | None = None  # the node's segment, for the GPU
         self._staging, self._async_staging = _Staging(), _Staging()  # one per thread that loads
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="kvstore-load")
         self._loading: dict[str, Future[None]] = {}
@@ -99,6 +107,7 @@ class WorkerSide:
                 f"kvstore connector: a block is {kv.block_bytes} bytes here, {self._block_bytes} in the namespace"
             )
         self._kv = kv
+        self._registration = _register_segment(kv, self._client)
 
     def load(self, loads: Sequence[BlockTransfer]) -> None:
         for transfer in loads:
@@ -138,25 +147,23 @@ class WorkerSide:
         self.wait_for_saves()
         self._loader.shutdown(wait=True)
         self._saver.shutdown(wait=True)
+        if self._registration is not None:
+            self._registration.close()
         self._client.close()
 
     # -- loads ---------------------------------------------------------------------------------
 
     def _load_one(self, transfer: BlockTransfer, staging: _Staging) -> None:
-        kv = self._require_kv()
-        count, size = len(transfer.keys), self._block_bytes
-        buffer = staging.get(count * size)
-        flat = buffer.numpy()
-        views = [flat[index * size : (index + 1) * size] for index in range(count)]
+        count = len(transfer.keys)
         answered = True
         try:
-            loaded = self._client.get_into(self._namespace_id, transfer.keys, views, verify=self._config.verify)
+            if self._registration is not None:
+                loaded, answered = self._load_in_place(transfer)
+            else:
+                loaded = self._load_staged(transfer, staging)
         except NODE_ERRORS as error:
             self._load_errors.record(error)
             loaded, answered = 0, False
-        if loaded:
-            ids = torch.tensor(transfer.block_ids[:loaded], dtype=torch.int64)
-            scatter(kv, ids, buffer[: loaded * size])
         with self._lock:
             self.stats.loaded_blocks += loaded
             if loaded < count:
@@ -171,6 +178,36 @@ class WorkerSide:
                 loaded,
                 count,
             )
+
+    def _load_staged(self, transfer: BlockTransfer, staging: _Staging) -> int:
+        """Copy the run out of the node into `staging`, then scatter it into vLLM's blocks."""
+        kv = self._require_kv()
+        count, size = len(transfer.keys), self._block_bytes
+        buffer = staging.get(count * size, pinned=kv.device.type == "cuda")
+        flat = buffer.numpy()
+        views = [flat[index * size : (index + 1) * size] for index in range(count)]
+        loaded = self._client.get_into(self._namespace_id, transfer.keys, views, verify=self._config.verify)
+        if loaded:
+            ids = torch.tensor(transfer.block_ids[:loaded], dtype=torch.int64)
+            with _not_a_node_error():
+                scatter(kv, ids, buffer[: loaded * size])
+        return loaded
+
+    def _load_in_place(self, transfer: BlockTransfer) -> tuple[int, bool]:
+        """The GPU reads the run straight out of the node's registered shared memory, under a
+        lease. Returns (blocks loaded, whether the node's answer ended the run): a lease that
+        lapsed before the copy ended makes the whole run a miss, and no block a suspect."""
+        kv = self._require_kv()
+        with self._client.lease_in_place(self._namespace_id, transfer.keys, verify=self._config.verify) as leased:
+            if not len(leased):
+                return 0, True
+            ids = torch.tensor(transfer.block_ids[: len(leased)], dtype=torch.int64)
+            with _not_a_node_error():
+                cuda.scatter_from(kv, ids, leased.addresses)  # returns once the copy is done
+            if leased.expired():
+                log.warning("kvstore connector: a lease lapsed while the GPU copied %d blocks", len(leased))
+                return 0, False
+            return len(leased), True
 
     def _drop_suspect(self, key: BlockKey) -> None:
         """The block that ended a verified run failed its checksum, or left the node meanwhile:
@@ -191,7 +228,8 @@ class WorkerSide:
                 return self._free_buffers.pop(index)
         if self._free_buffers:  # all too small: this one replaces one of them
             self._free_buffers.pop(0)
-        return torch.empty(_capacity(nbytes), dtype=torch.uint8)
+        pinned = self._require_kv().device.type == "cuda"  # the kernels write pinned memory directly
+        return torch.empty(_capacity(nbytes), dtype=torch.uint8, pin_memory=pinned)
 
     def _finish_oldest(self) -> None:
         future, buffer = self._pending.popleft()
@@ -223,15 +261,40 @@ class WorkerSide:
 
 
 class _Staging:
-    """One thread's load buffer, grown when a run needs more and reused after."""
+    """One thread's load buffer, grown when a run needs more and reused after; pinned when the
+    cache is on a GPU, so the kernels read it directly."""
 
     def __init__(self) -> None:
         self._buffer = torch.empty(0, dtype=torch.uint8)
 
-    def get(self, nbytes: int) -> torch.Tensor:
+    def get(self, nbytes: int, *, pinned: bool) -> torch.Tensor:
         if self._buffer.numel() < nbytes:
-            self._buffer = torch.empty(_capacity(nbytes), dtype=torch.uint8)
+            self._buffer = torch.empty(_capacity(nbytes), dtype=torch.uint8, pin_memory=pinned)
         return self._buffer
+
+
+@contextlib.contextmanager
+def _not_a_node_error() -> Iterator[None]:
+    """A copy into vLLM's cache that fails is a bug, not the node's failure: it must not be
+    taken for a miss (the loads catch the node's errors, KVStoreError among them)."""
+    try:
+        yield
+    except KVStoreError as error:
+        raise RuntimeError(f"kvstore connector: copying blocks into vLLM's KV cache failed: {error}") from error
+
+
+def _register_segment(kv: PagedKV, client: Client) -> HostRegistration | None:
+    """Register the node's shared memory with the GPU holding `kv`, so loads read it in place;
+    None (loads go through a pinned staging buffer) off the node's host, for a cache the
+    kernels cannot reach, or when registering fails."""
+    segment = client.shared_memory
+    if kv.device.type != "cuda" or segment is None or not cuda.available() or layout_problem(kv) is not None:
+        return None
+    try:
+        return HostRegistration.of(segment)
+    except KVStoreError as error:
+        log.warning("kvstore connector: loads use a staging buffer: %s", error)
+        return None
 
 
 def _capacity(nbytes: int) -> int:

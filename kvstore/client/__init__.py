@@ -1,7 +1,16 @@
 """The client SDK: `Client` (blocking) and `AsyncClient` (asyncio), batched-first."""
 
 from kvstore.client.aio import AsyncClient
-from kvstore.client.client import Client, NodeStatus, Transport
+from kvstore.client.client import Client, LeasedBlocks, NodeStatus, Transport
 from kvstore.types import FetchResult, PutResult, RemoveResult
 
-__all__ = ["AsyncClient", "Client", "FetchResult", "NodeStatus", "PutResult", "RemoveResult", "Transport"]
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "FetchResult",
+    "LeasedBlocks",
+    "NodeStatus",
+    "PutResult",
+    "RemoveResult",
+    "Transport",
+]

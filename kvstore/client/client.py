@@ -21,6 +21,7 @@ Owner: the caller. Thread-safe: gRPC channels are, and the data-plane pool is.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -97,6 +98,24 @@ class NodeStatus:
     lookup_miss_blocks: int
 
 
+@dataclass(frozen=True, slots=True)
+class LeasedBlocks:
+    """A run of blocks leased in place in the node's shared memory (`Client.lease_in_place`):
+    block `i`'s bytes are `block_bytes` at `addresses[i]` in this process, and stay that
+    block's until the lease lapses at `deadline` (time.monotonic()) or is released."""
+
+    addresses: tuple[int, ...]
+    block_bytes: int
+    deadline: float
+
+    def __len__(self) -> int:
+        return len(self.addresses)
+
+    def expired(self) -> bool:
+        """Past the lease's end the slots may hold other blocks: what was read is a miss."""
+        return time.monotonic() > self.deadline
+
+
 class Client:
     def __init__(
         self,
@@ -152,6 +171,12 @@ class Client:
     @property
     def uses_shared_index(self) -> bool:
         return self._index is not None
+
+    @property
+    def shared_memory(self) -> npt.NDArray[np.uint8] | None:
+        """The node's shared-memory segment as mapped here (None off the node's host): what
+        an engine registers with its GPU so kernels read leased slots in place."""
+        return None if self._segment is None else self._segment.array
 
     def close(self) -> None:
         if self._reports is not None:
@@ -300,6 +325,38 @@ class Client:
                 if verify and checksum(targets[index]) != grant.checksums[index]:
                     return index
             return len(grant.offsets)
+        finally:
+            self._slots.release(grant.grant_id)
+
+    @contextlib.contextmanager
+    def lease_in_place(
+        self, namespace_id: NamespaceId, keys: Sequence[BlockKey], *, verify: bool = False
+    ) -> Iterator[LeasedBlocks]:
+        """Lease the longest stored leading run of `keys` in the node's shared memory and yield
+        where its slots are, for a kernel or a DMA engine to read them in place (no copy
+        through this process); the lease ends with the `with` block. On the node's host only.
+        With `verify`, each slot is checked against its checksum first, and the run ends at
+        the first that fails. Whatever reads the slots must be done by `deadline`: check
+        `expired()` after, and treat the blocks as missing if it is true."""
+        namespace = self._namespace(namespace_id)
+        if self._segment is None:
+            raise InvalidArgumentError(f"node {self.node_id} is not reachable through shared memory from here")
+        if not keys:
+            yield LeasedBlocks((), namespace.block_bytes, time.monotonic() + self.timeout_s)
+            return
+        asked = time.monotonic()
+        grant = self._slots.acquire(namespace_id, keys, verify)
+        try:
+            array, size = self._segment.array, grant.block_bytes
+            count = len(grant.offsets)
+            if verify:
+                for index, offset in enumerate(grant.offsets):
+                    if checksum(array[offset : offset + size]) != grant.checksums[index]:
+                        count = index
+                        break
+            base = array.ctypes.data
+            addresses = tuple(base + offset for offset in grant.offsets[:count])
+            yield LeasedBlocks(addresses, size, _copy_deadline(asked, grant.expires_in_s))
         finally:
             self._slots.release(grant.grant_id)
 

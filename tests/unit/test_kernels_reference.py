@@ -10,26 +10,7 @@ import torch
 from engine_adapters.kernels.paged import CacheLayout, PagedKV
 from engine_adapters.kernels.reference import gather, scatter
 from kvstore.errors import InvalidArgumentError, LayoutMismatchError
-
-LAYERS, BLOCKS, SIZE, HEADS, HEAD = 3, 7, 5, 3, 6  # odd sizes on purpose
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int8]
-
-
-def random_like(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    if dtype == torch.int8:
-        return torch.randint(-128, 128, shape, generator=generator, dtype=torch.int8)
-    return torch.randn(shape, generator=generator).to(dtype)
-
-
-def make_cache(layout: CacheLayout, dtype: torch.dtype, seed: int = 0) -> PagedKV:
-    if layout is CacheLayout.FLASH:
-        tensors = [random_like((2, BLOCKS, SIZE, HEADS, HEAD), dtype, seed + i) for i in range(LAYERS)]
-    elif layout is CacheLayout.CPU:
-        tensors = [random_like((BLOCKS, HEADS, SIZE, 2 * HEAD), dtype, seed + i) for i in range(LAYERS)]
-    else:
-        tensors = [random_like((LAYERS, 2, BLOCKS, SIZE, HEADS, HEAD), dtype, seed)]
-    return PagedKV.from_tensors(layout, tensors)
+from tests.kernel_cases import BLOCKS, DTYPES, HEAD, HEADS, LAYERS, SIZE, make_cache
 
 
 def by_hand(kv: PagedKV, block: int) -> torch.Tensor:

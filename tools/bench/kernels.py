@@ -4,10 +4,12 @@ the same run.
 
     .venv/bin/python tools/bench/kernels.py
 
-On this machine (no CUDA) it measures the torch reference (engine_adapters/kernels/reference.py)
-on CPU tensors. The CUDA kernels and their references (one cudaMemcpy of a pinned buffer, a
-loop of per-block cudaMemcpyAsync, index_select / index_copy_) are measured where CUDA exists,
-once the kernels are built. Prints a Markdown table; medians of --repeats runs.
+Where CUDA exists it measures the CUDA kernels (engine_adapters/kernels/cuda.py; built on
+first use) against one cudaMemcpy of a pinned buffer, a loop of per-block cudaMemcpyAsync and
+torch's index_select / index_copy_, in both directions over PCIe and device to device
+(tools/bench/kernels_cuda.py), and checks the issue's targets. Elsewhere, or with --cpu, it
+measures the torch reference (engine_adapters/kernels/reference.py) on CPU tensors against a
+plain copy. Prints Markdown (also to --out); medians of --repeats runs.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from engine_adapters.kernels import cuda
 from engine_adapters.kernels.paged import CacheLayout, PagedKV
 from engine_adapters.kernels.reference import gather, scatter
+from tools.bench import kernels_cuda
 
 
 def timed(action: Callable[[], object], repeats: int) -> float:
@@ -47,21 +51,51 @@ def main() -> int:
     parser.add_argument("--cache-blocks", type=int, default=512, help="blocks in the paged cache, per size")
     parser.add_argument("--batch-tokens", type=int, default=4096, help="tokens moved per call")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cpu", action="store_true", help="measure the torch reference on CPU even where CUDA exists")
+    parser.add_argument("--out", type=Path, help="also write the Markdown here")
     args = parser.parse_args()
+    for name in ("layers", "kv_heads", "head_size", "cache_blocks", "batch_tokens", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    lines = cuda_report(args) if cuda.available() and not args.cpu else cpu_report(args)
+    if args.out is not None:
+        args.out.write_text("\n".join(lines) + "\n")
+    return 0
+
+
+def cuda_report(args: argparse.Namespace) -> list[str]:
+    name = torch.cuda.get_device_name()
+    head = (
+        f"device: {name}, torch {torch.__version__}, CUDA {torch.version.cuda}, float16, flash layout, "
+        f"{args.layers} layers x {args.kv_heads} KV heads x {args.head_size}, {args.batch_tokens} tokens per call, "
+        f"medians of {args.repeats}"
+    )
+    print(head, flush=True)
+    rows = kernels_cuda.measure(args.layers, args.kv_heads, args.head_size, args.batch_tokens, args.repeats)
+    lines = [head, "", *kernels_cuda.report(rows)]
+    print("\n".join(lines[1:]), flush=True)
+    return lines
+
+
+def cpu_report(args: argparse.Namespace) -> list[str]:
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    print(
+    head = (
         f"device: cpu ({torch.get_num_threads()} threads), torch {torch.__version__}, float16, "
         f"{args.layers} layers x {args.kv_heads} KV heads x {args.head_size}"
     )
-    print(
+    lines = [
+        head,
+        "",
         "| layout | block tokens | blocks per call | gather GB/s | scatter GB/s | memcpy GB/s "
-        "| gather / memcpy | scatter / memcpy |"
-    )
-    print("|---|--:|--:|--:|--:|--:|--:|--:|")
+        "| gather / memcpy | scatter / memcpy |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    print("\n".join(lines), flush=True)
     for layout in (CacheLayout.FLASH, CacheLayout.CPU):
         for block_tokens in (16, 64, 256):
             blocks = max(1, args.batch_tokens // block_tokens)
             cache_blocks = max(args.cache_blocks * 16 // block_tokens, 2 * blocks)
+            shape: tuple[int, ...]
             if layout is CacheLayout.FLASH:
                 shape = (2, cache_blocks, block_tokens, args.kv_heads, args.head_size)
             else:
@@ -75,12 +109,12 @@ def main() -> int:
             scatter_s = timed(partial(scatter, kv, ids, payloads), args.repeats)
             copy_s = timed(partial(payloads.copy_, plain_source), args.repeats)
             gb = num_bytes / 1e9
-            print(
+            lines.append(
                 f"| {layout.value} | {block_tokens} | {blocks} | {gb / gather_s:.2f} | {gb / scatter_s:.2f} | "
-                f"{gb / copy_s:.2f} | {copy_s / gather_s:.2f}x | {copy_s / scatter_s:.2f}x |",
-                flush=True,
+                f"{gb / copy_s:.2f} | {copy_s / gather_s:.2f}x | {copy_s / scatter_s:.2f}x |"
             )
-    return 0
+            print(lines[-1], flush=True)
+    return lines
 
 
 if __name__ == "__main__":

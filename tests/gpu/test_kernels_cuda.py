@@ -1,0 +1,197 @@
+"""The CUDA block-copy kernels (engine_adapters/kernels/cuda.py) against the torch reference,
+bit for bit, on a real GPU: every layout and dtype, odd sizes that force every access width,
+payloads in device memory, pinned host memory and registered host memory (as a node's shared
+memory is), blocks in any order, more blocks than one grid dimension holds; and bad input
+refused before anything is copied."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from engine_adapters.kernels import copy, cuda, reference
+from engine_adapters.kernels.host import HostRegistration
+from engine_adapters.kernels.paged import CacheLayout, PagedKV
+from engine_adapters.kernels.plan import contiguous_payloads, plan
+from kvstore.errors import InvalidArgumentError
+from kvstore.tiers.dram import SharedSegment
+from tests.kernel_cases import DTYPES, blocks_first_flash, heads_first_flash, make_cache
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not cuda.available(), reason="needs CUDA (a CUDA build of torch and a GPU)"),
+]
+
+DEVICE = "cuda:0"
+IDS = [4, 0, 6, 2, 5, 4]  # a block twice: fine for a gather
+SCATTER_IDS = [6, 0, 2, 5]
+# (layers, blocks, block size, kv heads, head size): odd everything, then aligned
+SHAPES = [(3, 7, 5, 3, 6), (2, 9, 16, 8, 128), (1, 5, 1, 1, 1)]
+
+
+def on_cpu(kv: PagedKV) -> PagedKV:
+    return PagedKV.from_tensors(kv.layout, [tensor.cpu() for tensor in kv.tensors])
+
+
+def reference_gather(kv: PagedKV, ids: list[int]) -> torch.Tensor:
+    out = torch.empty(len(ids) * kv.block_bytes, dtype=torch.uint8)
+    reference.gather(on_cpu(kv), torch.tensor(ids), out)
+    return out
+
+
+def zeros(kv: PagedKV) -> PagedKV:
+    return PagedKV.from_tensors(kv.layout, [torch.zeros_like(tensor) for tensor in kv.tensors])
+
+
+def payload_buffer(kv: PagedKV, count: int, where: str) -> torch.Tensor:
+    if where == "device":
+        return torch.zeros(count * kv.block_bytes, dtype=torch.uint8, device=DEVICE)
+    return torch.zeros(count * kv.block_bytes, dtype=torch.uint8, pin_memory=True)
+
+
+@pytest.fixture(autouse=True)
+def built() -> Iterator[None]:
+    cuda.extension()  # the first test pays the build, not a timeout of its own
+    yield
+    torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("layout", list(CacheLayout))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dims", SHAPES)
+@pytest.mark.parametrize("where", ["device", "pinned"])
+def test_gather_equals_the_reference(
+    layout: CacheLayout, dtype: torch.dtype, dims: tuple[int, int, int, int, int], where: str
+) -> None:
+    kv = make_cache(layout, dtype, seed=21, device=DEVICE, dims=dims)
+    ids = [i % dims[1] for i in IDS]
+    out = payload_buffer(kv, len(ids), where)
+    assert copy.uses_kernels(kv, out)
+    copy.gather(kv, torch.tensor(ids), out)
+    torch.cuda.synchronize()
+    assert torch.equal(out.cpu(), reference_gather(kv, ids))
+
+
+@pytest.mark.parametrize("layout", list(CacheLayout))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dims", SHAPES)
+@pytest.mark.parametrize("where", ["device", "pinned"])
+def test_scatter_equals_the_reference(
+    layout: CacheLayout, dtype: torch.dtype, dims: tuple[int, int, int, int, int], where: str
+) -> None:
+    source = make_cache(layout, dtype, seed=22, device=DEVICE, dims=dims)
+    ids = sorted({i % dims[1] for i in SCATTER_IDS})
+    payloads = payload_buffer(source, len(ids), where)
+    payloads.copy_(reference_gather(source, list(reversed(ids))))
+    target = zeros(source)
+    expected = on_cpu(zeros(source))
+    copy.scatter(target, torch.tensor(ids), payloads)
+    reference.scatter(expected, torch.tensor(ids), payloads.cpu())
+    torch.cuda.synchronize()
+    for mine, theirs in zip(target.tensors, expected.tensors, strict=True):
+        assert torch.equal(mine.cpu(), theirs)
+
+
+def test_every_access_width_is_exercised() -> None:
+    """Segment sizes of 1, 2, 4, 8 and 16 bytes' alignment all copy correctly."""
+    for head, dtype, width in (
+        (1, torch.int8, 1),
+        (1, torch.float16, 2),
+        (1, torch.float32, 4),
+        (2, torch.float32, 8),
+        (4, torch.float32, 16),
+    ):
+        kv = make_cache(CacheLayout.STACKED, dtype, seed=head, device=DEVICE, dims=(2, 4, 1, 1, head))
+        out = payload_buffer(kv, 3, "device")
+        assert plan(kv, [0, 1, 2], contiguous_payloads(out.data_ptr(), 3, kv.block_bytes)).alignment() == width
+        copy.gather(kv, torch.tensor([3, 1, 2]), out)
+        assert torch.equal(out.cpu(), reference_gather(kv, [3, 1, 2]))
+
+
+def test_blocks_first_strides_use_the_kernels_heads_first_the_reference() -> None:
+    kv = blocks_first_flash(torch.bfloat16, seed=5, device=DEVICE)
+    out = payload_buffer(kv, len(IDS), "pinned")
+    assert copy.uses_kernels(kv, out)
+    copy.gather(kv, torch.tensor(IDS), out)
+    assert torch.equal(out, reference_gather(kv, IDS))
+    strided = heads_first_flash(torch.bfloat16, seed=6, device=DEVICE)
+    assert not copy.uses_kernels(strided, out)
+    copy.gather(strided, torch.tensor(IDS), out)
+    assert torch.equal(out, reference_gather(strided, IDS))
+
+
+def test_more_blocks_than_one_grid_dimension() -> None:
+    count = 70_000
+    kv = make_cache(CacheLayout.FLASH, torch.float16, seed=7, device=DEVICE, dims=(2, count, 1, 1, 8))
+    ids = torch.randperm(count, generator=torch.Generator().manual_seed(0))
+    out = payload_buffer(kv, count, "device")
+    copy.gather(kv, ids, out)
+    assert torch.equal(out.cpu(), reference_gather(kv, ids.tolist()))
+    back = zeros(kv)
+    copy.scatter(back, ids, out)
+    for mine, theirs in zip(back.tensors, kv.tensors, strict=True):
+        assert torch.equal(mine, theirs)
+
+
+def test_registered_shared_memory_slots_in_any_order() -> None:
+    """A node's shared-memory pool (a MAP_SHARED mapping of /dev/shm), registered: blocks go
+    straight to and from slots at any offset."""
+    kv = make_cache(CacheLayout.FLASH, torch.float16, seed=8, device=DEVICE, dims=(2, 9, 16, 8, 128))
+    size = kv.block_bytes
+    segment = SharedSegment.create(f"kvstore-gpu-test-{os.getpid()}", 10 * size)
+    try:
+        pool = segment.array
+        with HostRegistration.of(pool):
+            slots = [7, 2, 9]
+            base = pool.ctypes.data
+            cuda.gather_to(kv, torch.tensor([1, 8, 3]), [base + slot * size for slot in slots])
+            expected = reference_gather(kv, [1, 8, 3]).numpy()
+            for position, slot in enumerate(slots):
+                stored = pool[slot * size : (slot + 1) * size]
+                assert np.array_equal(stored, expected[position * size : (position + 1) * size])
+            target = zeros(kv)
+            cuda.scatter_from(target, torch.tensor([0, 4, 6]), [base + slot * size for slot in slots])
+            assert torch.equal(reference_gather(target, [0, 4, 6]), torch.from_numpy(expected))
+    finally:
+        segment.close()
+
+
+def test_unregistered_host_memory_is_refused() -> None:
+    kv = make_cache(CacheLayout.FLASH, torch.float16, device=DEVICE)
+    pool = np.zeros(2 * kv.block_bytes, dtype=np.uint8)
+    with pytest.raises(InvalidArgumentError, match="pinned or registered"):
+        cuda.gather_to(kv, torch.tensor([0]), [pool.ctypes.data])
+    assert not pool.any()
+
+
+@pytest.mark.parametrize(
+    ("ids", "count", "match"),
+    [
+        ([0, 7], 2, "within"),
+        ([1, 1], 2, "distinct"),
+        ([0, 1], 1, "bytes"),
+    ],
+)
+def test_bad_input_is_refused_before_anything_is_copied(ids: list[int], count: int, match: str) -> None:
+    kv = make_cache(CacheLayout.FLASH, torch.float16, seed=9, device=DEVICE)
+    before = [tensor.clone() for tensor in kv.tensors]
+    payloads = payload_buffer(kv, count, "device").fill_(3)
+    with pytest.raises(InvalidArgumentError, match=match):
+        cuda.scatter(kv, torch.tensor(ids), payloads)
+    for tensor, old in zip(kv.tensors, before, strict=True):
+        assert torch.equal(tensor, old)
+
+
+def test_pageable_payloads_are_refused_by_the_kernels_and_served_by_the_reference() -> None:
+    kv = make_cache(CacheLayout.CPU, torch.float16, seed=10, device=DEVICE)
+    out = torch.zeros(2 * kv.block_bytes, dtype=torch.uint8)  # not pinned
+    with pytest.raises(InvalidArgumentError, match="pageable"):
+        cuda.gather(kv, torch.tensor([0, 1]), out)
+    assert not out.any()
+    assert not copy.uses_kernels(kv, out)
+    copy.gather(kv, torch.tensor([0, 1]), out)
+    assert torch.equal(out, reference_gather(kv, [0, 1]))

@@ -1,0 +1,176 @@
+"""The CUDA half of tools/bench/kernels.py: the block-copy kernels on a GPU against the
+issue's references, each measured in the same run on the same bytes.
+
+For each block size (16, 64 and 256 tokens) and direction:
+
+- device -> pinned host (gather) and pinned host -> device (scatter): the kernel against
+  (a) one cudaMemcpy of a contiguous buffer of the same bytes (the PCIe limit),
+  (b) one cudaMemcpyAsync per block and layer half, as vLLM's swap_blocks moves blocks (the
+      loop runs in C++, so Python's overhead does not count against it), and
+  (c) torch's index_select / index_copy_ (the reference path);
+- device -> device: the kernel against one contiguous device copy, and (c).
+
+Times are CUDA-event medians of `repeats` calls after a warm-up.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from engine_adapters.kernels import cuda, reference
+from engine_adapters.kernels.paged import CacheLayout, PagedKV
+from engine_adapters.kernels.plan import contiguous_payloads, plan
+
+TARGET_VS_MEMCPY = 0.85  # at 16-token blocks, against (a)
+TARGET_VS_PER_BLOCK = 5.0  # at 16-token blocks, against (b)
+
+
+@dataclass(frozen=True)
+class Row:
+    direction: str
+    block_tokens: int
+    blocks: int
+    num_bytes: int
+    kernel_s: float
+    contiguous_s: float  # (a), or the contiguous device copy
+    per_block_s: float | None  # (b); None device to device
+    torch_s: float  # (c)
+
+    def gbps(self, seconds: float) -> float:
+        return self.num_bytes / seconds / 1e9
+
+
+def timed(action: Callable[[], object], repeats: int) -> float:
+    """Median seconds of `repeats` calls on the current stream, after a warm-up."""
+    action()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        start.record()
+        action()
+        end.record()
+        end.synchronize()
+        samples.append(float(start.elapsed_time(end)) / 1e3)
+    return float(statistics.median(samples))
+
+
+def measure(layers: int, kv_heads: int, head_size: int, batch_tokens: int, repeats: int) -> list[Row]:
+    rows = []
+    for block_tokens in (16, 64, 256):
+        shape = Shape(layers, kv_heads, head_size, block_tokens, max(1, batch_tokens // block_tokens))
+        rows += measure_block_size(shape, repeats)
+        torch.cuda.empty_cache()
+    return rows
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int
+    kv_heads: int
+    head_size: int
+    block_tokens: int
+    blocks: int  # per call
+
+
+def measure_block_size(shape: Shape, repeats: int) -> list[Row]:
+    module = cuda.extension()
+    device = torch.device("cuda", torch.cuda.current_device())
+    cache_blocks = 2 * shape.blocks
+    dims = (2, cache_blocks, shape.block_tokens, shape.kv_heads, shape.head_size)
+    kv = PagedKV.from_tensors(CacheLayout.FLASH, [torch.randn(dims, device=device).half() for _ in range(shape.layers)])
+    ids = torch.randperm(cache_blocks)[: shape.blocks]
+    num_bytes = shape.blocks * kv.block_bytes
+    pinned = torch.zeros(num_bytes, dtype=torch.uint8, pin_memory=True)
+    on_device = torch.zeros(num_bytes, dtype=torch.uint8, device=device)
+    contiguous = torch.zeros(num_bytes, dtype=torch.uint8, device=device)
+    spare = torch.zeros_like(contiguous)
+    pinned_at = module.device_address(pinned.data_ptr())
+    host_plan = plan(kv, ids.tolist(), contiguous_payloads(pinned_at, shape.blocks, kv.block_bytes))
+    pairs = torch.tensor(list(host_plan.segments()), dtype=torch.int64)
+    index = device.index if device.index is not None else 0
+
+    def per_block(to_payload: bool) -> None:
+        module.copy_blocks_memcpy(pairs, host_plan.segment_bytes, index, to_payload)
+
+    def row(
+        direction: str,
+        kernel: Callable[[], object],
+        plain: Callable[[], object],
+        loop: Callable[[], object] | None,
+        ops: Callable[[], object],
+    ) -> Row:
+        per_block_s = None if loop is None else timed(loop, repeats)
+        return Row(
+            direction,
+            shape.block_tokens,
+            shape.blocks,
+            num_bytes,
+            timed(kernel, repeats),
+            timed(plain, repeats),
+            per_block_s,
+            timed(ops, repeats),
+        )
+
+    return [
+        row(
+            "device -> pinned host (gather)",
+            lambda: cuda.gather(kv, ids, pinned, non_blocking=True),
+            lambda: pinned.copy_(contiguous, non_blocking=True),
+            lambda: per_block(True),
+            lambda: reference.gather(kv, ids, pinned),
+        ),
+        row(
+            "pinned host -> device (scatter)",
+            lambda: cuda.scatter(kv, ids, pinned, non_blocking=True),
+            lambda: contiguous.copy_(pinned, non_blocking=True),
+            lambda: per_block(False),
+            lambda: reference.scatter(kv, ids, pinned),
+        ),
+        row(
+            "device -> device (gather)",
+            lambda: cuda.gather(kv, ids, on_device),
+            lambda: spare.copy_(contiguous),
+            None,
+            lambda: reference.gather(kv, ids, on_device),
+        ),
+        row(
+            "device -> device (scatter)",
+            lambda: cuda.scatter(kv, ids, on_device),
+            lambda: spare.copy_(contiguous),
+            None,
+            lambda: reference.scatter(kv, ids, on_device),
+        ),
+    ]
+
+
+def report(rows: list[Row]) -> list[str]:
+    lines = [
+        "| direction | block tokens | blocks | kernel GB/s | contiguous copy GB/s | per-block cudaMemcpyAsync GB/s "
+        "| torch index ops GB/s | kernel / contiguous | kernel / per-block | kernel / torch |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for row in rows:
+        per_block = "" if row.per_block_s is None else f"{row.gbps(row.per_block_s):.1f}"
+        per_block_ratio = "" if row.per_block_s is None else f"{row.per_block_s / row.kernel_s:.2f}x"
+        lines.append(
+            f"| {row.direction} | {row.block_tokens} | {row.blocks} | {row.gbps(row.kernel_s):.1f} | "
+            f"{row.gbps(row.contiguous_s):.1f} | {per_block} | {row.gbps(row.torch_s):.1f} | "
+            f"{row.contiguous_s / row.kernel_s:.2f}x | {per_block_ratio} | {row.torch_s / row.kernel_s:.2f}x |"
+        )
+    lines += ["", "Targets (16-token blocks, over PCIe):"]
+    for row in rows:
+        if row.block_tokens != 16 or row.per_block_s is None:
+            continue
+        vs_memcpy, vs_loop = row.contiguous_s / row.kernel_s, row.per_block_s / row.kernel_s
+        lines.append(
+            f"- {row.direction}: {vs_memcpy:.2f}x one cudaMemcpy [>= {TARGET_VS_MEMCPY}x: "
+            f"{'PASS' if vs_memcpy >= TARGET_VS_MEMCPY else 'FAIL'}], {vs_loop:.2f}x per-block cudaMemcpyAsync "
+            f"[>= {TARGET_VS_PER_BLOCK:g}x: {'PASS' if vs_loop >= TARGET_VS_PER_BLOCK else 'FAIL'}]"
+        )
+    return lines
