@@ -2,9 +2,9 @@
 the cache is on a GPU they can reach the payloads from, else the torch reference
 (reference.py). Both validate first and copy the same bytes; engines call these.
 
-The reference is used, and says why once per reason in the log, for a cache on the CPU, a
-torch without CUDA, payloads in pageable host memory (pin or register them: host.py), or
-cache strides the kernels' segment model does not cover (plan.py).
+The reference is used, and says why once per reason in the log, for a cache on the CPU,
+payloads in pageable host memory (pin or register them: host.py), cache strides the kernels'
+segment model does not cover (plan.py), or kernels that could not be built here (no nvcc, say).
 """
 
 from __future__ import annotations
@@ -41,8 +41,7 @@ def uses_kernels(kv: PagedKV, payloads: torch.Tensor) -> bool:
     """Whether a copy between `kv` and `payloads` runs on the CUDA kernels."""
     if kv.device.type != "cuda":
         return False
-    reason = None if cuda.available() else "torch has no usable CUDA"
-    reason = reason or cuda.payload_problem(kv, payloads) or layout_problem(kv)
+    reason = cuda.payload_problem(kv, payloads) or layout_problem(kv) or cuda.build_problem()
     if reason is None:
         return True
     if reason not in _said:

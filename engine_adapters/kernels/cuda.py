@@ -55,19 +55,34 @@ def build_dir() -> Path:
     return cache_dir() / f"{EXTENSION_NAME}-{digest}-torch{torch.__version__}-cuda{torch.version.cuda}"
 
 
-@functools.cache
 def extension() -> ModuleType:
-    """The built extension (compiled on the first call in a fresh cache: tens of seconds)."""
+    """The built extension (compiled on the first call in a fresh cache: tens of seconds).
+    Raises KernelUnavailableError, every time, once a build has failed in this process."""
+    built = _build()
+    if isinstance(built, str):
+        raise KernelUnavailableError(built)
+    return built
+
+
+def build_problem() -> str | None:
+    """Why the kernels cannot be used in this process (None once they are built)."""
+    built = _build()
+    return built if isinstance(built, str) else None
+
+
+@functools.cache
+def _build() -> ModuleType | str:
+    """The extension, or why there is none; tried once per process."""
     if not available():
-        raise KernelUnavailableError(
+        return (
             f"the CUDA block-copy kernels need a CUDA build of torch and a GPU "
             f"(torch {torch.__version__}, CUDA {torch.version.cuda}, GPU visible: {torch.cuda.is_available()})"
         )
     from torch.utils import cpp_extension  # noqa: PLC0415 - ~150 ms to import, needed only where CUDA is
 
     where = build_dir()
-    where.mkdir(parents=True, exist_ok=True)
     try:  # torch's build holds a lock file in `where`: concurrent processes build once
+        where.mkdir(parents=True, exist_ok=True)
         module: ModuleType = cpp_extension.load(
             name=EXTENSION_NAME,
             sources=[str(SOURCE)],
@@ -76,7 +91,7 @@ def extension() -> ModuleType:
             verbose=False,
         )
     except (OSError, RuntimeError) as error:
-        raise KernelUnavailableError(f"building the CUDA block-copy kernels in {where} failed: {error}") from error
+        return f"building the CUDA block-copy kernels in {where} failed: {error}"
     return module
 
 
@@ -155,14 +170,15 @@ def _run(kv: PagedKV, block_ids: torch.Tensor, addresses: Sequence[int], *, to_p
     except UnplannableError as reason:
         raise InvalidArgumentError(f"the CUDA block-copy kernels cannot copy this cache: {reason}") from None
     device = kv.device
+    model = copy.model
     extension().copy_blocks(
-        torch.tensor(copy.layer_addrs, dtype=torch.int64, device=device),
+        torch.tensor(model.layer_addrs, dtype=torch.int64, device=device),
         torch.tensor(copy.block_ids, dtype=torch.int64, device=device),
         torch.tensor(copy.payload_addrs, dtype=torch.int64, device=device),
-        copy.kv_parts,
-        copy.kv_stride,
-        copy.block_stride,
-        copy.segment_bytes,
+        model.kv_parts,
+        model.kv_stride,
+        model.block_stride,
+        model.segment_bytes,
         copy.alignment(),
         to_payload,
     )

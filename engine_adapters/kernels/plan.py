@@ -11,7 +11,7 @@ which does the layout arithmetic, is checked on CPU by executing a plan with pla
 copies (`execute_on_host`) against the torch reference.
 
 A layout qualifies when each segment is contiguous in the cache (its tensor's inner dims are
-dense) and every layer has the same strides; `plan` says why otherwise, and the dispatcher
+dense) and every layer has the same strides; `layout_problem` says why otherwise, and the dispatcher
 (copy.py) then uses the reference, which handles any strides.
 """
 
@@ -29,27 +29,29 @@ class UnplannableError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class CopyPlan:
+class SegmentModel:
+    """A cache's layout as the kernels see it."""
+
     layer_addrs: tuple[int, ...]  # where each layer's segment (half 0, block 0) starts
     kv_parts: int  # 2 when K and V are separate segments, 1 when a block interleaves them
     kv_stride: int  # bytes from a layer's K segment to its V segment
     block_stride: int  # bytes from block id b to b + 1 in the cache
     segment_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class CopyPlan:
+    """Blocks `block_ids` of a cache of layout `model`, and where each one's payload starts."""
+
+    model: SegmentModel
     block_ids: tuple[int, ...]
-    payload_addrs: tuple[int, ...]  # where each block's payload starts
-
-    @property
-    def segments_per_block(self) -> int:
-        return len(self.layer_addrs) * self.kv_parts
-
-    @property
-    def total_bytes(self) -> int:
-        return len(self.block_ids) * self.segments_per_block * self.segment_bytes
+    payload_addrs: tuple[int, ...]
 
     def alignment(self) -> int:
         """The largest power of two, up to 16, dividing every address, stride and length: the
         widest access a kernel may use."""
-        values = [*self.layer_addrs, *self.payload_addrs, self.kv_stride, self.block_stride, self.segment_bytes]
+        model = self.model
+        values = [*model.layer_addrs, *self.payload_addrs, model.kv_stride, model.block_stride, model.segment_bytes]
         combined = 16
         for value in values:
             combined |= value
@@ -57,25 +59,15 @@ class CopyPlan:
 
     def segments(self) -> Iterator[tuple[int, int]]:
         """(cache address, payload address) of every segment, block by block."""
+        model = self.model
         for block_id, payload in zip(self.block_ids, self.payload_addrs, strict=True):
-            for layer, base in enumerate(self.layer_addrs):
-                for half in range(self.kv_parts):
-                    index = layer * self.kv_parts + half
+            for layer, base in enumerate(model.layer_addrs):
+                for half in range(model.kv_parts):
+                    index = layer * model.kv_parts + half
                     yield (
-                        base + half * self.kv_stride + block_id * self.block_stride,
-                        payload + index * self.segment_bytes,
+                        base + half * model.kv_stride + block_id * model.block_stride,
+                        payload + index * model.segment_bytes,
                     )
-
-
-@dataclass(frozen=True, slots=True)
-class SegmentModel:
-    """A cache's layout as the kernels see it: everything of a plan but the blocks."""
-
-    layer_addrs: tuple[int, ...]
-    kv_parts: int
-    kv_stride: int
-    block_stride: int
-    segment_bytes: int
 
 
 def segment_model(kv: PagedKV) -> SegmentModel:
@@ -123,15 +115,8 @@ def plan(kv: PagedKV, block_ids: Sequence[int], payload_addrs: Sequence[int]) ->
     cannot express; the caller has already validated ids and payload sizes (paged.py)."""
     if len(block_ids) != len(payload_addrs):
         raise ValueError(f"{len(block_ids)} block ids but {len(payload_addrs)} payload addresses")
-    model = segment_model(kv)
     return CopyPlan(
-        model.layer_addrs,
-        model.kv_parts,
-        model.kv_stride,
-        model.block_stride,
-        model.segment_bytes,
-        tuple(int(block) for block in block_ids),
-        tuple(int(address) for address in payload_addrs),
+        segment_model(kv), tuple(int(block) for block in block_ids), tuple(int(address) for address in payload_addrs)
     )
 
 
@@ -145,9 +130,9 @@ def execute_on_host(copy: CopyPlan, *, to_payload: bool) -> None:
     (a Python call per segment); it exists to check plans, not to move data."""
     for cache, payload in copy.segments():
         if to_payload:
-            ctypes.memmove(payload, cache, copy.segment_bytes)
+            ctypes.memmove(payload, cache, copy.model.segment_bytes)
         else:
-            ctypes.memmove(cache, payload, copy.segment_bytes)
+            ctypes.memmove(cache, payload, copy.model.segment_bytes)
 
 
 def _dense(shape: Sequence[int], strides: Sequence[int]) -> bool:

@@ -7,8 +7,9 @@
   memory on the same host, checked against its checksums with `verify`; the data plane
   otherwise, always checked) into a reused staging buffer, then scattered into its vLLM
   blocks. With the cache on a GPU and the node on this host, the node's shared memory is
-  registered with CUDA and the kernels read the leased slots in place, with no staging copy. A block that is missing, corrupt or unreachable ends its run; the vLLM blocks of the
-  rest are reported (`take_failed`), and vLLM recomputes them; the block that ended a
+  registered with CUDA and the kernels read the leased slots in place, with no staging copy.
+  A block that is missing, corrupt or unreachable ends its run; the vLLM blocks of the rest
+  are reported (`take_failed`), and vLLM recomputes them; the block that ended a
   verified run is removed from the node, and the scheduler side saves the recomputed ones.
 - `load_async`: the same on a loader thread of its own, while the batch computes (the
   request's blocks are its own, and vLLM schedules it only once `finished_loads` names it;
@@ -288,7 +289,9 @@ def _register_segment(kv: PagedKV, client: Client) -> HostRegistration | None:
     None (loads go through a pinned staging buffer) off the node's host, for a cache the
     kernels cannot reach, or when registering fails."""
     segment = client.shared_memory
-    if kv.device.type != "cuda" or segment is None or not cuda.available() or layout_problem(kv) is not None:
+    if kv.device.type != "cuda" or segment is None or layout_problem(kv) is not None:
+        return None
+    if cuda.build_problem() is not None:  # the kernels are built here, at start, not at the first load
         return None
     try:
         return HostRegistration.of(segment)

@@ -10,7 +10,7 @@ import logging
 import pytest
 import torch
 
-from engine_adapters.kernels import copy, reference
+from engine_adapters.kernels import copy, cuda, reference
 from engine_adapters.kernels.paged import CacheLayout, PagedKV
 from engine_adapters.kernels.plan import UnplannableError, contiguous_payloads, execute_on_host, layout_problem, plan
 from tests.kernel_cases import DTYPES, blocks_first_flash, heads_first_flash, make_cache
@@ -61,7 +61,7 @@ def test_blocks_first_flash_memory_is_planned_with_its_own_strides() -> None:
     kv = blocks_first_flash(torch.float16, seed=3)
     assert layout_problem(kv) is None
     copy_plan = plan(kv, IDS, [0] * len(IDS))
-    assert copy_plan.kv_stride < copy_plan.block_stride  # K and V of a block are neighbours
+    assert copy_plan.model.kv_stride < copy_plan.model.block_stride  # K and V of a block are neighbours
     assert torch.equal(planned_gather(kv, IDS), reference_gather(kv, IDS))
 
 
@@ -105,6 +105,10 @@ def test_without_cuda_every_copy_takes_the_reference(caplog: pytest.LogCaptureFi
     kv = heads_first_flash(torch.float32, seed=5)
     out = torch.empty(2 * kv.block_bytes, dtype=torch.uint8)
     assert not copy.uses_kernels(kv, out)  # a CPU cache, whatever its strides
+    if not cuda.available():
+        assert "CUDA build of torch" in (cuda.build_problem() or "")
+        with pytest.raises(cuda.KernelUnavailableError, match="CUDA build of torch"):
+            cuda.extension()
     with caplog.at_level(logging.WARNING):
         copy.gather(kv, torch.tensor([3, 1]), out)
     assert torch.equal(out, reference_gather(kv, [3, 1]))

@@ -96,7 +96,7 @@ def measure_block_size(shape: Shape, repeats: int) -> list[Row]:
     index = device.index if device.index is not None else 0
 
     def per_block(to_payload: bool) -> None:
-        module.copy_blocks_memcpy(pairs, host_plan.segment_bytes, index, to_payload)
+        module.copy_blocks_memcpy(pairs, host_plan.model.segment_bytes, index, to_payload)
 
     def row(
         direction: str,
