@@ -139,14 +139,15 @@ void copy_blocks_memcpy(const torch::Tensor& segment_pairs, int64_t segment_byte
   }
 }
 
-// The device address of pinned or registered host memory (the same number on systems with
-// unified addressing; asked, not assumed).
+// The device address of pinned or registered host memory, for any address inside it (the same
+// number on systems with unified addressing; asked, not assumed). Pageable memory is refused.
 int64_t device_address(int64_t host_address) {
-  void* device = nullptr;
-  const cudaError_t error = cudaHostGetDevicePointer(&device, reinterpret_cast<void*>(host_address), 0);
-  TORCH_CHECK(error == cudaSuccess, "host memory at ", host_address,
-              " is not pinned or registered with CUDA: ", cudaGetErrorString(error));
-  return reinterpret_cast<int64_t>(device);
+  cudaPointerAttributes attributes{};
+  const cudaError_t error = cudaPointerGetAttributes(&attributes, reinterpret_cast<void*>(host_address));
+  TORCH_CHECK(error == cudaSuccess, "cannot look up host address ", host_address, ": ", cudaGetErrorString(error));
+  TORCH_CHECK(attributes.type == cudaMemoryTypeHost && attributes.devicePointer != nullptr, "host memory at ",
+              host_address, " is not pinned or registered with CUDA");
+  return reinterpret_cast<int64_t>(attributes.devicePointer);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
