@@ -108,6 +108,8 @@ class ConductorService:
         if decision.decode is not None:
             reply.decode.CopyFrom(decode_message(decision.decode))
         reply.candidates.extend(prefill_message(score, nodes) for score in decision.candidates)
+        if decision.priority_s is not None:
+            reply.priority = round(decision.priority_s * 1000)
         return reply
 
 

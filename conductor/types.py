@@ -121,6 +121,9 @@ class Decision:
     decode: DecodeScore | None
     rejected: str = ""
     candidates: tuple[PrefillScore, ...] = field(default=())  # the best few, best first (the breakdown)
+    # When the prefill node should start it among the requests placed on it: lower first, on the
+    # conductor's clock; None leaves arrival order. Engines take it as a request priority.
+    priority_s: float | None = None
 
     @property
     def accepted(self) -> bool:

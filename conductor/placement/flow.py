@@ -14,7 +14,15 @@ Measured in the simulator (docs/conductor.md), against Algorithm 1 in the same r
    until the node has had time to store them, and credits a candidate with the longer of what
    it holds and what is queued there. Bursts of requests sharing a new prefix (a new document,
    a new system prompt) then go to one node and compute it once, instead of once per node.
-3. **Overload is shed at the long end.** Algorithm 1 admits requests until their predicted
+3. **Short prefills go first.** Each decision carries a serve order for its prefill node
+   (`Decision.priority_s`, an engine's request priority): the arrival time plus
+   `SHORT_FIRST_WEIGHT` times the predicted prefill, but no more than `SLACK_SHARE` of the
+   slack its TTFT SLO leaves after its predicted wait and prefill. A node serves its queue
+   lowest first. Under FIFO each long prefill delays every short one behind it; here a prefill
+   of p seconds is overtaken only by requests arriving within 3 x (p - theirs) after it, and a
+   request short of slack is not overtaken for long. A request that counts on a prefix queued
+   on its node is ordered after the request computing it. Algorithm 1 serves in arrival order.
+4. **Overload is shed at the long end.** Algorithm 1 admits requests until their predicted
    TTFT reaches the SLO, so under overload every queue fills to nearly the SLO and every
    request waits that long. Once even the best node's queue is past `SHED_WAIT_FRACTION` of the
    TTFT SLO, this policy also rejects requests whose prefill would take longer than
@@ -28,6 +36,7 @@ predicted TBT among those with room, and predictions that break an SLO are rejec
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import deque
 
@@ -38,6 +47,8 @@ from conductor.types import Decision, PrefillScore, PrefixHolding, RouteRequest
 from kvstore.types import BlockKey
 
 PENDING_SLACK_S = 1.0  # a placed chain stays credited this long past its predicted completion
+SHORT_FIRST_WEIGHT = 3.0  # serve order: arrival + this x the predicted prefill ...
+SLACK_SHARE = 0.6  # ... but no later than arrival + this share of the TTFT SLO's slack
 SHED_WAIT_FRACTION = 0.5  # overloaded: the chosen node's predicted wait exceeds this share of the TTFT SLO
 SHED_QUANTILE = 0.95  # then shed prefills longer than this quantile of the recent ones ...
 SHED_WINDOW = 2048  # ... the last this many placed
@@ -48,8 +59,9 @@ class PrefixFlow:
     name = "prefix-flow"
 
     def __init__(self) -> None:
-        # node -> key -> when the credit ends; and the expiry order, to forget old credits cheaply.
-        self._pending: dict[str, dict[BlockKey, float]] = {}
+        # node -> key -> (when the credit ends, the serve order of the request computing it); and
+        # the expiry order, to forget old credits cheaply.
+        self._pending: dict[str, dict[BlockKey, tuple[float, float]]] = {}
         self._expiry: deque[tuple[float, str, tuple[BlockKey, ...]]] = deque()
         self._recent_prefill_s: deque[float] = deque(maxlen=SHED_WINDOW)
         self._long_prefill_s = math.inf
@@ -79,8 +91,10 @@ class PrefixFlow:
                 decision.candidates,
             )
         done_s = now_s + max(chosen.queue_s, chosen.fetch_s) + chosen.load_s + chosen.prefill_s
-        self._remember(chosen.node_id, request.keys, done_s + PENDING_SLACK_S)
-        return decision
+        # After whatever computes the queued prefix it counts on: ahead of it, it would compute it too.
+        order_s = max(self._serve_order(chosen, cluster, now_s), self._after(chosen, request))
+        self._remember(chosen.node_id, request.keys, done_s + PENDING_SLACK_S, order_s)
+        return dataclasses.replace(decision, priority_s=order_s)
 
     def _shed(self, chosen: PrefillScore, cluster: ClusterState) -> bool:
         """Note the prefill's length; True when the cluster is overloaded and it is a long one."""
@@ -111,10 +125,35 @@ class PrefixFlow:
                 credited[node_id] = PrefixHolding(node_id, run, base)
         return credited
 
-    def _remember(self, node_id: str, keys: tuple[BlockKey, ...], until_s: float) -> None:
+    @staticmethod
+    def _serve_order(chosen: PrefillScore, cluster: ClusterState, now_s: float) -> float:
+        """Shortest prefill first, but no request ordered so late that the ones overtaking it
+        eat most of what its TTFT SLO leaves after its predicted wait and prefill."""
+        prefill_s = chosen.load_s + chosen.prefill_s
+        slack_s = max(0.0, cluster.slo.ttft_s - max(chosen.queue_s, chosen.fetch_s) - prefill_s)
+        return now_s + min(SHORT_FIRST_WEIGHT * prefill_s, SLACK_SHARE * slack_s)
+
+    def _after(self, chosen: PrefillScore, request: RouteRequest) -> float:
+        """The latest serve order among the queued requests computing the blocks `chosen`
+        reuses on its node (-inf when it reuses none of theirs)."""
+        pending = self._pending.get(chosen.node_id)
+        if not pending or not chosen.local_tokens:
+            return -math.inf
+        latest = -math.inf
+        for key in request.keys[: -(-chosen.local_tokens // request.block_tokens)]:
+            queued = pending.get(key)
+            if queued is None:
+                break
+            latest = max(latest, queued[1])
+        return latest
+
+    def _remember(self, node_id: str, keys: tuple[BlockKey, ...], until_s: float, order_s: float) -> None:
+        """Credit `node_id` with `keys` until `until_s`; the request computing them is served at
+        `order_s` (a key queued twice keeps the first request to compute it)."""
         pending = self._pending.setdefault(node_id, {})
         for key in keys:
-            pending[key] = max(pending.get(key, 0.0), until_s)
+            queued = pending.get(key)
+            pending[key] = (until_s, order_s) if queued is None else (max(queued[0], until_s), min(queued[1], order_s))
         self._expiry.append((until_s, node_id, keys))
 
     def _forget(self, now_s: float, cluster: ClusterState) -> None:
@@ -125,7 +164,8 @@ class PrefixFlow:
             if pending is None:
                 continue
             for key in keys:
-                if pending.get(key, now_s + 1) <= now_s:
+                queued = pending.get(key)
+                if queued is not None and queued[0] <= now_s:
                     del pending[key]
             if not pending:
                 del self._pending[node_id]

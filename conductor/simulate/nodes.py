@@ -64,11 +64,13 @@ class PrefillJob:
     ready_s: float  # when a fetched prefix has arrived (arrival when none)
     fetched_blocks: int  # blocks of the prefix that came from another node
     planned_s: float  # the policy's predicted prefill duration (for the load the node reports)
+    order_s: float  # serve order: the decision's priority, else the arrival (lower first)
 
 
 class SimPrefill:
-    """A prefill engine serving its queue in order, one request at a time, with its node's
-    cache tier of `capacity_blocks` run by `policy`."""
+    """A prefill engine serving its queue one request at a time, lowest serve order first
+    (arrival order unless the placement gave priorities; an engine with priority scheduling),
+    with its node's cache tier of `capacity_blocks` run by `policy`."""
 
     def __init__(
         self, node_id: str, profile: Profile, policy: EvictionPolicy, capacity_blocks: int, index: GlobalIndex
@@ -83,12 +85,12 @@ class SimPrefill:
         self.nic = Nic()
 
     def next_job(self, now_s: float) -> PrefillJob | float | None:
-        """The queued job to run now (the first in arrival order whose prefix has arrived: a job
-        still waiting for its fetch does not hold up the queue), else when the first one will be
-        ready, else None."""
-        for job in self.queue:
-            if job.ready_s <= now_s:
-                return job
+        """The queued job to run now (the lowest serve order among those whose prefix has
+        arrived, the first queued on a tie: a job still waiting for its fetch does not hold up
+        the queue), else when the first one will be ready, else None."""
+        ready = [job for job in self.queue if job.ready_s <= now_s]
+        if ready:
+            return min(ready, key=lambda job: job.order_s)  # min keeps the first of equals
         return min((job.ready_s for job in self.queue), default=None)
 
     def load(self, now_s: float) -> NodeLoad:

@@ -7,7 +7,8 @@ Per request:
    loads after every change; their cache tiers' contents through the global index). A
    rejected request is counted and goes no further. A decision that fetches a prefix starts
    the transfer from the holder now, over both nodes' network interfaces.
-2. prefill, in its node's queue order, once any fetched prefix has arrived: the node's own
+2. prefill, in its node's serve order (the decision's priority, else arrival), once any
+   fetched prefix has arrived: the node's own
    tier is looked up (the store's policy sees the access), the request's blocks are stored
    there, and the prefill takes the cost model's time for the tokens not reused. The prompt's
    KV streams to the decode node from the start of the prefill.
@@ -199,7 +200,8 @@ class Simulation:
                 self._fetched_bytes += num_bytes
         self.decode[decision.decode.node_id].reserved_tokens += request.prompt_tokens + request.max_output_tokens
         planned_s = decision.prefill.load_s + decision.prefill.prefill_s
-        node.queue.append(PrefillJob(request, decision, now_s, ready_s, fetched_blocks, planned_s))
+        order_s = now_s if decision.priority_s is None else decision.priority_s
+        node.queue.append(PrefillJob(request, decision, now_s, ready_s, fetched_blocks, planned_s, order_s))
         self._report_decode(decision.decode.node_id)
         if node.running is None:
             self._at(max(now_s, ready_s), _Event.PREFILL_START, partial(self._start_prefill, node))

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -137,8 +138,13 @@ def test_a_request_goes_to_the_node_holding_its_prefix(cluster) -> None:
     namespace_id, keys = put_chain(nodes["a"], 6)
     assert eventually(lambda: status(conductor)["a"].indexed_blocks == 6, 10)
     new_key = factories.chain(namespace_id, 7, seed=99)[6]
+    asked_ms = time.monotonic() * 1000
     reply = stub(conductor).Route(route_message(namespace_id, [*keys, new_key]))
+    answered_ms = time.monotonic() * 1000
     assert reply.rejected == ""
+    # prefix-flow's serve order: the arrival on the conductor's clock + 3 x the predicted prefill
+    prefill_ms = 3000 * (reply.prefill.load_s + reply.prefill.prefill_s)
+    assert asked_ms + prefill_ms - 1 <= reply.priority <= answered_ms + prefill_ms + 1
     assert reply.prefill.node_id == "a" and reply.decode.node_id == "d"
     assert reply.prefill.local_tokens == 6 * factories.BLOCK_TOKENS
     assert reply.prefill.ttft_s > 0 and reply.candidates[0].node_id == "b"

@@ -94,6 +94,9 @@ def test_prefix_flow_overlaps_the_fetch_with_the_queue() -> None:
     assert serial.prefill.ttft_s == pytest.approx(0.5 + 0.3 + 0.4)
     assert overlapped.prefill.ttft_s == pytest.approx(0.9)
     assert overlapped.prefill.fetch_from == "p1"
+    # the serve order: arrival + 3 x the predicted prefill (0.4 s); Algorithm 1 keeps arrival order
+    assert overlapped.priority_s == pytest.approx(0.0 + 3 * 0.4)
+    assert serial.priority_s is None
 
 
 def test_prefix_flow_sends_a_burst_sharing_a_new_prefix_to_one_node() -> None:
@@ -111,6 +114,10 @@ def test_prefix_flow_sends_a_burst_sharing_a_new_prefix_to_one_node() -> None:
     assert (second.prefill.node_id, second.prefill.local_tokens) == ("p1", 900)
     assert second.prefill.ttft_s == pytest.approx(0.2)
     assert blind.prefill.node_id == "p0" and blind.prefill.ttft_s == pytest.approx(1.0)  # idle since 0.5 s
+    # The first is served at 0 + 3 x 1 s; the second, 0.1 s of prefill at 0.9 s, would come
+    # first at 0.9 + 0.3 s, ahead of the request computing its prefix: it goes right after it.
+    assert first.priority_s == pytest.approx(3.0)
+    assert second.priority_s == pytest.approx(3.0)
 
 
 def test_the_decode_node_has_room_and_the_least_predicted_tbt() -> None:
@@ -226,3 +233,15 @@ def test_reservations_on_a_node_that_does_not_report_end_when_predicted() -> Non
     state.report_load("d0", NodeLoad(running_decodes=3, decode_kv_tokens=3000))
     router.route(request(request_id="d", start=300), now_s=100.0)
     assert state.loads["d0"].decode_kv_tokens == 4010
+
+
+def test_prefix_flow_orders_a_request_with_little_slack_early() -> None:
+    # TTFT SLO 10 s; both nodes busy 6 s; the prefill takes 1 s. Shortest-first alone would
+    # order it at 3 x 1 s; what the SLO leaves it (10 - 6 - 1 = 3 s) caps that at 0.6 x 3 s.
+    state = cluster(slo=Slo(ttft_s=10.0, tbt_s=1.0))
+    for node in ("p0", "p1"):
+        state.loads[node] = NodeLoad(prefill_busy_until_s=6.0)
+    decision = PrefixFlow().place(request(), state, 0.0)
+    assert decision.accepted and decision.prefill is not None
+    assert decision.prefill.queue_s == pytest.approx(6.0)
+    assert decision.priority_s == pytest.approx(0.6 * 3.0)

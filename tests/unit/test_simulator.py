@@ -139,3 +139,23 @@ def test_percentile_by_nearest_rank() -> None:
     assert percentile([3.0, 1.0, 2.0, 4.0], 0.5) == 2.0
     assert percentile([3.0, 1.0, 2.0, 4.0], 0.99) == 4.0
     assert math.isnan(percentile([], 0.5))
+
+
+def test_prefix_flow_serves_short_prefills_first_and_algorithm_1_in_arrival_order() -> None:
+    # L (2,048 tokens, 2.048 s) starts at once; M (1,024 tokens) arrives at 0.1 s and S (100
+    # tokens) at 0.2 s, both behind L on the one node. Serve orders under prefix-flow: M 0.1 +
+    # 3 x 1.024 = 3.172, S 0.2 + 3 x 0.1 = 0.5: S goes first when L ends.
+    trace = [
+        TraceRequest(0, 2048, 1, (10, 11, 12, 13)),
+        TraceRequest(100, 1024, 1, (20, 21)),
+        TraceRequest(200, 100, 1, (30,)),
+    ]
+    config = SimConfig(prefill_nodes=1, decode_nodes=1, placement="prefix-flow", cache_blocks=10)
+    long, medium, short = simulate(config, trace, costs(1e6)).outcomes
+    assert long.ttft_s == pytest.approx(2.048)
+    assert short.ttft_s == pytest.approx(2.048 + 0.1 - 0.2)
+    assert medium.ttft_s == pytest.approx(2.148 + 1.024 - 0.1)
+    fifo = SimConfig(prefill_nodes=1, decode_nodes=1, placement="kv-centric", cache_blocks=10)
+    _, medium, short = simulate(fifo, trace, costs(1e6)).outcomes
+    assert medium.ttft_s == pytest.approx(2.048 + 1.024 - 0.1)
+    assert short.ttft_s == pytest.approx(3.072 + 0.1 - 0.2)

@@ -53,6 +53,8 @@ def vllm_server(model: Path, port: int, role: str, node: str, log: Path) -> Iter
         *("--dtype", "float32", "--block-size", str(BLOCK), "--max-model-len", "2048", "--enforce-eager"),
         *("--kv-cache-memory-bytes", str(128 << 20), "--enable-prompt-tokens-details"),
         *("--kv-transfer-config", json.dumps(transfer)),
+        # the conductor's serve order (`priority` in its Route reply) becomes the request's priority
+        *("--scheduling-policy", "priority"),
     ]
     environment = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     with log.open("wb") as output:
@@ -77,8 +79,8 @@ def vllm_server(model: Path, port: int, role: str, node: str, log: Path) -> Iter
             process.kill()
 
 
-def complete(url: str, model: Path, tokens: list[int], max_tokens: int) -> dict[str, Any]:
-    body = {"model": str(model), "prompt": tokens, "max_tokens": max_tokens, "temperature": 0.0}
+def complete(url: str, model: Path, tokens: list[int], max_tokens: int, priority: int = 0) -> dict[str, Any]:
+    body = {"model": str(model), "prompt": tokens, "max_tokens": max_tokens, "temperature": 0.0, "priority": priority}
     request = urllib.request.Request(
         url + "/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
     )
@@ -152,7 +154,7 @@ def main() -> int:
                 print(f"req {number} {label}: rejected by the conductor: {decision.rejected}", flush=True)
                 continue
             started = time.perf_counter()
-            first = complete(servers[decision.prefill.node_id], model, tokens, 1)
+            first = complete(servers[decision.prefill.node_id], model, tokens, 1, decision.priority)
             ttft = time.perf_counter() - started
             moved_at = time.perf_counter()
             fetched = clients[decision.decode.node_id].fetch(
