@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +29,8 @@ import torch
 from engine_adapters.kernels.paged import PagedKV
 from engine_adapters.kernels.plan import UnplannableError, contiguous_payloads, plan
 from kvstore.errors import InvalidArgumentError, KVStoreError
+
+log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "block_copy.cu"
 EXTENSION_NAME = "kvstore_block_copy"
@@ -81,6 +84,7 @@ def _build() -> ModuleType | str:
     from torch.utils import cpp_extension  # noqa: PLC0415 - ~150 ms to import, needed only where CUDA is
 
     where = build_dir()
+    log.info("loading the CUDA block-copy kernels from %s (the first build there takes about a minute)", where)
     try:  # torch's build holds a lock file in `where`: concurrent processes build once
         where.mkdir(parents=True, exist_ok=True)
         module: ModuleType = cpp_extension.load(
