@@ -64,7 +64,11 @@ class PrefillJob:
     ready_s: float  # when a fetched prefix has arrived (arrival when none)
     fetched_blocks: int  # blocks of the prefix that came from another node
     planned_s: float  # the policy's predicted prefill duration (for the load the node reports)
-    order_s: float  # serve order: the decision's priority, else the arrival (lower first)
+
+    @property
+    def order_s(self) -> float:
+        """Serve order, lower first: the decision's priority, else the arrival."""
+        return self.arrival_s if self.decision.priority_s is None else self.decision.priority_s
 
 
 class SimPrefill:

@@ -200,8 +200,7 @@ class Simulation:
                 self._fetched_bytes += num_bytes
         self.decode[decision.decode.node_id].reserved_tokens += request.prompt_tokens + request.max_output_tokens
         planned_s = decision.prefill.load_s + decision.prefill.prefill_s
-        order_s = now_s if decision.priority_s is None else decision.priority_s
-        node.queue.append(PrefillJob(request, decision, now_s, ready_s, fetched_blocks, planned_s, order_s))
+        node.queue.append(PrefillJob(request, decision, now_s, ready_s, fetched_blocks, planned_s))
         self._report_decode(decision.decode.node_id)
         if node.running is None:
             self._at(max(now_s, ready_s), _Event.PREFILL_START, partial(self._start_prefill, node))
