@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from engine_adapters.kernels import copy, cuda, reference
+from engine_adapters.kernels.host import HostRegistration
 from engine_adapters.kernels.paged import CacheLayout, PagedKV
 from engine_adapters.kernels.plan import UnplannableError, contiguous_payloads, execute_on_host, layout_problem, plan
+from kvstore.errors import InvalidArgumentError
 from tests.kernel_cases import DTYPES, blocks_first_flash, heads_first_flash, make_cache
 
 IDS = [4, 0, 6, 2, 5]
@@ -115,3 +117,27 @@ def test_without_cuda_every_copy_takes_the_reference(caplog: pytest.LogCaptureFi
     back = zeros(kv)
     copy.scatter(back, torch.tensor([3, 1]), out)
     assert torch.equal(reference_gather(back, [3, 1]), out)
+
+
+def test_the_kernels_refuse_a_cache_off_the_gpu_and_change_nothing() -> None:
+    kv = make_cache(CacheLayout.FLASH, torch.float16, seed=13)
+    before = [tensor.clone() for tensor in kv.tensors]
+    payloads = torch.full((2 * kv.block_bytes,), 7, dtype=torch.uint8)
+    with pytest.raises(InvalidArgumentError, match="KV cache is on cpu"):
+        cuda.gather(kv, torch.tensor([0, 1]), payloads)
+    with pytest.raises(InvalidArgumentError, match="KV cache is on cpu"):
+        cuda.scatter(kv, torch.tensor([0, 1]), payloads)
+    with pytest.raises(InvalidArgumentError, match="KV cache is on cpu"):
+        cuda.scatter_from(kv, torch.tensor([0]), [payloads.data_ptr()])
+    with pytest.raises(InvalidArgumentError, match="within"):  # ids are checked before anything else
+        cuda.gather_to(kv, torch.tensor([99]), [payloads.data_ptr()])
+    assert all(torch.equal(tensor, old) for tensor, old in zip(kv.tensors, before, strict=True))
+    assert bool((payloads == 7).all())
+
+
+def test_registering_host_memory_needs_cuda_and_contiguous_memory() -> None:
+    with pytest.raises(InvalidArgumentError, match="contiguous"):
+        HostRegistration.of(torch.zeros(4, 4).t())
+    if not cuda.available():
+        with pytest.raises(cuda.KernelUnavailableError, match="CUDA build of torch"):
+            HostRegistration.of(torch.zeros(16, dtype=torch.uint8))
