@@ -13,8 +13,10 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCache
 
 from engine_adapters.kernels.paged import CacheLayout
 from engine_adapters.vllm.config import ConnectorConfig, transfer_config
+from engine_adapters.vllm.node import NODE_ERRORS
 from engine_adapters.vllm.spec import CacheSpec
-from kvstore.errors import ConfigError
+from engine_adapters.vllm.worker import _not_a_node_error
+from kvstore.errors import ConfigError, InvalidArgumentError
 from kvstore.types import DType, KVPacking, Namespace
 
 TOKEN = "a-token-of-enough-length"
@@ -148,3 +150,14 @@ def test_a_cache_the_connector_cannot_store_is_refused_at_start(config: KVCacheC
     with pytest.raises(ConfigError) as raised:
         CacheSpec.from_vllm(VLLM, config, on_cpu=True)
     assert message in str(raised.value)
+
+
+def test_a_failed_copy_into_vllms_cache_is_a_bug_not_a_node_miss() -> None:
+    """The worker's loads treat the node's errors (KVStoreError among them) as misses; an error
+    of the copy into vLLM's own cache must not be mistaken for one."""
+    failed = "copying blocks into vLLM's KV cache failed: bad ids"
+    with pytest.raises(RuntimeError, match=failed) as raised, _not_a_node_error():
+        raise InvalidArgumentError("bad ids")
+    assert not isinstance(raised.value, NODE_ERRORS)
+    with pytest.raises(KeyError), _not_a_node_error():
+        raise KeyError("not a store error: passes through")
