@@ -38,6 +38,7 @@ from kvstore import wire
 from kvstore.client.control import GrpcControl, SlotControl, SocketControl
 from kvstore.client.reports import NodeReports
 from kvstore.dataplane.client import DataPlanePool
+from kvstore.dataplane.protocol import SOCKET_BUFFER_BYTES
 from kvstore.errors import InvalidArgumentError, KVStoreError, PeerUnavailableError, UnknownNamespaceError
 from kvstore.events import BlockEvent
 from kvstore.hashing import checksum
@@ -127,9 +128,15 @@ class Client:
         transport: Transport = Transport.AUTO,
         max_attempts: int = 3,
         shared_index: bool = True,
+        data_socket_buffer_bytes: int = SOCKET_BUFFER_BYTES,
     ) -> None:
         """`shared_index`: on the node's host, answer Lookups from the index the node publishes
-        in shared memory when it can (False: always ask the node)."""
+        in shared memory when it can (False: always ask the node). `data_socket_buffer_bytes`:
+        the send and receive buffer of each data-plane connection (0: the kernel's autotuning)."""
+        if data_socket_buffer_bytes < 0:
+            raise InvalidArgumentError(
+                f"data_socket_buffer_bytes is {data_socket_buffer_bytes}; 0 leaves the buffers to the kernel"
+            )
         self.address = address
         self.timeout_s = timeout_s
         self._metadata = call_metadata(token)
@@ -137,7 +144,7 @@ class Client:
         self._channel = Access(token, tls_root_certificates).channel(address, options)
         self._stub = pb_grpc.KVStoreStub(self._channel)
         self._namespaces: dict[NamespaceId, Namespace] = {}
-        self._pool = DataPlanePool(token=token, timeout_s=timeout_s)
+        self._pool = DataPlanePool(token=token, timeout_s=timeout_s, buffer_bytes=data_socket_buffer_bytes)
         self._segment: SharedSegment | None = None
         self._index: IndexReader | None = None
         self._reports: NodeReports | None = None  # what the shared index's users tell the node

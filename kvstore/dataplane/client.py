@@ -25,10 +25,12 @@ MAX_REPLY_KEYS = 1 << 20
 
 
 class DataPlaneConnection:
-    def __init__(self, address: str, *, token: str | None, timeout_s: float) -> None:
+    def __init__(
+        self, address: str, *, token: str | None, timeout_s: float, buffer_bytes: int = protocol.SOCKET_BUFFER_BYTES
+    ) -> None:
         self.address = address
         self._timeout_s = timeout_s
-        self._sock = protocol.connect(address, timeout_s)
+        self._sock = protocol.connect(address, timeout_s, buffer_bytes)
         self._pending = 0  # payload bytes announced by GET_OK and not yet received
         try:
             protocol.send_frame(self._sock, FrameType.HELLO, (token or "").encode())
@@ -130,9 +132,17 @@ class DataPlaneConnection:
 class DataPlanePool:
     """Idle connections per address, reused across calls."""
 
-    def __init__(self, *, token: str | None, timeout_s: float, max_idle_per_address: int = 8) -> None:
+    def __init__(
+        self,
+        *,
+        token: str | None,
+        timeout_s: float,
+        max_idle_per_address: int = 8,
+        buffer_bytes: int = protocol.SOCKET_BUFFER_BYTES,
+    ) -> None:
         self._token = token
         self._timeout_s = timeout_s
+        self._buffer_bytes = buffer_bytes
         self._max_idle = max_idle_per_address
         self._idle: dict[str, list[DataPlaneConnection]] = {}
         self._lock = threading.Lock()
@@ -145,7 +155,9 @@ class DataPlanePool:
             idle = self._idle.get(address)
             connection = idle.pop() if idle else None
         if connection is None:
-            connection = DataPlaneConnection(address, token=self._token, timeout_s=self._timeout_s)
+            connection = DataPlaneConnection(
+                address, token=self._token, timeout_s=self._timeout_s, buffer_bytes=self._buffer_bytes
+            )
         reusable = False
         try:
             yield connection

@@ -80,14 +80,17 @@ class DataPlaneServer:
         max_connections: int,
         max_keys: int,
         observer: TransferObserver,
+        buffer_bytes: int = protocol.SOCKET_BUFFER_BYTES,
     ) -> None:
-        """Listen on host:port now (so `port` is known before `start`)."""
+        """Listen on host:port now (so `port` is known before `start`); accepted connections
+        inherit buffers of `buffer_bytes` (`protocol.size_buffers`)."""
         self._service: BlockService | None = None
         self._token = token.encode() if token is not None else None
         self._max_keys = max_keys
         self._observer = observer
         self._slots = threading.BoundedSemaphore(max_connections)
         self._listener = socket.create_server((host, port), reuse_port=False, backlog=128)
+        protocol.size_buffers(self._listener, buffer_bytes)
         self.port: int = self._listener.getsockname()[1]
         self._connections: set[socket.socket] = set()
         self._lock = threading.Lock()

@@ -56,6 +56,9 @@ class ServerSection:
     max_message_bytes: int = 16 * MiB  # larger gRPC messages are refused (no payloads travel there)
     max_keys_per_call: int = 65536  # larger batches are refused with INVALID_ARGUMENT
     max_data_connections: int = 256  # concurrent data-plane connections (and local-socket ones); more refused
+    # Send and receive buffer each data-plane TCP socket asks for (the kernel doubles it, capped
+    # by net.core.rmem_max / wmem_max); 0: the kernel's autotuning.
+    data_socket_buffer_bytes: int = 4 * MiB
     # Blocks the shared index (same-host clients' Lookups) is sized for; 0: one per 16 KiB of
     # DRAM and NVMe capacity; -1: publish none (clients ask the node).
     shared_index_blocks: int = 0
@@ -230,6 +233,11 @@ def _validate(config: NodeConfig, origins: Mapping[str, str]) -> None:
     for name in ("max_workers", "max_keys_per_call", "max_data_connections"):
         if getattr(server, name) < 1:
             raise ConfigError(f"{where('server.' + name)} must be >= 1, got {getattr(server, name)}")
+    if not 0 <= server.data_socket_buffer_bytes <= 1 << 30:
+        raise ConfigError(
+            f"{where('server.data_socket_buffer_bytes')} must be 0 (the kernel's autotuning) or at most 1 GiB, "
+            f"got {server.data_socket_buffer_bytes}"
+        )
     if server.shared_index_blocks < -1:
         raise ConfigError(f"{where('server.shared_index_blocks')} must be -1 (off), 0 (sized from the tiers) or more")
     if server.max_message_bytes < 64 * KiB:

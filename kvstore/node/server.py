@@ -69,6 +69,7 @@ class NodeServer:
                 max_connections=server.max_data_connections,
                 max_keys=server.max_keys_per_call,
                 observer=self.metrics,
+                buffer_bytes=server.data_socket_buffer_bytes,
             )
             self.local_control = LocalControlServer(
                 f"unix:@{dram.segment.name}.sock",
@@ -84,7 +85,9 @@ class NodeServer:
                 data_address=f"{advertise}:{self.dataplane.port}",
                 local_address=self.local_control.address,
                 metrics=self.metrics,
-                peers=DataPlanePool(token=config.token, timeout_s=PEER_TIMEOUT_S),
+                peers=DataPlanePool(
+                    token=config.token, timeout_s=PEER_TIMEOUT_S, buffer_bytes=server.data_socket_buffer_bytes
+                ),
             )
             self._publish_index(f"{dram.segment.name}.index")
             self.registry.register(

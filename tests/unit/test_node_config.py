@@ -72,6 +72,7 @@ def test_token_from_a_file_or_the_environment(tmp_path):
         (["store.dram_slab_bytes=1000"], {}, "dram.slab_bytes must be a positive multiple of 4096"),
         (["noequals"], {}, "section.field=value"),
         (["server.shared_index_blocks=-2"], {}, "server.shared_index_blocks must be -1 (off), 0"),
+        (["server.data_socket_buffer_bytes=2GiB"], {}, "server.data_socket_buffer_bytes must be 0 (the kernel's"),
     ],
 )
 def test_bad_values_name_the_key_and_the_source(overrides, environ, message):

@@ -23,7 +23,7 @@ def pair():
 
 def test_receives_every_view_and_hashes_what_arrived(pair):
     receiver, sender = pair
-    payloads = [bytes(range(256)) * 2048, b"\x07" * (protocol.HASH_CHUNK_BYTES + 5), b"x"]
+    payloads = [bytes(range(256)) * 2048, b"\x07" * (protocol.RECV_CHUNK_BYTES + 5), b"x"]
     views = [memoryview(bytearray(len(p))) for p in payloads]
     threading.Thread(target=sender.sendall, args=(b"".join(payloads),), daemon=True).start()
 
@@ -52,6 +52,27 @@ def test_without_a_deadline_the_socket_timeout_bounds_each_chunk(pair):
     with pytest.raises(TimeoutError):
         protocol.recv_blocks_hashed(receiver, [memoryview(bytearray(10))])
     assert receiver.gettimeout() == 0.2
+
+
+def test_without_a_deadline_a_slow_sender_that_keeps_sending_is_not_cut_off(pair):
+    receiver, sender = pair
+    receiver.settimeout(0.25)
+    pieces = [b"p" * 1000, b"q" * 1000, b"r" * 1000]
+
+    def trickle() -> None:
+        for piece in pieces:
+            sender.sendall(piece)
+            time.sleep(0.15)
+
+    threading.Thread(target=trickle, daemon=True).start()
+    view = memoryview(bytearray(3000))
+    started = time.monotonic()
+
+    checksums = protocol.recv_blocks_hashed(receiver, [view])
+
+    assert time.monotonic() - started > 0.25  # longer in all than the timeout, which bounds each read
+    assert bytes(view) == b"".join(pieces)
+    assert checksums == [xxhash.xxh3_64_intdigest(b"".join(pieces))]
 
 
 def test_a_peer_that_closes_midway_is_a_reset(pair):
