@@ -51,6 +51,9 @@ MAX_TOKEN_BYTES = 4096
 # 1.3-1.5x faster than one read per 2 MiB block, and 1.1-1.2x faster than 256 KiB reads (the
 # hash then also reads from L1/L2). Measured with tools/bench/node.py's raw socket reference.
 RECV_CHUNK_BYTES = 32 * 1024
+# Payloads are sent this many bytes per `sendall`: on loopback, 64 MiB sent in 1 MiB pieces
+# arrived 1.05-1.2x sooner than in one call (2 MiB pieces as fast; 4 MiB and more slower).
+SEND_PIECE_BYTES = 1024 * 1024
 # The send and receive buffers a data-plane TCP socket asks for (the kernel doubles the request
 # and caps it at net.core.rmem_max / wmem_max). With the kernel's autotuning instead, the
 # receive buffer of a connection that alternates requests and 64 MiB bursts stayed at 1-2.6 MiB
@@ -282,9 +285,11 @@ def _recv_waitall(sock: socket.socket, view: memoryview, deadline: float | None,
 
 
 def send_all_by(sock: socket.socket, view: memoryview, deadline: float) -> None:
-    """`sendall` that gives up (TimeoutError) when `deadline` (time.monotonic) passes."""
-    sock.settimeout(_remaining(deadline))
-    sock.sendall(view)  # since Python 3.5 the timeout bounds the whole call
+    """`sendall` that gives up (TimeoutError) when `deadline` (time.monotonic) passes, in
+    pieces of SEND_PIECE_BYTES."""
+    for start in range(0, len(view), SEND_PIECE_BYTES):
+        sock.settimeout(_remaining(deadline))
+        sock.sendall(view[start : start + SEND_PIECE_BYTES])  # the timeout bounds the whole call
 
 
 def _remaining(deadline: float) -> float:

@@ -402,7 +402,7 @@ def run_references(
             log(f"memcpy, raw socket{', Redis' if redis_ref else ''}: {format_size(size)} blocks")
             sources, dests = split_blocks(source, size), split_blocks(dest, size)
             trials = {"memcpy (np.copyto)": memcpy_trial(sources, dests)}
-            trials["raw socket, loopback (request, recv_into)"] = stream.trial(dests)
+            trials["raw socket, loopback (request, recv_into 32 KiB at a time)"] = stream.trial(dests)
             if redis_ref is not None:
                 redis_ref.clear()
                 trials["Redis SET (MSET)"] = redis_ref.set_trial(sources)
