@@ -90,7 +90,11 @@ class DataPlaneServer:
         self._observer = observer
         self._slots = threading.BoundedSemaphore(max_connections)
         self._listener = socket.create_server((host, port), reuse_port=False, backlog=128)
-        protocol.size_buffers(self._listener, buffer_bytes)
+        try:
+            protocol.size_buffers(self._listener, buffer_bytes)
+        except BaseException:
+            self._listener.close()
+            raise
         self.port: int = self._listener.getsockname()[1]
         self._connections: set[socket.socket] = set()
         self._lock = threading.Lock()
