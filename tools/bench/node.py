@@ -4,7 +4,7 @@
         [--no-redis] [--no-mooncake] [--lookup-clients N] [--lookup-threads] [--out-json PATH] [--no-doc]
 
 --quick (64 KiB and 2 MiB, 3 repeats, 1 run, ~1.5 minutes here) is for development and writes no
-doc; the full default (4 sizes, 5 repeats, 3 runs) takes ~8 minutes on this 2-core VM.
+doc; the full default (4 sizes, 5 repeats, 3 runs) takes ~10 minutes on this 2-core VM.
 
 Every daemon is a subprocess (`python -m kvstore.cli serve`, loopback, free ports, a 2 GiB DRAM
 pool of 16 MiB slabs, NVMe off), and every engine is a separate Python process (multiprocessing,
