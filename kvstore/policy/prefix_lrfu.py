@@ -1,6 +1,7 @@
 """Prefix LRFU: recency and frequency in one number, kept across evictions, on a time scale
 learned from the workload; leaf-first. Selected by `store.eviction_policy = "prefix-lrfu"`; not
-yet the default, because an access costs ~1 us per block in Python (docs/policy.md).
+yet the default, because of what it costs per access (docs/policy.md); the per-row work of an
+access is compiled where the build had a C compiler (kvstore/_lrfu_access.c).
 
 Why. On request traces most blocks are used once, and a block that comes back usually comes
 back after a long while (on Mooncake's conversation trace the median reuse is ~450 requests
@@ -45,13 +46,20 @@ dropped as they come up; the heap is rebuilt if they ever outnumber the live one
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import numpy.typing as npt
 
 from kvstore.table import ABSENT, BlockTable
 from kvstore.types import BlockKey, TierKind
+
+NativeAccess = Callable[[object, object, object, object, object, object, float, float, float], int]
+native_access: NativeAccess | None
+try:  # the per-row work of an access, compiled (kvstore/_lrfu_access.c), when the build had a C compiler
+    from kvstore._lrfu_access import access as native_access
+except ImportError:  # where nothing was compiled: the Python loop does the same
+    native_access = None
 
 _TIERS = tuple(TierKind)
 _HISTORY_PER_ROW = 1  # history slots per table row: remember as many departed blocks as are held,
@@ -125,6 +133,9 @@ class PrefixLRFU:
         if not count:
             return
         table = self._require_table()
+        if native_access is not None:
+            self._access_natively(rows, table)
+            return
         row_list: list[int] = rows.tolist() if isinstance(rows, np.ndarray) else list(rows)
         mine, current = self._incarnation, table.incarnation
         if any(mine.item(row) != current.item(row) for row in row_list):
@@ -147,6 +158,26 @@ class PrefixLRFU:
         self._clock = time + 1.0
         if intervals:
             self._learn(intervals)
+
+    def _access_natively(self, rows: Sequence[int] | npt.NDArray[np.intp], table: BlockTable) -> None:
+        """`on_access` with its per-row loop compiled: the same steps in the same order, and the
+        same numbers bit for bit (tests/unit/test_policy.py replays traces both ways)."""
+        assert native_access is not None
+        count = len(rows)
+        leaf_first = np.array(rows[::-1], dtype=np.int64)
+        if (self._clock + count - self._origin) / self._scale > _MAX_EXPONENT:
+            self._adopt(leaf_first.astype(np.intp), table)
+            self._rebase()
+        term = 2.0 ** ((self._clock - self._origin) / self._scale)
+        step = 2.0 ** (1.0 / self._scale)
+        state = (self._incarnation, table.incarnation, self._weight, self._last, self._intervals)
+        counted = native_access(leaf_first, *state, self._clock, term, step)
+        if counted < 0:  # rows that hold other blocks now: adopted first, as on_access does
+            self._adopt(leaf_first.astype(np.intp), table)
+            counted = native_access(leaf_first, *state, self._clock, term, step)
+        self._clock += count + 1.0
+        if counted:
+            self._note_samples(counted)
 
     def on_insert(self, rows: Sequence[int], tier: TierKind) -> None:
         """A copy in a new tier: the block enters that tier's queue with its weight."""
@@ -276,7 +307,11 @@ class PrefixLRFU:
         """Add reuse intervals to the histogram; every so often H is set from its median."""
         for interval in intervals:
             self._intervals[min(_BUCKETS - 1, max(0, int(interval).bit_length() - 1))] += 1.0
-        self._samples += len(intervals)
+        self._note_samples(len(intervals))
+
+    def _note_samples(self, count: int) -> None:
+        """`count` reuse intervals were added to the histogram; every so often H is set from its median."""
+        self._samples += count
         if self._samples < self._next_estimate:
             return
         # A new scale converts every weight and the whole history, O(rows): estimates come at

@@ -1,0 +1,78 @@
+"""prefix-lrfu's compiled access (kvstore/_lrfu_access.c) against its Python loop: the same
+numbers bit for bit over whole replays, and bad input refused before anything is written."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvstore.policy import PrefixLRFU, prefix_lrfu
+from kvstore.policy.simulated import SimulatedTier
+from tools.traces.generate import TraceParams, generate_trace
+
+native_access = prefix_lrfu.native_access
+pytestmark = pytest.mark.skipif(native_access is None, reason="kvstore/_lrfu_access.c was not compiled here")
+
+TRACE = generate_trace(TraceParams(seed=7, duration_minutes=6.0, num_prefixes=40))
+
+
+def replay(capacity: int, scale_factor: float) -> tuple[list[int], PrefixLRFU]:
+    policy = PrefixLRFU(scale_factor=scale_factor)
+    tier = SimulatedTier(policy, capacity)
+    return [tier.serve(request.hash_ids) for request in TRACE], policy
+
+
+@pytest.mark.parametrize("capacity", [150, 2000])
+@pytest.mark.parametrize("scale_factor", [4.0, 0.02])  # 0.02: a short time scale, so weights are rebased often
+def test_a_replay_is_the_same_compiled_or_not(monkeypatch, capacity, scale_factor):
+    compiled_hits, compiled = replay(capacity, scale_factor)
+    monkeypatch.setattr(prefix_lrfu, "native_access", None)
+    python_hits, python = replay(capacity, scale_factor)
+
+    assert sum(python_hits) > 0  # blocks were reused, evicted and came back: every path ran
+    assert compiled_hits == python_hits
+    for name in ("_weight", "_last", "_incarnation", "_intervals", "_history_weight"):
+        assert np.array_equal(getattr(compiled, name), getattr(python, name)), name
+    assert (compiled._clock, compiled._origin, compiled._samples) == (python._clock, python._origin, python._samples)
+    assert compiled.time_scale == python.time_scale
+
+
+def state(rows: int = 8) -> list[np.ndarray]:
+    return [
+        np.zeros(rows, dtype=np.uint32),  # mine
+        np.zeros(rows, dtype=np.uint32),  # current
+        np.zeros(rows, dtype=np.float64),  # weight
+        np.zeros(rows, dtype=np.float32),  # last
+        np.zeros(64, dtype=np.float64),  # histogram
+    ]
+
+
+def test_a_row_out_of_range_is_refused_before_anything_is_written():
+    assert native_access is not None
+    arrays = state()
+    with pytest.raises(IndexError, match="row 8 is outside the policy's 8 rows"):
+        native_access(np.array([1, 8], dtype=np.int64), *arrays, 10.0, 1.0, 1.5)
+    assert not any(array.any() for array in arrays)
+
+
+def test_buffers_of_the_wrong_type_are_refused():
+    assert native_access is not None
+    mine, current, weight, last, histogram = state()
+    with pytest.raises(ValueError, match="histogram 64 float64 buckets"):
+        native_access(np.array([1], dtype=np.int64), mine, current, weight, last, histogram[:10], 10.0, 1.0, 1.5)
+    with pytest.raises(TypeError):  # read-only weights
+        weight.flags.writeable = False
+        native_access(np.array([1], dtype=np.int64), mine, current, weight, last, histogram, 10.0, 1.0, 1.5)
+
+
+def test_a_row_that_holds_another_block_asks_for_adoption_and_changes_nothing():
+    assert native_access is not None
+    mine, current, weight, last, histogram = state()
+    current[3] = 1
+    assert native_access(np.array([2, 3], dtype=np.int64), mine, current, weight, last, histogram, 10.0, 1.0, 1.5) == -1
+    assert not weight.any() and not last.any()
+    mine[3] = 1
+    last[2] = 4.0  # accessed before: one reuse interval, 11 - 4 = 7, in bucket 2
+    assert native_access(np.array([2, 3], dtype=np.int64), mine, current, weight, last, histogram, 10.0, 1.0, 1.5) == 1
+    assert weight[2] == 1.5 and weight[3] == 2.25 and last[2] == 11.0 and last[3] == 12.0
+    assert histogram[2] == 1.0 and histogram.sum() == 1.0
