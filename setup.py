@@ -1,6 +1,6 @@
 """Build hooks: generate the gRPC modules from kvstore/proto/kvstore.proto before packaging, and
 compile the shared index's read path (kvstore/_index_probe.c) and prefix-lrfu's access
-(kvstore/_lrfu_access.c); both optional: without a C compiler the package does the same in
+(kvstore/_lrfu.c); both optional: without a C compiler the package does the same in
 numpy and Python, more slowly.
 
 Everything else about the package is declared in pyproject.toml.
@@ -28,6 +28,6 @@ setup(
     cmdclass={"build_py": BuildPyWithProto},
     ext_modules=[
         Extension("kvstore._index_probe", ["kvstore/_index_probe.c"], extra_compile_args=["-O2"], optional=True),
-        Extension("kvstore._lrfu_access", ["kvstore/_lrfu_access.c"], extra_compile_args=["-O2"], optional=True),
+        Extension("kvstore._lrfu", ["kvstore/_lrfu.c"], extra_compile_args=["-O2"], optional=True),
     ],
 )

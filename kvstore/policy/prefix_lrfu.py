@@ -1,7 +1,7 @@
 """Prefix LRFU: recency and frequency in one number, kept across evictions, on a time scale
 learned from the workload; leaf-first. Selected by `store.eviction_policy = "prefix-lrfu"`; not
 yet the default, because of what it costs per access (docs/policy.md); the per-row work of an
-access is compiled where the build had a C compiler (kvstore/_lrfu_access.c).
+access is compiled where the build had a C compiler (kvstore/_lrfu.c).
 
 Why. On request traces most blocks are used once, and a block that comes back usually comes
 back after a long while (on Mooncake's conversation trace the median reuse is ~450 requests
@@ -55,11 +55,14 @@ from kvstore.table import ABSENT, BlockTable
 from kvstore.types import BlockKey, TierKind
 
 NativeAccess = Callable[[object, object, object, object, object, object, float, float, float], int]
+NativeEvict = Callable[..., int]
 native_access: NativeAccess | None
-try:  # the per-row work of an access, compiled (kvstore/_lrfu_access.c), when the build had a C compiler
-    from kvstore._lrfu_access import access as native_access
-except ImportError:  # where nothing was compiled: the Python loop does the same
-    native_access = None
+native_evict: NativeEvict | None
+try:  # the per-row work of an access and an eviction, compiled (kvstore/_lrfu.c), when the build had a C compiler
+    from kvstore._lrfu import access as native_access
+    from kvstore._lrfu import evict as native_evict
+except ImportError:  # where nothing was compiled: the Python loops do the same
+    native_access = native_evict = None
 
 _TIERS = tuple(TierKind)
 _HISTORY_PER_ROW = 1  # history slots per table row: remember as many departed blocks as are held,
@@ -195,6 +198,11 @@ class PrefixLRFU:
         if not rows:
             return
         table = self._require_table()
+        if native_evict is not None:
+            history = (self._history_tag, self._history_weight, self._history_last)
+            state = (self._incarnation, table.incarnation, table.slot, table.keys, self._weight, self._last)
+            native_evict(np.array(rows, dtype=np.int64), int(tier), table.slot.shape[1], *state, *history)
+            return
         slot, mine, current = table.slot, self._incarnation, table.incarnation
         others = [kind for kind in _TIERS if kind != tier]
         leaving = [

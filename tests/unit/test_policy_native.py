@@ -1,5 +1,5 @@
-"""prefix-lrfu's compiled access (kvstore/_lrfu_access.c) against its Python loop: the same
-numbers bit for bit over whole replays, and bad input refused before anything is written."""
+"""prefix-lrfu's compiled access and eviction (kvstore/_lrfu.c) against its Python loops: the
+same numbers bit for bit over whole replays, and bad input refused before anything is written."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from kvstore.policy.simulated import SimulatedTier
 from tools.traces.generate import TraceParams, generate_trace
 
 native_access = prefix_lrfu.native_access
-pytestmark = pytest.mark.skipif(native_access is None, reason="kvstore/_lrfu_access.c was not compiled here")
+native_evict = prefix_lrfu.native_evict
+pytestmark = pytest.mark.skipif(native_access is None, reason="kvstore/_lrfu.c was not compiled here")
 
 TRACE = generate_trace(TraceParams(seed=7, duration_minutes=6.0, num_prefixes=40))
 
@@ -27,11 +28,12 @@ def replay(capacity: int, scale_factor: float) -> tuple[list[int], PrefixLRFU]:
 def test_a_replay_is_the_same_compiled_or_not(monkeypatch, capacity, scale_factor):
     compiled_hits, compiled = replay(capacity, scale_factor)
     monkeypatch.setattr(prefix_lrfu, "native_access", None)
+    monkeypatch.setattr(prefix_lrfu, "native_evict", None)
     python_hits, python = replay(capacity, scale_factor)
 
     assert sum(python_hits) > 0  # blocks were reused, evicted and came back: every path ran
     assert compiled_hits == python_hits
-    for name in ("_weight", "_last", "_incarnation", "_intervals", "_history_weight"):
+    for name in ("_weight", "_last", "_incarnation", "_intervals", "_history_tag", "_history_weight", "_history_last"):
         assert np.array_equal(getattr(compiled, name), getattr(python, name)), name
     assert (compiled._clock, compiled._origin, compiled._samples) == (python._clock, python._origin, python._samples)
     assert compiled.time_scale == python.time_scale
@@ -76,3 +78,66 @@ def test_a_row_that_holds_another_block_asks_for_adoption_and_changes_nothing():
     assert native_access(np.array([2, 3], dtype=np.int64), mine, current, weight, last, histogram, 10.0, 1.0, 1.5) == 1
     assert weight[2] == 1.5 and weight[3] == 2.25 and last[2] == 11.0 and last[3] == 12.0
     assert histogram[2] == 1.0 and histogram.sum() == 1.0
+
+
+def history(size: int = 16) -> list[np.ndarray]:
+    return [np.zeros(size, dtype=np.uint32), np.zeros(size, dtype=np.float32), np.zeros(size, dtype=np.float32)]
+
+
+def test_evict_keeps_only_last_copies_of_known_rows_in_the_history():
+    assert native_evict is not None
+    mine, current, weight, last, _ = state(4)
+    mine[:] = current[:] = 1
+    current[2] = 2  # row 2 holds another block now: not the policy's to remember
+    weight[:] = [1.0, 2.0, 3.0, 4.0]
+    last[:] = [5.0, 6.0, 7.0, 8.0]
+    slot = np.full((4, 3), 0xFFFFFFFF, dtype=np.uint32)
+    slot[:, 1] = 0  # every row in tier 1 ...
+    slot[1, 2] = 0  # ... row 1 also in tier 2: leaving tier 1 is not leaving
+    keys = [np.random.default_rng(row).bytes(16) for row in range(4)]  # hash-like, as block keys are
+    tags, kept_weight, kept_last = history(1 << 16)
+
+    left = native_evict(
+        np.array([0, 1, 2, 3], dtype=np.int64),
+        1,
+        3,
+        mine,
+        current,
+        slot,
+        keys,
+        weight,
+        last,
+        tags,
+        kept_weight,
+        kept_last,
+    )
+
+    assert left == 2 and list(mine) == [0, 1, 1, 0]
+    assert sorted(kept_weight[tags != 0]) == [1.0, 4.0] and sorted(kept_last[tags != 0]) == [5.0, 8.0]
+
+
+def test_evict_refuses_a_row_out_of_range_or_a_bad_key_before_writing():
+    assert native_evict is not None
+    mine, current, weight, last, _ = state(4)
+    slot = np.full((4, 3), 0xFFFFFFFF, dtype=np.uint32)
+    arrays = history()
+    with pytest.raises(IndexError, match="row 4 is outside"):
+        native_evict(
+            np.array([0, 4], dtype=np.int64), 1, 3, mine, current, slot, [b"k" * 16] * 4, weight, last, *arrays
+        )
+    with pytest.raises(ValueError, match="the key of row 1 is not 16 bytes"):
+        native_evict(
+            np.array([0, 1], dtype=np.int64),
+            1,
+            3,
+            mine,
+            current,
+            slot,
+            [b"k" * 16, b"short", None, None],
+            weight,
+            last,
+            *arrays,
+        )
+    with pytest.raises(ValueError, match="the tier one of the slot table's tiers"):
+        native_evict(np.array([0], dtype=np.int64), 3, 3, mine, current, slot, [None] * 4, weight, last, *arrays)
+    assert not any(array.any() for array in arrays)
