@@ -98,6 +98,9 @@ class PrefixLRFU:
         self._clock = 1.0
         self._origin = 0.0  # weights are 2 ** ((t - origin) / H)
         self._heaps: dict[TierKind, list[Entry]] = {tier: [] for tier in _TIERS}
+        # Victims handed out: usually evicted by the caller, so their entries wait here and go
+        # back into the heap only if their copy is still there when the heap is next read.
+        self._handed_out: dict[TierKind, list[Entry]] = {tier: [] for tier in _TIERS}
         self._history_tag = np.zeros(0, dtype=np.uint32)  # hints only: a rare false match is harmless
         self._history_weight = np.zeros(0, dtype=np.float32)
         self._history_last = np.zeros(0, dtype=np.float32)
@@ -227,6 +230,7 @@ class PrefixLRFU:
     # -- victims -------------------------------------------------------------------------------
 
     def victims(self, tier: TierKind, table: BlockTable) -> Iterator[int]:
+        self._take_back(tier, table)
         heap = self._heaps[tier]
         if len(heap) > 2 * len(table.ids) + 1024:  # mostly entries of copies that are gone
             heap = self._rebuild(tier, table)
@@ -268,9 +272,10 @@ class PrefixLRFU:
                 remaining[parent_row] = left
                 if left == 0 and parent_row in waiting:
                     heapq.heappush(heap, waiting.pop(parent_row))
-        finally:  # what was popped and not dropped goes back; what the caller evicted is dropped later
-            for entry in (*waiting.values(), *held, *yielded):
+        finally:  # what was popped and not dropped goes back; what was handed out, once it is known
+            for entry in (*waiting.values(), *held):  # which of it the caller evicted (_take_back)
                 heapq.heappush(heap, entry)
+            self._handed_out[tier].extend(yielded)
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -360,12 +365,27 @@ class PrefixLRFU:
         """Every weight changed: queue the copies again."""
         if self._table is not None:
             for tier in _TIERS:
-                if self._heaps[tier]:
+                if self._heaps[tier] or self._handed_out[tier]:
                     self._rebuild(tier, self._table)
+
+    def _take_back(self, tier: TierKind, table: BlockTable) -> None:
+        """Victims handed out whose copy the caller kept go back into the heap; the rest are
+        dropped here, which saves them a push and a pop (a victim costs ~2 heap operations,
+        not 4)."""
+        handed_out = self._handed_out[tier]
+        if not handed_out:
+            return
+        heap, incarnation, slot = self._heaps[tier], table.incarnation, table.slot
+        for entry in handed_out:
+            _, row, born = entry
+            if born == incarnation.item(row) and slot.item(row, tier) != _ABSENT:
+                heapq.heappush(heap, entry)
+        handed_out.clear()
 
     def _lowest(self, tier: TierKind) -> float | None:
         """The weight of the tier's next victim candidate, or None when it holds nothing."""
         table = self._require_table()
+        self._take_back(tier, table)
         heap, weight, incarnation, slot = self._heaps[tier], self._weight, table.incarnation, table.slot
         while heap:
             value, row, born = heap[0]
@@ -383,4 +403,5 @@ class PrefixLRFU:
         heap = list(zip(self._weight[rows].tolist(), rows.tolist(), self._incarnation[rows].tolist(), strict=True))
         heapq.heapify(heap)
         self._heaps[tier] = heap
+        self._handed_out[tier] = []  # every copy still there has its entry in the new heap
         return heap

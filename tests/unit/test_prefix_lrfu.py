@@ -188,3 +188,18 @@ def test_a_new_time_scale_keeps_the_order_of_single_accesses():
     rig.policy._set_scale(rig.policy.time_scale / 64)
     assert rig.victims() == order
     assert np.isfinite(rig.policy._weight).all()
+
+
+def test_victims_the_caller_kept_are_offered_again_and_evicted_ones_are_not():
+    rig = Rig()
+    for name in ("a", "b", "c", "d"):
+        rig.store(name)
+    rig.access("c")  # c: two accesses, the others one each, oldest first
+    first = rig.victims()  # handed out, none evicted yet
+    assert first == ["a", "b", "d", "c"]
+    assert rig.victims() == first
+    rig.evict("a")
+    rig.evict("d")
+    assert rig.victims() == ["b", "c"]
+    rig.store("e")  # one access, the latest: after b, before c's two
+    assert rig.victims() == ["b", "e", "c"]
