@@ -1,5 +1,5 @@
 """Build hooks: generate the gRPC modules from kvstore/proto/kvstore.proto before packaging, and
-compile the shared index's read path (kvstore/_index_probe.c) and prefix-lrfu's access
+compile the shared index's read path (kvstore/_index_probe.c) and prefix-lrfu's per-row work
 (kvstore/_lrfu.c); both optional: without a C compiler the package does the same in
 numpy and Python, more slowly.
 

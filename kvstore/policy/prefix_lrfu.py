@@ -1,7 +1,7 @@
 """Prefix LRFU: recency and frequency in one number, kept across evictions, on a time scale
 learned from the workload; leaf-first. Selected by `store.eviction_policy = "prefix-lrfu"`; not
 yet the default, because of what it costs per access (docs/policy.md); the per-row work of an
-access is compiled where the build had a C compiler (kvstore/_lrfu.c).
+access and of an eviction is compiled where the build had a C compiler (kvstore/_lrfu.c).
 
 Why. On request traces most blocks are used once, and a block that comes back usually comes
 back after a long while (on Mooncake's conversation trace the median reuse is ~450 requests
@@ -40,7 +40,9 @@ Cost: an access is a short loop over its rows and touches no queue. Each tier ke
 raises a weight, so an entry can only be too low: `victims` pops the smallest, and one whose
 block was accessed since goes back with its new weight (lazy update). Entries of copies that
 are gone, or of rows that hold another block now (`BlockTable.incarnation` changed), are
-dropped as they come up; the heap is rebuilt if they ever outnumber the live ones.
+dropped as they come up; the heap is rebuilt if they ever outnumber the live ones. A victim
+handed out waits aside rather than going straight back: the caller usually evicts it, and only
+one it kept returns to the heap when the heap is next read.
 """
 
 from __future__ import annotations
@@ -167,7 +169,7 @@ class PrefixLRFU:
 
     def _access_natively(self, rows: Sequence[int] | npt.NDArray[np.intp], table: BlockTable) -> None:
         """`on_access` with its per-row loop compiled: the same steps in the same order, and the
-        same numbers bit for bit (tests/unit/test_policy.py replays traces both ways)."""
+        same numbers bit for bit (tests/unit/test_policy_native.py replays traces both ways)."""
         assert native_access is not None
         count = len(rows)
         leaf_first = np.array(rows[::-1], dtype=np.int64)
