@@ -6,6 +6,7 @@ import socket
 
 import pytest
 
+from kvstore.client import Client
 from kvstore.dataplane import protocol
 from kvstore.errors import InvalidArgumentError
 
@@ -56,3 +57,8 @@ def test_a_negative_buffer_is_refused_before_the_socket_changes():
         with pytest.raises(InvalidArgumentError, match="0 leaves it to the kernel"):
             protocol.size_buffers(sock, -1)
         assert buffers(sock) == before
+
+
+def test_a_client_with_a_negative_buffer_is_refused_before_it_connects():
+    with pytest.raises(InvalidArgumentError, match="data_socket_buffer_bytes is -1"):
+        Client("127.0.0.1:1", data_socket_buffer_bytes=-1)  # nothing listens there: no connection is tried
