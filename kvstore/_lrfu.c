@@ -1,4 +1,4 @@
-/* prefix-lrfu's per-row work, compiled: what PrefixLRFU.on_access (with _learn) and on_evict do
+/* prefix-lrfu's per-row work, compiled: what PrefixLRFU.on_access (with _learn), _adopt and on_evict do
  * per row in Python (~1 us a row), in one pass each (kvstore/policy/prefix_lrfu.py explains the
  * policy). Optional: without a compiler the policy runs its Python, which gives the same
  * numbers bit for bit (tests/unit/test_policy_native.py replays traces both ways).
@@ -23,6 +23,12 @@
  *   (mine == current) with no copy in another tier leaves its weight and last time in the
  *   history at its key's place (Fibonacci hashing of the key's two halves XORed, as
  *   PrefixLRFU._history_positions), and is forgotten (mine = 0). Returns how many left.
+ *
+ * adopt(rows, mine, current, keys, weight, last, history_tag, history_weight, history_last) -> int
+ *   rows (int64) about to be accessed or queued; each one that holds another block than the
+ *   policy knows (mine != current) is taken on: mine = current, and its weight and last time
+ *   come from its key's history entry when the tag there is the key's (the entry is then
+ *   emptied: tag 0), else start at 0. Returns how many rows were taken on.
  *
  * Every row is checked against every buffer before anything is written: IndexError otherwise.
  */
@@ -107,6 +113,31 @@ done:
 #define TAG_MULTIPLIER 0xC2B2AE3D27D4EB4FULL
 #define ABSENT 0xFFFFFFFFu
 
+static uint64_t history_place(PyObject *key, int bits, uint32_t *tag) {
+    /* PrefixLRFU._history_positions for one key (None: 16 zero bytes): Fibonacci hashing of the
+     * key's two little-endian halves XORed; the tag from another multiplier, never 0. */
+    uint64_t halves[2] = {0, 0};
+    if (key != Py_None) memcpy(halves, PyBytes_AS_STRING(key), 16); /* little-endian, as "<u8" */
+    uint64_t folded = halves[0] ^ halves[1];
+    *tag = (uint32_t)((folded * TAG_MULTIPLIER) >> 32) | 1u;
+    return bits ? (folded * GOLDEN) >> (64 - bits) : 0;
+}
+
+static int history_bits(Py_ssize_t history) {
+    int bits = 0;
+    while (((Py_ssize_t)1 << bits) < history) bits++;
+    return bits;
+}
+
+static int check_key(PyObject *keys, int64_t row, const char *who) {
+    PyObject *key = PyList_GET_ITEM(keys, row);
+    if (key != Py_None && (!PyBytes_Check(key) || PyBytes_GET_SIZE(key) != 16)) {
+        PyErr_Format(PyExc_ValueError, "%s: the key of row %lld is not 16 bytes", who, (long long)row);
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *lrfu_evict(PyObject *self, PyObject *args) {
     Py_buffer rows, mine, current, slot, weight, last, tag, history_weight, history_last;
     int tier, tiers;
@@ -135,19 +166,14 @@ static PyObject *lrfu_evict(PyObject *self, PyObject *args) {
             PyErr_Format(PyExc_IndexError, "evict: row %lld is outside the policy's %zd rows", (long long)row, limit);
             goto done;
         }
-        PyObject *key = PyList_GET_ITEM(keys, row);
-        if (key != Py_None && (!PyBytes_Check(key) || PyBytes_GET_SIZE(key) != 16)) {
-            PyErr_Format(PyExc_ValueError, "evict: the key of row %lld is not 16 bytes", (long long)row);
-            goto done;
-        }
+        if (check_key(keys, row, "evict") < 0) goto done;
     }
     uint32_t *known = mine.buf, *tags = tag.buf;
     const uint32_t *now = current.buf, *slots = slot.buf;
     const double *weights = weight.buf;
     const float *stamps = last.buf;
     float *kept_weight = history_weight.buf, *kept_last = history_last.buf;
-    int bits = 0;
-    while (((Py_ssize_t)1 << bits) < history) bits++;
+    int bits = history_bits(history);
     long left = 0;
     for (Py_ssize_t i = 0; i < count; i++) {
         int64_t row = row_of[i];
@@ -156,12 +182,9 @@ static PyObject *lrfu_evict(PyObject *self, PyObject *args) {
         for (int other = 0; other < tiers; other++)
             if (other != tier && slots[row * tiers + other] != ABSENT) elsewhere = 1;
         if (elsewhere) continue;
-        uint64_t halves[2] = {0, 0};
-        PyObject *key = PyList_GET_ITEM(keys, row);
-        if (key != Py_None) memcpy(halves, PyBytes_AS_STRING(key), 16); /* little-endian, as "<u8" */
-        uint64_t folded = halves[0] ^ halves[1];
-        uint64_t position = bits ? (folded * GOLDEN) >> (64 - bits) : 0;
-        tags[position] = (uint32_t)((folded * TAG_MULTIPLIER) >> 32) | 1u;
+        uint32_t key_tag;
+        uint64_t position = history_place(PyList_GET_ITEM(keys, row), bits, &key_tag);
+        tags[position] = key_tag;
         kept_weight[position] = (float)weights[row];
         kept_last[position] = stamps[row];
         known[row] = 0;
@@ -181,7 +204,72 @@ done:
     return result;
 }
 
+static PyObject *lrfu_adopt(PyObject *self, PyObject *args) {
+    Py_buffer rows, mine, current, weight, last, tag, history_weight, history_last;
+    PyObject *keys;
+    if (!PyArg_ParseTuple(args, "y*w*y*O!w*w*w*w*w*", &rows, &mine, &current, &PyList_Type, &keys, &weight, &last,
+                          &tag, &history_weight, &history_last))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t count = rows.len / 8, history = tag.len / 4;
+    Py_ssize_t limit = weight.len / 8, key_count = PyList_GET_SIZE(keys);
+    if (last.len / 4 < limit) limit = last.len / 4;
+    if (mine.len / 4 < limit) limit = mine.len / 4;
+    if (current.len / 4 < limit) limit = current.len / 4;
+    if (key_count < limit) limit = key_count;
+    if (rows.len % 8 || history < 1 || (history & (history - 1)) || history_weight.len / 4 != history ||
+        history_last.len / 4 != history) {
+        PyErr_SetString(PyExc_ValueError, "adopt: rows are int64, and the history a power of two of uint32 tags "
+                                          "with as many float32 weights and times");
+        goto done;
+    }
+    const int64_t *row_of = rows.buf;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        int64_t row = row_of[i];
+        if (row < 0 || row >= limit) {
+            PyErr_Format(PyExc_IndexError, "adopt: row %lld is outside the policy's %zd rows", (long long)row, limit);
+            goto done;
+        }
+        if (check_key(keys, row, "adopt") < 0) goto done;
+    }
+    uint32_t *known = mine.buf, *tags = tag.buf;
+    const uint32_t *now = current.buf;
+    double *weights = weight.buf;
+    float *stamps = last.buf;
+    const float *kept_weight = history_weight.buf, *kept_last = history_last.buf;
+    int bits = history_bits(history);
+    long adopted = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        int64_t row = row_of[i];
+        if (known[row] == now[row]) continue;
+        known[row] = now[row];
+        uint32_t key_tag;
+        uint64_t position = history_place(PyList_GET_ITEM(keys, row), bits, &key_tag);
+        if (tags[position] == key_tag) {
+            weights[row] = (double)kept_weight[position];
+            stamps[row] = kept_last[position];
+            tags[position] = 0;
+        } else {
+            weights[row] = 0.0;
+            stamps[row] = 0.0f;
+        }
+        adopted++;
+    }
+    result = PyLong_FromLong(adopted);
+done:
+    PyBuffer_Release(&rows);
+    PyBuffer_Release(&mine);
+    PyBuffer_Release(&current);
+    PyBuffer_Release(&weight);
+    PyBuffer_Release(&last);
+    PyBuffer_Release(&tag);
+    PyBuffer_Release(&history_weight);
+    PyBuffer_Release(&history_last);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"adopt", lrfu_adopt, METH_VARARGS, "prefix-lrfu's taking on of rows; see the file's comment."},
     {"evict", lrfu_evict, METH_VARARGS, "prefix-lrfu's per-row eviction work; see the file's comment."},
     {"access", lrfu_access, METH_VARARGS, "prefix-lrfu's per-row access work; see the file's comment."},
     {NULL, NULL, 0, NULL},

@@ -29,3 +29,15 @@ def evict(
     history_last: object,
     /,
 ) -> int: ...
+def adopt(
+    rows: object,
+    mine: object,
+    current: object,
+    keys: list[bytes | None],
+    weight: object,
+    last: object,
+    history_tag: object,
+    history_weight: object,
+    history_last: object,
+    /,
+) -> int: ...

@@ -1,7 +1,8 @@
 """Prefix LRFU: recency and frequency in one number, kept across evictions, on a time scale
 learned from the workload; leaf-first. Selected by `store.eviction_policy = "prefix-lrfu"`; not
 yet the default, because of what it costs per access (docs/policy.md); the per-row work of an
-access and of an eviction is compiled where the build had a C compiler (kvstore/_lrfu.c).
+access, of taking on a row's new block and of an eviction is compiled where the build had a C
+compiler (kvstore/_lrfu.c).
 
 Why. On request traces most blocks are used once, and a block that comes back usually comes
 back after a long while (on Mooncake's conversation trace the median reuse is ~450 requests
@@ -57,14 +58,17 @@ from kvstore.table import ABSENT, BlockTable
 from kvstore.types import BlockKey, TierKind
 
 NativeAccess = Callable[[object, object, object, object, object, object, float, float, float], int]
-NativeEvict = Callable[..., int]
+NativeKeyed = Callable[..., int]  # adopt and evict: they take the table's list of keys too
 native_access: NativeAccess | None
-native_evict: NativeEvict | None
-try:  # the per-row work of an access and an eviction, compiled (kvstore/_lrfu.c), when the build had a C compiler
+native_adopt: NativeKeyed | None
+native_evict: NativeKeyed | None
+try:  # the per-row work of an access, an adoption and an eviction, compiled (kvstore/_lrfu.c), when the build
+    # had a C compiler
     from kvstore._lrfu import access as native_access
+    from kvstore._lrfu import adopt as native_adopt
     from kvstore._lrfu import evict as native_evict
 except ImportError:  # where nothing was compiled: the Python loops do the same
-    native_access = native_evict = None
+    native_access = native_adopt = native_evict = None
 
 _TIERS = tuple(TierKind)
 _HISTORY_PER_ROW = 1  # history slots per table row: remember as many departed blocks as are held,
@@ -147,7 +151,7 @@ class PrefixLRFU:
         row_list: list[int] = rows.tolist() if isinstance(rows, np.ndarray) else list(rows)
         mine, current = self._incarnation, table.incarnation
         if any(mine.item(row) != current.item(row) for row in row_list):
-            self._adopt(np.asarray(row_list, dtype=np.intp), table)
+            self._adopt(np.asarray(row_list, dtype=np.int64), table)
         if (self._clock + count - self._origin) / self._scale > _MAX_EXPONENT:
             self._rebase()
         weight, last = self._weight, self._last
@@ -174,14 +178,14 @@ class PrefixLRFU:
         count = len(rows)
         leaf_first = np.array(rows[::-1], dtype=np.int64)
         if (self._clock + count - self._origin) / self._scale > _MAX_EXPONENT:
-            self._adopt(leaf_first.astype(np.intp), table)
+            self._adopt(leaf_first, table)
             self._rebase()
         term = 2.0 ** ((self._clock - self._origin) / self._scale)
         step = 2.0 ** (1.0 / self._scale)
         state = (self._incarnation, table.incarnation, self._weight, self._last, self._intervals)
         counted = native_access(leaf_first, *state, self._clock, term, step)
         if counted < 0:  # rows that hold other blocks now: adopted first, as on_access does
-            self._adopt(leaf_first.astype(np.intp), table)
+            self._adopt(leaf_first, table)
             counted = native_access(leaf_first, *state, self._clock, term, step)
         self._clock += count + 1.0
         if counted:
@@ -192,7 +196,7 @@ class PrefixLRFU:
         if not rows:
             return
         table = self._require_table()
-        index = np.asarray(rows, dtype=np.intp)
+        index = np.asarray(rows, dtype=np.int64)
         self._adopt(index, table)
         heap = self._heaps[tier]
         for entry in zip(self._weight[index].tolist(), index.tolist(), self._incarnation[index].tolist(), strict=True):
@@ -286,9 +290,13 @@ class PrefixLRFU:
             raise RuntimeError("PrefixLRFU used before attach(table)")
         return self._table
 
-    def _adopt(self, index: npt.NDArray[np.intp], table: BlockTable) -> None:
+    def _adopt(self, index: npt.NDArray[np.int64], table: BlockTable) -> None:
         """Rows of `index` that hold another block than when last seen start from that block's
         history, if it has one, else from nothing."""
+        if native_adopt is not None:
+            state = (self._incarnation, table.incarnation, table.keys, self._weight, self._last)
+            native_adopt(index, *state, self._history_tag, self._history_weight, self._history_last)
+            return
         current = table.incarnation[index]
         changed = self._incarnation[index] != current
         if not changed.any():

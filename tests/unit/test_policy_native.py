@@ -12,6 +12,7 @@ from tools.traces.generate import TraceParams, generate_trace
 
 native_access = prefix_lrfu.native_access
 native_evict = prefix_lrfu.native_evict
+native_adopt = prefix_lrfu.native_adopt
 pytestmark = pytest.mark.skipif(native_access is None, reason="kvstore/_lrfu.c was not compiled here")
 
 TRACE = generate_trace(TraceParams(seed=7, duration_minutes=6.0, num_prefixes=40))
@@ -29,6 +30,7 @@ def test_a_replay_is_the_same_compiled_or_not(monkeypatch, capacity, scale_facto
     compiled_hits, compiled = replay(capacity, scale_factor)
     monkeypatch.setattr(prefix_lrfu, "native_access", None)
     monkeypatch.setattr(prefix_lrfu, "native_evict", None)
+    monkeypatch.setattr(prefix_lrfu, "native_adopt", None)
     python_hits, python = replay(capacity, scale_factor)
 
     assert sum(python_hits) > 0  # blocks were reused, evicted and came back: every path ran
@@ -141,3 +143,40 @@ def test_evict_refuses_a_row_out_of_range_or_a_bad_key_before_writing():
     with pytest.raises(ValueError, match="the tier one of the slot table's tiers"):
         native_evict(np.array([0], dtype=np.int64), 3, 3, mine, current, slot, [None] * 4, weight, last, *arrays)
     assert not any(array.any() for array in arrays)
+
+
+def test_adopt_resumes_an_evicted_block_from_the_history_and_starts_a_new_one_from_nothing():
+    assert native_adopt is not None and native_evict is not None
+    mine, current, weight, last, _ = state(4)
+    mine[:] = current[:] = 1
+    weight[:] = [1.0, 2.0, 3.0, 4.0]
+    last[:] = [5.0, 6.0, 7.0, 8.0]
+    slot = np.full((4, 1), 0xFFFFFFFF, dtype=np.uint32)
+    keys = [np.random.default_rng(row).bytes(16) for row in range(4)]
+    arrays = history(1 << 16)
+    native_evict(np.array([1, 2], dtype=np.int64), 0, 1, mine, current, slot, keys, weight, last, *arrays)
+    current[1:3] = 2  # rows 1 and 2 hold blocks again: row 1 its old one, row 2 a block never seen
+    keys[2] = np.random.default_rng(99).bytes(16)
+
+    adopted = native_adopt(np.array([0, 1, 2], dtype=np.int64), mine, current, keys, weight, last, *arrays)
+
+    assert adopted == 2 and list(mine) == [1, 2, 2, 1]
+    assert list(weight) == [1.0, 2.0, 0.0, 4.0] and list(last) == [5.0, 6.0, 0.0, 8.0]
+    tags = arrays[0]
+    assert np.count_nonzero(tags) == 1  # row 1's entry was taken; row 2's old block's stays
+
+
+def test_adopt_refuses_a_row_out_of_range_or_a_bad_key_before_writing():
+    assert native_adopt is not None
+    mine, current, weight, last, _ = state(4)
+    current[:] = 1
+    arrays = history()
+    with pytest.raises(IndexError, match="adopt: row 4 is outside"):
+        native_adopt(np.array([0, 4], dtype=np.int64), mine, current, [None] * 4, weight, last, *arrays)
+    with pytest.raises(ValueError, match="adopt: the key of row 1 is not 16 bytes"):
+        native_adopt(
+            np.array([0, 1], dtype=np.int64), mine, current, [None, b"short", None, None], weight, last, *arrays
+        )
+    with pytest.raises(ValueError, match="a power of two"):
+        native_adopt(np.array([0], dtype=np.int64), mine, current, [None] * 4, weight, last, *history(12))
+    assert not mine.any() and not weight.any() and not any(array.any() for array in arrays)
