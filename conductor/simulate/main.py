@@ -44,6 +44,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cache-policy", default="leaf-first-lru", help=f"the tiers' eviction policy: {', '.join(sorted(POLICIES))}"
     )
+    parser.add_argument(
+        "--prefill-chunk-tokens",
+        type=int,
+        default=0,
+        help="0 (default): a prefill runs to its end once started; N: prefills are computed in chunks of N "
+        "tokens, and between two a request placed with a priority (prefix-flow) may be set aside for one that "
+        "ranks higher",
+    )
     parser.add_argument("--slo-ttft", type=float, default=30.0, help="TTFT SLO in seconds (default 30)")
     parser.add_argument("--slo-tbt", type=float, default=0.1, help="TBT SLO in seconds per token (default 0.1)")
     parser.add_argument("--limit", type=int, default=0, help="replay only the first N requests (0: all)")
@@ -67,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
             decode_nodes=args.decode,
             cache_blocks=args.cache_blocks,
             cache_policy=args.cache_policy,
+            prefill_chunk_tokens=args.prefill_chunk_tokens,
             slo=Slo(args.slo_ttft, args.slo_tbt),
             seed=args.seed,
         )
@@ -134,7 +143,7 @@ def _goodputs(base: SimConfig, trace: Sequence, policies: list[str]) -> dict[str
         def show(scale: float, summary: Summary, policy: str = policy) -> None:
             print(f"goodput {policy}: {scale:.3g}x -> {summary.attainment:.1%} met both SLOs", file=sys.stderr)
 
-        found[policy] = goodput(config, trace, on_run=show)
+        found[config.label] = goodput(config, trace, on_run=show)
     return found
 
 

@@ -63,12 +63,23 @@ class PrefillJob:
     arrival_s: float
     ready_s: float  # when a fetched prefix has arrived (arrival when none)
     fetched_blocks: int  # blocks of the prefix that came from another node
-    planned_s: float  # the policy's predicted prefill duration (for the load the node reports)
+    planned_s: float  # the predicted time still to compute (for the load the node reports)
+    reused_tokens: int = 0  # set when it first starts: not computed (own cache and fetched prefix)
+    done_tokens: int = 0  # computed before it was preempted, beyond the reused ones
+    started: bool = False  # has looked up and stored its blocks (at its first start)
+    run: int = 0  # bumped at each start: a completion scheduled for an earlier run is void
 
     @property
     def order_s(self) -> float:
         """Serve order, lower first: the decision's priority, else the arrival."""
         return self.arrival_s if self.decision.priority_s is None else self.decision.priority_s
+
+    @property
+    def preemptible(self) -> bool:
+        """Placed with a priority: an engine with priority scheduling may set it aside between
+        two chunks for a request it ranks higher, and takes a request that ranks higher from
+        the queue. Served in arrival order (no priority), nothing is ever preempted."""
+        return self.decision.priority_s is not None
 
 
 class SimPrefill:
@@ -85,6 +96,7 @@ class SimPrefill:
         self.cache.table.listener = _IndexFeed(node_id, self.cache.table, index)
         self.queue: list[PrefillJob] = []
         self.running: PrefillJob | None = None
+        self.running_since_s = 0.0  # when the running job's current run began computing
         self.busy_until_s = 0.0
         self.nic = Nic()
 
@@ -97,13 +109,44 @@ class SimPrefill:
             return min(ready, key=lambda job: job.order_s)  # min keeps the first of equals
         return min((job.ready_s for job in self.queue), default=None)
 
+    def preemption_s(self, now_s: float, chunk_tokens: int) -> tuple[float, int] | None:
+        """When the running job could next be set aside for a queued job that ranks higher and
+        is ready, and the tokens it will have computed in its current run by then: the end of
+        the chunk being computed at `now_s` (a prefill is computed in chunks of `chunk_tokens`,
+        and an engine changes requests only between chunks). None
+        when no ready job outranks it, either is served without priority, or the running job
+        finishes first."""
+        job = self.running
+        if job is None or chunk_tokens <= 0 or not job.preemptible:
+            return None
+        if not any(
+            queued.preemptible and queued.ready_s <= now_s and queued.order_s < job.order_s for queued in self.queue
+        ):
+            return None
+        left = job.request.prompt_tokens - job.reused_tokens - job.done_tokens
+        cached = job.reused_tokens + job.done_tokens
+        elapsed = now_s - self.running_since_s
+        model = self.profile.prefill
+        chunk = chunk_tokens
+        while chunk < left:
+            ends_s = model.seconds(chunk, cached)
+            if ends_s >= elapsed:
+                return self.running_since_s + ends_s, chunk
+            chunk += chunk_tokens
+        return None
+
     def load(self, now_s: float) -> NodeLoad:
         """What the node reports: when its queue will have drained, and the tokens left."""
         until = max(now_s, self.busy_until_s) if self.running is not None else now_s
         tokens = 0
         for job in self.queue:
             until = max(until, job.ready_s) + job.planned_s
-            tokens += job.request.prompt_tokens - (job.decision.prefill.reused_tokens if job.decision.prefill else 0)
+            reused = (
+                job.reused_tokens
+                if job.started
+                else (job.decision.prefill.reused_tokens if job.decision.prefill else 0)
+            )
+            tokens += job.request.prompt_tokens - reused - job.done_tokens
         return NodeLoad(prefill_busy_until_s=until, queued_prefill_tokens=tokens)
 
 

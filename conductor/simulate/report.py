@@ -58,7 +58,7 @@ def summarize(result: SimResult) -> Summary:
     decisions = [o.decision_us for o in outcomes]
     slo = result.config.slo
     return Summary(
-        placement=result.config.placement,
+        placement=result.config.label,
         rate_scale=result.config.rate_scale,
         requests=len(outcomes),
         rejected=len(outcomes) - len(served),
@@ -126,7 +126,7 @@ def goodput(
             high = middle
     duration_s = (trace[-1].timestamp_ms - trace[0].timestamp_ms) / 1000 if len(trace) > 1 else 0.0
     rate = len(trace) * low / duration_s if duration_s else math.nan
-    return Goodput(config.placement, low, rate, tuple(tried))
+    return Goodput(config.label, low, rate, tuple(tried))
 
 
 def markdown_table(summaries: Sequence[Summary], goodputs: dict[str, Goodput] | None = None) -> str:

@@ -8,7 +8,9 @@ Per request:
    rejected request is counted and goes no further. A decision that fetches a prefix starts
    the transfer from the holder now, over both nodes' network interfaces.
 2. prefill, in its node's serve order (the decision's priority, else arrival), once any
-   fetched prefix has arrived: the node's own
+   fetched prefix has arrived (with `prefill_chunk_tokens`, a prefill with a priority is set
+   aside at the end of a chunk when a ready request outranks it, and resumes later from the
+   tokens it computed, paying the model's fixed cost once more): the node's own
    tier is looked up (the store's policy sees the access), the request's blocks are stored
    there, and the prefill takes the cost model's time for the tokens not reused. The prompt's
    KV streams to the decode node from the start of the prefill.
@@ -56,6 +58,18 @@ class SimConfig:
     cache_blocks: int = 6000  # each prefill node's DRAM tier, in blocks of the trace's size
     cache_policy: str = "leaf-first-lru"
     rate_scale: float = 1.0  # arrivals this many times as fast as the trace's
+    # 0: a prefill runs to its end once started (vLLM's scheduler serves running requests
+    # first). Else the engine computes prefills in chunks of this many tokens and, between two,
+    # may set a request placed with a priority aside for a waiting one it ranks higher.
+    prefill_chunk_tokens: int = 0
+
+    @property
+    def label(self) -> str:
+        """The placement, and the engine's preemption when it has one: how reports name a run."""
+        if not self.prefill_chunk_tokens:
+            return self.placement
+        return f"{self.placement}, preemptive {self.prefill_chunk_tokens}"
+
     profile: str = "default"
     slo: Slo = field(default_factory=Slo)
     seed: int = 0
@@ -64,6 +78,10 @@ class SimConfig:
         for name in ("prefill_nodes", "decode_nodes", "cache_blocks"):
             if getattr(self, name) < 1:
                 raise InvalidArgumentError(f"simulation {name} must be at least 1, got {getattr(self, name)}")
+        if self.prefill_chunk_tokens < 0:
+            raise InvalidArgumentError(
+                f"simulation prefill_chunk_tokens must be >= 0 (0: never split), got {self.prefill_chunk_tokens}"
+            )
         if not self.rate_scale > 0:
             raise InvalidArgumentError(f"simulation rate_scale must be positive, got {self.rate_scale}")
 
@@ -104,8 +122,9 @@ class _Event(IntEnum):  # simultaneous events run in this order, then in schedul
     DECODE_FINISH = 0
     DECODE_JOIN = 1
     PREFILL_DONE = 2
-    PREFILL_START = 3
-    ARRIVAL = 4
+    PREFILL_PREEMPT = 3
+    PREFILL_START = 4
+    ARRIVAL = 5
 
 
 ProgressFn = Callable[[int, int], None]
@@ -204,6 +223,8 @@ class Simulation:
         self._report_decode(decision.decode.node_id)
         if node.running is None:
             self._at(max(now_s, ready_s), _Event.PREFILL_START, partial(self._start_prefill, node))
+        else:  # it may outrank the running prefill once its prefix is here
+            self._at(max(now_s, ready_s), _Event.PREFILL_PREEMPT, partial(self._plan_preemption, node))
         self.cluster.report_load(node.node_id, node.load(now_s))
 
     # -- prefill -------------------------------------------------------------------------------
@@ -219,25 +240,57 @@ class Simulation:
             return
         node.queue.remove(job)
         request = job.request
-        own = node.cache.leading_run(request.keys)
-        node.cache.serve_keys(request.keys)  # the access, then the request's blocks are stored
-        reused = reusable_tokens(request, max(own, job.fetched_blocks))
-        outcome = self._outcomes[request.request_id]
-        outcome.reused_tokens = reused
-        outcome.fetched_tokens = max(0, reused - reusable_tokens(request, own))
-        load_s = self.profile.load_s((0, own, 0), request.block_tokens)
-        duration_s = load_s + self.profile.prefill.seconds(request.prompt_tokens - reused, reused)
+        load_s = 0.0  # a preempted prefill resumes from the KV it computed, still in its engine
+        if not job.started:
+            job.started = True
+            own = node.cache.leading_run(request.keys)
+            node.cache.serve_keys(request.keys)  # the access, then the request's blocks are stored
+            job.reused_tokens = reusable_tokens(request, max(own, job.fetched_blocks))
+            outcome = self._outcomes[request.request_id]
+            outcome.reused_tokens = job.reused_tokens
+            outcome.fetched_tokens = max(0, job.reused_tokens - reusable_tokens(request, own))
+            load_s = self.profile.load_s((0, own, 0), request.block_tokens)
+            assert job.decision.decode is not None
+            decode = self.decode[job.decision.decode.node_id]
+            num_bytes = request.prompt_tokens * self.profile.kv_bytes_per_token
+            self._kv_ready_s[request.request_id] = transfer(self.costs.network, node.nic, decode.nic, num_bytes, now_s)
+            self._handoff_bytes += num_bytes
+        cached = job.reused_tokens + job.done_tokens
+        compute_s = self.profile.prefill.seconds(request.prompt_tokens - cached, cached)
+        job.run += 1
         node.running = job
-        node.busy_until_s = now_s + duration_s
-        assert job.decision.decode is not None
-        decode = self.decode[job.decision.decode.node_id]
-        num_bytes = request.prompt_tokens * self.profile.kv_bytes_per_token
-        self._kv_ready_s[request.request_id] = transfer(self.costs.network, node.nic, decode.nic, num_bytes, now_s)
-        self._handoff_bytes += num_bytes
-        self._at(node.busy_until_s, _Event.PREFILL_DONE, partial(self._prefill_done, job))
+        node.running_since_s = now_s + load_s
+        node.busy_until_s = node.running_since_s + compute_s
+        self._at(node.busy_until_s, _Event.PREFILL_DONE, partial(self._prefill_done, job, job.run))
+        self._plan_preemption(node, now_s)
         self.cluster.report_load(node.node_id, node.load(now_s))
 
-    def _prefill_done(self, job: PrefillJob, now_s: float) -> None:
+    def _plan_preemption(self, node: SimPrefill, now_s: float) -> None:
+        """If a ready queued request outranks the running prefill, set that one aside at the end
+        of its current chunk."""
+        job = node.running
+        if job is None:
+            return
+        planned = node.preemption_s(max(now_s, node.running_since_s), self.config.prefill_chunk_tokens)
+        if planned is not None:
+            when_s, tokens = planned
+            self._at(when_s, _Event.PREFILL_PREEMPT, partial(self._preempt, node, job, job.run, tokens))
+
+    def _preempt(self, node: SimPrefill, job: PrefillJob, run: int, tokens: int, now_s: float) -> None:
+        if node.running is not job or job.run != run:
+            return  # already set aside, or finished
+        job.done_tokens += tokens
+        cached = job.reused_tokens + job.done_tokens
+        job.planned_s = self.profile.prefill.seconds(job.request.prompt_tokens - cached, cached)
+        job.ready_s = now_s
+        job.run += 1  # its completion, scheduled for the run just ended, is void
+        node.running = None
+        node.queue.append(job)
+        self._start_prefill(node, now_s)
+
+    def _prefill_done(self, job: PrefillJob, run: int, now_s: float) -> None:
+        if job.run != run:
+            return  # that run was preempted
         assert job.decision.prefill is not None
         node = self.prefill[job.decision.prefill.node_id]
         node.running = None

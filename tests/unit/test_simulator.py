@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -159,3 +160,47 @@ def test_prefix_flow_serves_short_prefills_first_and_algorithm_1_in_arrival_orde
     _, medium, short = simulate(fifo, trace, costs(1e6)).outcomes
     assert medium.ttft_s == pytest.approx(2.048 + 1.024 - 0.1)
     assert short.ttft_s == pytest.approx(3.072 + 0.1 - 0.2)
+
+
+def test_a_preemptive_engine_sets_a_long_prefill_aside_between_chunks() -> None:
+    # The trace above, on an engine computing prefills in chunks of 512 tokens. L starts at 0
+    # with serve order 0 + 3 x 2.048 = 6.144; M (order 3.172) arrives at 0.1 and S (0.5) at
+    # 0.2, both outranking it: L is set aside at the end of its first chunk (0.512 s), S runs
+    # to 0.612, M to 1.636, and L computes its last 1,536 tokens to 3.172 (no fixed cost here).
+    trace = [
+        TraceRequest(0, 2048, 1, (10, 11, 12, 13)),
+        TraceRequest(100, 1024, 1, (20, 21)),
+        TraceRequest(200, 100, 1, (30,)),
+    ]
+    config = SimConfig(
+        prefill_nodes=1, decode_nodes=1, placement="prefix-flow", cache_blocks=10, prefill_chunk_tokens=512
+    )
+    long, medium, short = simulate(config, trace, costs(1e6)).outcomes
+    assert short.ttft_s == pytest.approx(0.612 - 0.2)
+    assert medium.ttft_s == pytest.approx(1.636 - 0.1)
+    assert long.ttft_s == pytest.approx(3.172)
+    assert long.reused_tokens == 0  # computed in two runs, counted once
+    # Algorithm 1 serves in arrival order: the same engine never preempts for it.
+    fifo = SimConfig(prefill_nodes=1, decode_nodes=1, placement="kv-centric", cache_blocks=10, prefill_chunk_tokens=512)
+    assert [o.ttft_s for o in simulate(fifo, trace, costs(1e6)).outcomes] == pytest.approx(
+        [2.048, 2.048 + 1.024 - 0.1, 3.072 + 0.1 - 0.2]
+    )
+
+
+def test_a_resumed_prefill_pays_the_fixed_cost_again() -> None:
+    # 0.1 s fixed per run: L (1,024 tokens) is set aside after its first 512-token chunk
+    # (0.1 + 0.512 s) for S (100 tokens, 0.2 s), then resumes and pays 0.1 s again.
+    profile = dataclasses.replace(TINY, prefill=PrefillModel(fixed_s=0.1, per_token_s=0.001, per_pair_s=0.0))
+    trace = [TraceRequest(0, 1024, 1, (10, 11)), TraceRequest(100, 100, 1, (30,))]
+    config = SimConfig(
+        prefill_nodes=1, decode_nodes=1, placement="prefix-flow", cache_blocks=10, prefill_chunk_tokens=512
+    )
+    long, short = simulate(config, trace, CostModel({"default": profile}, Link(1e6))).outcomes
+    assert short.ttft_s == pytest.approx(0.612 + 0.2 - 0.1)
+    assert long.ttft_s == pytest.approx(0.812 + 0.1 + 0.512)
+    assert SimConfig(prefill_chunk_tokens=512).label == "kv-centric, preemptive 512"
+
+
+def test_a_negative_chunk_is_refused() -> None:
+    with pytest.raises(InvalidArgumentError, match="prefill_chunk_tokens must be >= 0"):
+        simulate(SimConfig(prefill_chunk_tokens=-1), TRACE, costs(1e6))
