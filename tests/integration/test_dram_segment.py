@@ -166,3 +166,21 @@ def test_segments_and_indexes_of_dead_stores_are_removed():
     finally:
         for name in names:
             (SHM_DIR / name).unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_batch_read_copies_every_block_compiled_or_not(tier: DramTier, compiled: bool, monkeypatch) -> None:
+    from kvstore.tiers import dram  # noqa: PLC0415 - the module whose copy is switched
+
+    if compiled and dram.native_copy_blocks is None:
+        pytest.skip("kvstore/_index_probe.c was not compiled here")
+    if not compiled:
+        monkeypatch.setattr(dram, "native_copy_blocks", None)
+    slots = tier.allocate(SIZE, 3)
+    blocks = [payload(seed) for seed in range(3)]
+    checksums = tier.write(slots, SIZE, blocks)
+    dests = [np.zeros(SIZE, np.uint8) for _ in range(3)]
+    assert tier.read_flat(list(reversed(slots)), SIZE, dests, list(reversed(checksums))) == [True] * 3
+    assert [d.tobytes() for d in dests] == [b.tobytes() for b in reversed(blocks)]
+    with pytest.raises(InvalidArgumentError, match="3 slots but 2 targets"):
+        tier.read_flat(slots, SIZE, dests[:2])
