@@ -67,7 +67,7 @@ class PrefillJob:
     reused_tokens: int = 0  # set when it first starts: not computed (own cache and fetched prefix)
     done_tokens: int = 0  # computed before it was preempted, beyond the reused ones
     started: bool = False  # has looked up and stored its blocks (at its first start)
-    run: int = 0  # bumped at each start: a completion scheduled for an earlier run is void
+    run: int = 0  # bumped at each start and preemption: a completion scheduled for another run is void
 
     @property
     def order_s(self) -> float:
@@ -113,9 +113,8 @@ class SimPrefill:
         """When the running job could next be set aside for a queued job that ranks higher and
         is ready, and the tokens it will have computed in its current run by then: the end of
         the chunk being computed at `now_s` (a prefill is computed in chunks of `chunk_tokens`,
-        and an engine changes requests only between chunks). None
-        when no ready job outranks it, either is served without priority, or the running job
-        finishes first."""
+        and an engine changes requests only between chunks). None when no ready job outranks
+        it, either is served without priority, or the running job finishes first."""
         job = self.running
         if job is None or chunk_tokens <= 0 or not job.preemptible:
             return None

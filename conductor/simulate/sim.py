@@ -62,14 +62,6 @@ class SimConfig:
     # first). Else the engine computes prefills in chunks of this many tokens and, between two,
     # may set a request placed with a priority aside for a waiting one it ranks higher.
     prefill_chunk_tokens: int = 0
-
-    @property
-    def label(self) -> str:
-        """The placement, and the engine's preemption when it has one: how reports name a run."""
-        if not self.prefill_chunk_tokens:
-            return self.placement
-        return f"{self.placement}, preemptive {self.prefill_chunk_tokens}"
-
     profile: str = "default"
     slo: Slo = field(default_factory=Slo)
     seed: int = 0
@@ -84,6 +76,13 @@ class SimConfig:
             )
         if not self.rate_scale > 0:
             raise InvalidArgumentError(f"simulation rate_scale must be positive, got {self.rate_scale}")
+
+    @property
+    def label(self) -> str:
+        """The placement, and the engine's preemption when it has one: how reports name a run."""
+        if not self.prefill_chunk_tokens:
+            return self.placement
+        return f"{self.placement}, preemptive {self.prefill_chunk_tokens}"
 
 
 @dataclass(slots=True)
