@@ -50,6 +50,21 @@ static int bucket_of(double interval) {
     return bucket;
 }
 
+static Py_ssize_t rows_covered(const Py_buffer *weight, const Py_buffer *last, const Py_buffer *mine,
+                               const Py_buffer *current) {
+    /* How many rows every per-row buffer covers: weights float64, times and incarnations 4 bytes. */
+    Py_ssize_t limit = weight->len / 8;
+    if (last->len / 4 < limit) limit = last->len / 4;
+    if (mine->len / 4 < limit) limit = mine->len / 4;
+    if (current->len / 4 < limit) limit = current->len / 4;
+    return limit;
+}
+
+static void release_all(Py_buffer *const *buffers) {
+    /* PyBuffer_Release on each of a NULL-terminated list. */
+    for (; *buffers; buffers++) PyBuffer_Release(*buffers);
+}
+
 static PyObject *lrfu_access(PyObject *self, PyObject *args) {
     Py_buffer rows, mine, current, weight, last, histogram;
     double time, term, step;
@@ -67,11 +82,7 @@ static PyObject *lrfu_access(PyObject *self, PyObject *args) {
     const uint32_t *known = mine.buf, *now = current.buf;
     double *weights = weight.buf, *buckets = histogram.buf;
     float *stamps = last.buf;
-    Py_ssize_t count = rows.len / 8;
-    Py_ssize_t limit = weight.len / 8;
-    if (last.len / 4 < limit) limit = last.len / 4;
-    if (mine.len / 4 < limit) limit = mine.len / 4;
-    if (current.len / 4 < limit) limit = current.len / 4;
+    Py_ssize_t count = rows.len / 8, limit = rows_covered(&weight, &last, &mine, &current);
     for (Py_ssize_t i = 0; i < count; i++) {
         if (row_of[i] < 0 || row_of[i] >= limit) {
             PyErr_Format(PyExc_IndexError, "access: row %lld is outside the policy's %zd rows", (long long)row_of[i],
@@ -100,12 +111,7 @@ static PyObject *lrfu_access(PyObject *self, PyObject *args) {
     }
     result = PyLong_FromLong(intervals);
 done:
-    PyBuffer_Release(&rows);
-    PyBuffer_Release(&mine);
-    PyBuffer_Release(&current);
-    PyBuffer_Release(&weight);
-    PyBuffer_Release(&last);
-    PyBuffer_Release(&histogram);
+    release_all((Py_buffer *[]){&rows, &mine, &current, &weight, &last, &histogram, NULL});
     return result;
 }
 
@@ -121,6 +127,12 @@ static uint64_t history_place(PyObject *key, int bits, uint32_t *tag) {
     uint64_t folded = halves[0] ^ halves[1];
     *tag = (uint32_t)((folded * TAG_MULTIPLIER) >> 32) | 1u;
     return bits ? (folded * GOLDEN) >> (64 - bits) : 0;
+}
+
+static int history_valid(const Py_buffer *tag, const Py_buffer *weight, const Py_buffer *last) {
+    /* A power of two of uint32 tags, with as many float32 weights and times. */
+    Py_ssize_t size = tag->len / 4;
+    return size >= 1 && !(size & (size - 1)) && weight->len / 4 == size && last->len / 4 == size;
 }
 
 static int history_bits(Py_ssize_t history) {
@@ -147,13 +159,10 @@ static PyObject *lrfu_evict(PyObject *self, PyObject *args) {
         return NULL;
     PyObject *result = NULL;
     Py_ssize_t count = rows.len / 8, history = tag.len / 4;
-    Py_ssize_t limit = weight.len / 8, key_count = PyList_GET_SIZE(keys);
-    if (last.len / 4 < limit) limit = last.len / 4;
-    if (mine.len / 4 < limit) limit = mine.len / 4;
-    if (current.len / 4 < limit) limit = current.len / 4;
+    Py_ssize_t limit = rows_covered(&weight, &last, &mine, &current), key_count = PyList_GET_SIZE(keys);
     if (key_count < limit) limit = key_count;
-    if (rows.len % 8 || tiers < 1 || tier < 0 || tier >= tiers || history < 1 || (history & (history - 1)) ||
-        history_weight.len / 4 != history || history_last.len / 4 != history) {
+    if (rows.len % 8 || tiers < 1 || tier < 0 || tier >= tiers ||
+        !history_valid(&tag, &history_weight, &history_last)) {
         PyErr_SetString(PyExc_ValueError, "evict: rows are int64, the tier one of the slot table's tiers, and the "
                                           "history a power of two of uint32 tags with as many float32 weights and "
                                           "times");
@@ -192,15 +201,8 @@ static PyObject *lrfu_evict(PyObject *self, PyObject *args) {
     }
     result = PyLong_FromLong(left);
 done:
-    PyBuffer_Release(&rows);
-    PyBuffer_Release(&mine);
-    PyBuffer_Release(&current);
-    PyBuffer_Release(&slot);
-    PyBuffer_Release(&weight);
-    PyBuffer_Release(&last);
-    PyBuffer_Release(&tag);
-    PyBuffer_Release(&history_weight);
-    PyBuffer_Release(&history_last);
+    release_all(
+        (Py_buffer *[]){&rows, &mine, &current, &slot, &weight, &last, &tag, &history_weight, &history_last, NULL});
     return result;
 }
 
@@ -212,13 +214,9 @@ static PyObject *lrfu_adopt(PyObject *self, PyObject *args) {
         return NULL;
     PyObject *result = NULL;
     Py_ssize_t count = rows.len / 8, history = tag.len / 4;
-    Py_ssize_t limit = weight.len / 8, key_count = PyList_GET_SIZE(keys);
-    if (last.len / 4 < limit) limit = last.len / 4;
-    if (mine.len / 4 < limit) limit = mine.len / 4;
-    if (current.len / 4 < limit) limit = current.len / 4;
+    Py_ssize_t limit = rows_covered(&weight, &last, &mine, &current), key_count = PyList_GET_SIZE(keys);
     if (key_count < limit) limit = key_count;
-    if (rows.len % 8 || history < 1 || (history & (history - 1)) || history_weight.len / 4 != history ||
-        history_last.len / 4 != history) {
+    if (rows.len % 8 || !history_valid(&tag, &history_weight, &history_last)) {
         PyErr_SetString(PyExc_ValueError, "adopt: rows are int64, and the history a power of two of uint32 tags "
                                           "with as many float32 weights and times");
         goto done;
@@ -257,14 +255,7 @@ static PyObject *lrfu_adopt(PyObject *self, PyObject *args) {
     }
     result = PyLong_FromLong(adopted);
 done:
-    PyBuffer_Release(&rows);
-    PyBuffer_Release(&mine);
-    PyBuffer_Release(&current);
-    PyBuffer_Release(&weight);
-    PyBuffer_Release(&last);
-    PyBuffer_Release(&tag);
-    PyBuffer_Release(&history_weight);
-    PyBuffer_Release(&history_last);
+    release_all((Py_buffer *[]){&rows, &mine, &current, &weight, &last, &tag, &history_weight, &history_last, NULL});
     return result;
 }
 

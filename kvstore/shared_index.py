@@ -57,14 +57,11 @@ from kvstore.tiers.dram import SharedSegment
 from kvstore.types import KEY_BYTES, BlockKey, LookupResult, Namespace, NamespaceId, TierKind, tier_kinds
 
 NativeProbe = Callable[[bytes, int, object, object], "tuple[int, bytes, bytes, bytes, bytes] | None"]
-NativeCopy = Callable[[object, object, int, object], None]
 native_probe: NativeProbe | None
-native_copy_blocks: NativeCopy | None
-try:  # the compiled read path (kvstore/_index_probe.c), when the build had a C compiler
-    from kvstore._index_probe import copy_blocks as native_copy_blocks
+try:  # the compiled probe (kvstore/_index_probe.c; its block copy is the DRAM tier's), when the build had a C compiler
     from kvstore._index_probe import probe as native_probe
 except ImportError:  # where nothing was compiled: numpy does the same
-    native_probe = native_copy_blocks = None
+    native_probe = None
 
 log = logging.getLogger(__name__)
 

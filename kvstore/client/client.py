@@ -47,11 +47,11 @@ from kvstore.layout import payloads_bytes
 from kvstore.node.auth import Access, call_metadata
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
-from kvstore.shared_index import IndexReader, native_copy_blocks
+from kvstore.shared_index import IndexReader
 from kvstore.stats import TierStats
 from kvstore.status import ERROR_METADATA_KEY, error_from_status
 from kvstore.tiers.base import copy_with_checksum
-from kvstore.tiers.dram import SharedSegment
+from kvstore.tiers.dram import SharedSegment, native_copy_blocks
 from kvstore.types import (
     BlockInfo,
     BlockKey,

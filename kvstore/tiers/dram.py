@@ -29,8 +29,10 @@ from kvstore.slab import SlabAllocator
 from kvstore.tiers.base import Buffer, SlabTier, as_bytes_arrays, check_batch, copy_with_checksum, zero_and_verify
 from kvstore.types import Slot, TierKind
 
-native_copy_blocks: Callable[[object, object, int, object], None] | None
-try:  # many blocks out of the segment in one C call, the GIL released (kvstore/_index_probe.c)
+NativeCopy = Callable[[object, object, int, object], None]
+native_copy_blocks: NativeCopy | None
+try:  # many blocks out of the segment in one C call, the GIL released (kvstore/_index_probe.c); the
+    # tier's batch reads and same-host clients' reads (kvstore/client) use it
     from kvstore._index_probe import copy_blocks as native_copy_blocks
 except ImportError:  # where nothing was compiled: a loop of np.copyto does the same
     native_copy_blocks = None

@@ -17,11 +17,11 @@ from kvstore.shared_index import (
     IndexWriter,
     buckets_for,
     namespace_tag,
-    native_copy_blocks,
     native_probe,
     segment_bytes,
     supported,
 )
+from kvstore.tiers.dram import native_copy_blocks
 from kvstore.types import BlockKey, LookupResult, NamespaceId, TierKind
 
 pytestmark = pytest.mark.skipif(not supported(), reason="the shared index is published on x86-64 only")
