@@ -26,6 +26,7 @@ from types import ModuleType
 
 import torch
 
+from engine_adapters.kernels import registered
 from engine_adapters.kernels.paged import PagedKV
 from engine_adapters.kernels.plan import UnplannableError, contiguous_payloads, plan
 from kvstore.errors import InvalidArgumentError, KVStoreError
@@ -112,14 +113,16 @@ def scatter(kv: PagedKV, block_ids: torch.Tensor, payloads: torch.Tensor, *, non
 
 
 def gather_to(kv: PagedKV, block_ids: torch.Tensor, addresses: Sequence[int], *, non_blocking: bool = False) -> None:
-    """Blocks `block_ids` into the payloads at host `addresses` (one per block, each with room
-    for a block, in pinned or registered memory: shared-memory slots, say)."""
+    """Blocks `block_ids` into the payloads at host `addresses` (one per block, each a whole
+    block inside memory this process registered: host.HostRegistration of the node's
+    shared-memory pool, say)."""
     kv.check_blocks(block_ids, distinct=False)
     _launch_at(kv, block_ids, addresses, to_payload=True, non_blocking=non_blocking)
 
 
 def scatter_from(kv: PagedKV, block_ids: torch.Tensor, addresses: Sequence[int], *, non_blocking: bool = False) -> None:
-    """The payloads at host `addresses` (pinned or registered memory) into blocks `block_ids`."""
+    """The payloads at host `addresses` (each a whole block inside memory this process
+    registered) into blocks `block_ids`."""
     kv.check_blocks(block_ids, distinct=True)
     _launch_at(kv, block_ids, addresses, to_payload=False, non_blocking=non_blocking)
 
@@ -147,6 +150,8 @@ def _launch(
     base = payloads.data_ptr()
     if payloads.device.type == "cpu":
         base = extension().device_address(base)
+        if not base:
+            raise InvalidArgumentError("the CUDA block-copy kernels cannot run: CUDA sees the payloads as not pinned")
     addresses = contiguous_payloads(base, block_ids.numel(), kv.block_bytes)
     _run(kv, block_ids, addresses, to_payload=to_payload, wait=payloads.device.type == "cpu" and not non_blocking)
 
@@ -161,10 +166,16 @@ def _launch_at(
     if not addresses:
         return
     module = extension()
-    try:
-        device_addresses = [module.device_address(int(address)) for address in addresses]
-    except RuntimeError as error:
-        raise InvalidArgumentError(f"a payload address is not in pinned or registered memory: {error}") from None
+    device_addresses: list[int] = []
+    for address in addresses:
+        problem = registered.span_problem(int(address), kv.block_bytes)
+        device_address = 0 if problem is not None else module.device_address(int(address))
+        if not device_address:
+            raise InvalidArgumentError(
+                f"payload {len(device_addresses)} is not in pinned or registered memory: "
+                f"{problem or 'CUDA does not see it as registered'}"
+            )
+        device_addresses.append(device_address)
     _run(kv, block_ids, device_addresses, to_payload=to_payload, wait=not non_blocking)
 
 
@@ -175,7 +186,7 @@ def _run(kv: PagedKV, block_ids: torch.Tensor, addresses: Sequence[int], *, to_p
         raise InvalidArgumentError(f"the CUDA block-copy kernels cannot copy this cache: {reason}") from None
     device = kv.device
     model = copy.model
-    extension().copy_blocks(
+    problem = extension().copy_blocks(
         torch.tensor(model.layer_addrs, dtype=torch.int64, device=device),
         torch.tensor(copy.block_ids, dtype=torch.int64, device=device),
         torch.tensor(copy.payload_addrs, dtype=torch.int64, device=device),
@@ -186,5 +197,7 @@ def _run(kv: PagedKV, block_ids: torch.Tensor, addresses: Sequence[int], *, to_p
         copy.alignment(),
         to_payload,
     )
+    if problem:
+        raise InvalidArgumentError(f"the CUDA block-copy kernels refused the copy: {problem}")
     if wait:
         torch.cuda.current_stream(device).synchronize()

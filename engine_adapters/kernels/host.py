@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine_adapters.kernels import registered
 from engine_adapters.kernels.cuda import KernelUnavailableError, available
 from kvstore.errors import InvalidArgumentError
 
@@ -35,6 +36,7 @@ class HostRegistration:
         self.address = address
         self.nbytes = nbytes
         self._registered = True
+        registered.add(address, nbytes)
 
     @classmethod
     def of(cls, buffer: Any) -> HostRegistration:
@@ -51,6 +53,7 @@ class HostRegistration:
     def close(self) -> None:
         if self._registered:
             self._registered = False
+            registered.remove(self.address)
             torch.cuda.cudart().cudaHostUnregister(self.address)  # type: ignore[no-untyped-call]
 
     def __enter__(self) -> HostRegistration:

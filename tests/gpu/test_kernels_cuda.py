@@ -168,6 +168,37 @@ def test_unregistered_host_memory_is_refused() -> None:
     assert not pool.any()
 
 
+def test_a_payload_running_past_its_registration_is_refused() -> None:
+    """CUDA says only that an address is registered; the kernels also check that the whole
+    block fits inside the registration, and refuse before copying anything."""
+    kv = make_cache(CacheLayout.FLASH, torch.float16, seed=11, device=DEVICE)
+    size = kv.block_bytes
+    pool = np.full(2 * size + size // 2, 5, dtype=np.uint8)
+    before = [tensor.clone() for tensor in kv.tensors]
+    with HostRegistration.of(pool):
+        base = pool.ctypes.data
+        with pytest.raises(InvalidArgumentError, match=r"payload 1 .* past the end"):
+            cuda.gather_to(kv, torch.tensor([0, 1]), [base, base + 2 * size])
+        with pytest.raises(InvalidArgumentError, match=r"payload 1 .* past the end"):
+            cuda.scatter_from(kv, torch.tensor([0, 1]), [base, base + 2 * size])
+        assert bool((pool == 5).all())
+        cuda.gather_to(kv, torch.tensor([2]), [base + size + size // 2])  # ends exactly at the end
+    assert bool((pool[: size + size // 2] == 5).all())
+    assert np.array_equal(pool[size + size // 2 :], reference_gather(kv, [2]).numpy())
+    assert all(torch.equal(tensor, old) for tensor, old in zip(kv.tensors, before, strict=True))
+
+
+def test_the_extension_returns_its_reasons_instead_of_throwing() -> None:
+    """Its own guards answer with text that cuda.py raises: on the H200 machine this was
+    tested on, a C++ exception thrown out of the extension crashed the process."""
+    index = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    problem = cuda.extension().copy_blocks(index, index, index, 3, 0, 0, 16, 16, True)
+    assert "kv_parts must be 1 or 2, got 3" in problem
+    problem = cuda.extension().copy_blocks(index.cpu(), index, index, 2, 0, 0, 16, 16, True)
+    assert "CUDA device" in problem
+    assert cuda.extension().device_address(np.zeros(64, dtype=np.uint8).ctypes.data) == 0  # pageable
+
+
 @pytest.mark.parametrize(
     ("ids", "count", "match"),
     [

@@ -96,7 +96,9 @@ def measure_block_size(shape: Shape, repeats: int) -> list[Row]:
     index = device.index if device.index is not None else 0
 
     def per_block(to_payload: bool) -> None:
-        module.copy_blocks_memcpy(pairs, host_plan.model.segment_bytes, index, to_payload)
+        problem = module.copy_blocks_memcpy(pairs, host_plan.model.segment_bytes, index, to_payload)
+        if problem:
+            raise RuntimeError(f"the per-block cudaMemcpyAsync reference failed: {problem}")
 
     def row(
         direction: str,

@@ -10,7 +10,9 @@
 //
 // Accesses are `Vec` wide (16 bytes where every address and length allows; the Python side
 // computes the alignment). Inputs were validated in Python; the checks here guard the
-// binding itself.
+// binding itself. They return their reason as text ("" when the call ran), which cuda.py
+// raises: nothing here throws, because a C++ exception thrown out of this extension crashed
+// the process on the H200 machine it was tested on, instead of becoming a Python error.
 
 #include <torch/extension.h>
 
@@ -18,7 +20,10 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <sstream>
+#include <string>
 
 namespace {
 
@@ -60,18 +65,32 @@ void launch(const dim3& grid, cudaStream_t stream, const Segments& segments) {
   copy_segments<Vec><<<grid, kThreads, 0, stream>>>(segments);
 }
 
-void check_index_tensor(const torch::Tensor& t, const char* name, const torch::Device& device) {
-  TORCH_CHECK(t.device() == device, name, " must be on ", device, ", got ", t.device());
-  TORCH_CHECK(t.scalar_type() == torch::kInt64, name, " must be int64, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.is_contiguous(), name, " must be a contiguous 1-D tensor");
+template <typename... Parts>
+std::string text(const Parts&... parts) {
+  std::ostringstream out;
+  (out << ... << parts);
+  return out.str();
+}
+
+std::string index_tensor_problem(const torch::Tensor& t, const char* name, const torch::Device& device) {
+  if (t.device() != device) {
+    return text(name, " must be on ", device, ", got ", t.device());
+  }
+  if (t.scalar_type() != torch::kInt64) {
+    return text(name, " must be int64, got ", t.scalar_type());
+  }
+  if (t.dim() != 1 || !t.is_contiguous()) {
+    return text(name, " must be a contiguous 1-D tensor");
+  }
+  return "";
 }
 
 }  // namespace
 
 // Copy every segment of the plan: cache -> payloads when to_payload (a gather), else
 // payloads -> cache (a scatter). The three index tensors are on the GPU that runs the copy;
-// the launch goes on torch's current stream of that GPU.
-void copy_blocks(const torch::Tensor& layer_addrs,
+// the launch goes on torch's current stream of that GPU. Returns "" once launched, else why not.
+std::string copy_blocks(const torch::Tensor& layer_addrs,
                  const torch::Tensor& block_ids,
                  const torch::Tensor& payload_addrs,
                  int64_t kv_parts,
@@ -80,20 +99,36 @@ void copy_blocks(const torch::Tensor& layer_addrs,
                  int64_t segment_bytes,
                  int64_t vector_bytes,
                  bool to_payload) {
-  TORCH_CHECK(layer_addrs.is_cuda(), "layer_addrs must be on a CUDA device");
+  if (!layer_addrs.is_cuda()) {
+    return "layer_addrs must be on a CUDA device";
+  }
   const torch::Device device = layer_addrs.device();
-  check_index_tensor(layer_addrs, "layer_addrs", device);
-  check_index_tensor(block_ids, "block_ids", device);
-  check_index_tensor(payload_addrs, "payload_addrs", device);
-  TORCH_CHECK(block_ids.numel() == payload_addrs.numel(), "one payload address per block id");
-  TORCH_CHECK(kv_parts == 1 || kv_parts == 2, "kv_parts must be 1 or 2, got ", kv_parts);
-  TORCH_CHECK(segment_bytes > 0 && segment_bytes % vector_bytes == 0, "segment_bytes ", segment_bytes,
-              " is not a multiple of the access width ", vector_bytes);
+  for (const auto& [tensor, name] : {std::pair{&layer_addrs, "layer_addrs"}, std::pair{&block_ids, "block_ids"},
+                                     std::pair{&payload_addrs, "payload_addrs"}}) {
+    std::string problem = index_tensor_problem(*tensor, name, device);
+    if (!problem.empty()) {
+      return problem;
+    }
+  }
+  if (block_ids.numel() != payload_addrs.numel()) {
+    return "one payload address per block id";
+  }
+  if (kv_parts != 1 && kv_parts != 2) {
+    return text("kv_parts must be 1 or 2, got ", kv_parts);
+  }
+  if (vector_bytes != 1 && vector_bytes != 2 && vector_bytes != 4 && vector_bytes != 8 && vector_bytes != 16) {
+    return text("vector_bytes must be 1, 2, 4, 8 or 16, got ", vector_bytes);
+  }
+  if (segment_bytes <= 0 || segment_bytes % vector_bytes != 0) {
+    return text("segment_bytes ", segment_bytes, " is not a multiple of the access width ", vector_bytes);
+  }
   const int64_t per_block = layer_addrs.numel() * kv_parts;  // segments of one block
-  TORCH_CHECK(per_block > 0 && per_block <= INT32_MAX, "bad segment count per block ", per_block);
+  if (per_block <= 0 || per_block > INT32_MAX) {
+    return text("bad segment count per block ", per_block);
+  }
   const int64_t num_blocks = block_ids.numel();
   if (num_blocks == 0) {
-    return;
+    return "";
   }
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
@@ -112,20 +147,21 @@ void copy_blocks(const torch::Tensor& layer_addrs,
     case 8: launch<int2>(grid, stream, segments); break;
     case 4: launch<int>(grid, stream, segments); break;
     case 2: launch<int16_t>(grid, stream, segments); break;
-    case 1: launch<int8_t>(grid, stream, segments); break;
-    default: TORCH_CHECK(false, "vector_bytes must be 1, 2, 4, 8 or 16, got ", vector_bytes);
+    default: launch<int8_t>(grid, stream, segments); break;  // 1, checked above
   }
   const cudaError_t error = cudaGetLastError();
-  TORCH_CHECK(error == cudaSuccess, "block copy launch failed: ", cudaGetErrorString(error));
+  return error == cudaSuccess ? "" : text("block copy launch failed: ", cudaGetErrorString(error));
 }
 
 // The same segments with one cudaMemcpyAsync each, as vLLM's swap_blocks moves blocks: the
 // benchmark's per-block reference. Addresses come as host tensors (the loop runs on the CPU).
-void copy_blocks_memcpy(const torch::Tensor& segment_pairs, int64_t segment_bytes, int64_t device_index,
-                        bool to_payload) {
-  TORCH_CHECK(!segment_pairs.is_cuda() && segment_pairs.scalar_type() == torch::kInt64 &&
-                  segment_pairs.dim() == 2 && segment_pairs.size(1) == 2 && segment_pairs.is_contiguous(),
-              "segment_pairs must be a contiguous (n, 2) int64 CPU tensor of (cache, payload) addresses");
+// Returns "" once every copy is queued, else why not.
+std::string copy_blocks_memcpy(const torch::Tensor& segment_pairs, int64_t segment_bytes, int64_t device_index,
+                               bool to_payload) {
+  if (segment_pairs.is_cuda() || segment_pairs.scalar_type() != torch::kInt64 || segment_pairs.dim() != 2 ||
+      segment_pairs.size(1) != 2 || !segment_pairs.is_contiguous()) {
+    return "segment_pairs must be a contiguous (n, 2) int64 CPU tensor of (cache, payload) addresses";
+  }
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_index));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device_index)).stream();
   const int64_t* pairs = segment_pairs.data_ptr<int64_t>();
@@ -135,23 +171,31 @@ void copy_blocks_memcpy(const torch::Tensor& segment_pairs, int64_t segment_byte
     const cudaError_t error = to_payload
         ? cudaMemcpyAsync(payload, cache, segment_bytes, cudaMemcpyDefault, stream)
         : cudaMemcpyAsync(cache, payload, segment_bytes, cudaMemcpyDefault, stream);
-    TORCH_CHECK(error == cudaSuccess, "cudaMemcpyAsync failed: ", cudaGetErrorString(error));
+    if (error != cudaSuccess) {
+      return text("cudaMemcpyAsync of segment ", i, " failed: ", cudaGetErrorString(error));
+    }
   }
+  return "";
 }
 
 // The device address of pinned or registered host memory, for any address inside it (the same
-// number on systems with unified addressing; asked, not assumed). Pageable memory is refused.
+// number on systems with unified addressing; asked, not assumed), or 0 for memory that is
+// neither: the caller (cuda.py) raises its error in Python, so no C++ exception is involved.
 int64_t device_address(int64_t host_address) {
   cudaPointerAttributes attributes{};
   const cudaError_t error = cudaPointerGetAttributes(&attributes, reinterpret_cast<void*>(host_address));
-  TORCH_CHECK(error == cudaSuccess, "cannot look up host address ", host_address, ": ", cudaGetErrorString(error));
-  TORCH_CHECK(attributes.type == cudaMemoryTypeHost && attributes.devicePointer != nullptr, "host memory at ",
-              host_address, " is not pinned or registered with CUDA");
+  if (error != cudaSuccess) {
+    cudaGetLastError();  // clear it, so that it is not reported by the next launch
+    return 0;
+  }
+  if (attributes.type != cudaMemoryTypeHost || attributes.devicePointer == nullptr) {
+    return 0;
+  }
   return reinterpret_cast<int64_t>(attributes.devicePointer);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("copy_blocks", &copy_blocks, "Copy a plan's segments in one launch");
   m.def("copy_blocks_memcpy", &copy_blocks_memcpy, "Copy a plan's segments, one cudaMemcpyAsync each");
-  m.def("device_address", &device_address, "The device address of pinned or registered host memory");
+  m.def("device_address", &device_address, "The device address of pinned or registered host memory, or 0");
 }
