@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -28,7 +29,7 @@ import torch
 
 from engine_adapters.kernels import registered
 from engine_adapters.kernels.paged import PagedKV
-from engine_adapters.kernels.plan import UnplannableError, contiguous_payloads, plan
+from engine_adapters.kernels.plan import CopyPlan, UnplannableError, contiguous_payloads, plan
 from kvstore.errors import InvalidArgumentError, KVStoreError
 
 log = logging.getLogger(__name__)
@@ -180,24 +181,51 @@ def _launch_at(
 
 
 def _run(kv: PagedKV, block_ids: torch.Tensor, addresses: Sequence[int], *, to_payload: bool, wait: bool) -> None:
+    prepare(kv, block_ids.tolist(), addresses).run(to_payload=to_payload)
+    if wait:
+        torch.cuda.current_stream(kv.device).synchronize()
+
+
+@dataclass(frozen=True)
+class Launch:
+    """A copy plan with its index tensors on the GPU: what one kernel launch needs. Callers
+    go through gather/scatter (which validate first); the benchmark launches a prepared one
+    repeatedly to time the kernel apart from the call's work on the host."""
+
+    plan: CopyPlan
+    layer_addrs: torch.Tensor
+    block_ids: torch.Tensor
+    payload_addrs: torch.Tensor
+
+    def run(self, *, to_payload: bool) -> None:
+        """Launch on torch's current stream (payloads <- cache when `to_payload`)."""
+        model = self.plan.model
+        problem = extension().copy_blocks(
+            self.layer_addrs,
+            self.block_ids,
+            self.payload_addrs,
+            model.kv_parts,
+            model.kv_stride,
+            model.block_stride,
+            model.segment_bytes,
+            self.plan.alignment(),
+            to_payload,
+        )
+        if problem:
+            raise InvalidArgumentError(f"the CUDA block-copy kernels refused the copy: {problem}")
+
+
+def prepare(kv: PagedKV, block_ids: Sequence[int], device_addresses: Sequence[int]) -> Launch:
+    """The launch copying blocks `block_ids` of `kv` to or from the payloads at
+    `device_addresses` (addresses the GPU uses; ids and payloads already validated)."""
     try:
-        copy = plan(kv, block_ids.tolist(), addresses)
+        copy = plan(kv, block_ids, device_addresses)
     except UnplannableError as reason:
         raise InvalidArgumentError(f"the CUDA block-copy kernels cannot copy this cache: {reason}") from None
     device = kv.device
-    model = copy.model
-    problem = extension().copy_blocks(
-        torch.tensor(model.layer_addrs, dtype=torch.int64, device=device),
+    return Launch(
+        copy,
+        torch.tensor(copy.model.layer_addrs, dtype=torch.int64, device=device),
         torch.tensor(copy.block_ids, dtype=torch.int64, device=device),
         torch.tensor(copy.payload_addrs, dtype=torch.int64, device=device),
-        model.kv_parts,
-        model.kv_stride,
-        model.block_stride,
-        model.segment_bytes,
-        copy.alignment(),
-        to_payload,
     )
-    if problem:
-        raise InvalidArgumentError(f"the CUDA block-copy kernels refused the copy: {problem}")
-    if wait:
-        torch.cuda.current_stream(device).synchronize()

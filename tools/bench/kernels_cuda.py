@@ -10,7 +10,10 @@ For each block size (16, 64 and 256 tokens) and direction:
   (c) torch's index_select / index_copy_ (the reference path);
 - device -> device: the kernel against one contiguous device copy, and (c).
 
-Times are CUDA-event medians of `repeats` calls after a warm-up.
+"kernel" times the whole call an engine makes (`cuda.gather` / `cuda.scatter`: validation,
+the copy plan, its index tensors, the launch); "kernel alone" launches a prepared plan
+(`cuda.prepare(...).run`), so the difference is the call's work on the host while the GPU
+waits. Times are CUDA-event medians of `repeats` calls after a warm-up.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ class Row:
     block_tokens: int
     blocks: int
     num_bytes: int
-    kernel_s: float
+    kernel_s: float  # the whole call
+    alone_s: float  # the launch of a prepared plan
     contiguous_s: float  # (a), or the contiguous device copy
     per_block_s: float | None  # (b); None device to device
     torch_s: float  # (c)
@@ -92,6 +96,8 @@ def measure_block_size(shape: Shape, repeats: int) -> list[Row]:
     spare = torch.zeros_like(contiguous)
     pinned_at = module.device_address(pinned.data_ptr())
     host_plan = plan(kv, ids.tolist(), contiguous_payloads(pinned_at, shape.blocks, kv.block_bytes))
+    to_pinned = cuda.prepare(kv, ids.tolist(), contiguous_payloads(pinned_at, shape.blocks, kv.block_bytes))
+    to_device = cuda.prepare(kv, ids.tolist(), contiguous_payloads(on_device.data_ptr(), shape.blocks, kv.block_bytes))
     pairs = torch.tensor(list(host_plan.segments()), dtype=torch.int64)
     index = device.index if device.index is not None else 0
 
@@ -103,6 +109,7 @@ def measure_block_size(shape: Shape, repeats: int) -> list[Row]:
     def row(
         direction: str,
         kernel: Callable[[], object],
+        alone: Callable[[], object],
         plain: Callable[[], object],
         loop: Callable[[], object] | None,
         ops: Callable[[], object],
@@ -114,6 +121,7 @@ def measure_block_size(shape: Shape, repeats: int) -> list[Row]:
             shape.blocks,
             num_bytes,
             timed(kernel, repeats),
+            timed(alone, repeats),
             timed(plain, repeats),
             per_block_s,
             timed(ops, repeats),
@@ -123,6 +131,7 @@ def measure_block_size(shape: Shape, repeats: int) -> list[Row]:
         row(
             "device -> pinned host (gather)",
             lambda: cuda.gather(kv, ids, pinned, non_blocking=True),
+            lambda: to_pinned.run(to_payload=True),
             lambda: pinned.copy_(contiguous, non_blocking=True),
             lambda: per_block(True),
             lambda: reference.gather(kv, ids, pinned),
@@ -130,6 +139,7 @@ def measure_block_size(shape: Shape, repeats: int) -> list[Row]:
         row(
             "pinned host -> device (scatter)",
             lambda: cuda.scatter(kv, ids, pinned, non_blocking=True),
+            lambda: to_pinned.run(to_payload=False),
             lambda: contiguous.copy_(pinned, non_blocking=True),
             lambda: per_block(False),
             lambda: reference.scatter(kv, ids, pinned),
@@ -137,6 +147,7 @@ def measure_block_size(shape: Shape, repeats: int) -> list[Row]:
         row(
             "device -> device (gather)",
             lambda: cuda.gather(kv, ids, on_device),
+            lambda: to_device.run(to_payload=True),
             lambda: spare.copy_(contiguous),
             None,
             lambda: reference.gather(kv, ids, on_device),
@@ -144,6 +155,7 @@ def measure_block_size(shape: Shape, repeats: int) -> list[Row]:
         row(
             "device -> device (scatter)",
             lambda: cuda.scatter(kv, ids, on_device),
+            lambda: to_device.run(to_payload=False),
             lambda: spare.copy_(contiguous),
             None,
             lambda: reference.scatter(kv, ids, on_device),
@@ -153,17 +165,19 @@ def measure_block_size(shape: Shape, repeats: int) -> list[Row]:
 
 def report(rows: list[Row]) -> list[str]:
     lines = [
-        "| direction | block tokens | blocks | kernel GB/s | contiguous copy GB/s | per-block cudaMemcpyAsync GB/s "
-        "| torch index ops GB/s | kernel / contiguous | kernel / per-block | kernel / torch |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| direction | block tokens | blocks | kernel GB/s | kernel alone GB/s | contiguous copy GB/s "
+        "| per-block cudaMemcpyAsync GB/s | torch index ops GB/s | kernel / contiguous | kernel alone / contiguous "
+        "| kernel / per-block | kernel / torch |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for row in rows:
         per_block = "" if row.per_block_s is None else f"{row.gbps(row.per_block_s):.1f}"
         per_block_ratio = "" if row.per_block_s is None else f"{row.per_block_s / row.kernel_s:.2f}x"
         lines.append(
             f"| {row.direction} | {row.block_tokens} | {row.blocks} | {row.gbps(row.kernel_s):.1f} | "
-            f"{row.gbps(row.contiguous_s):.1f} | {per_block} | {row.gbps(row.torch_s):.1f} | "
-            f"{row.contiguous_s / row.kernel_s:.2f}x | {per_block_ratio} | {row.torch_s / row.kernel_s:.2f}x |"
+            f"{row.gbps(row.alone_s):.1f} | {row.gbps(row.contiguous_s):.1f} | {per_block} | "
+            f"{row.gbps(row.torch_s):.1f} | {row.contiguous_s / row.kernel_s:.2f}x | "
+            f"{row.contiguous_s / row.alone_s:.2f}x | {per_block_ratio} | {row.torch_s / row.kernel_s:.2f}x |"
         )
     lines += ["", "Targets (16-token blocks, over PCIe):"]
     for row in rows:
