@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import torch
 
 from engine_adapters.kernels import registered
@@ -222,10 +223,13 @@ def prepare(kv: PagedKV, block_ids: Sequence[int], device_addresses: Sequence[in
         copy = plan(kv, block_ids, device_addresses)
     except UnplannableError as reason:
         raise InvalidArgumentError(f"the CUDA block-copy kernels cannot copy this cache: {reason}") from None
-    device = kv.device
-    return Launch(
-        copy,
-        torch.tensor(copy.model.layer_addrs, dtype=torch.int64, device=device),
-        torch.tensor(copy.block_ids, dtype=torch.int64, device=device),
-        torch.tensor(copy.payload_addrs, dtype=torch.int64, device=device),
-    )
+    # The three index arrays travel in one asynchronous copy from pinned memory (torch's
+    # caching host allocator keeps the staging block until the copy is done): three tensors
+    # built on the device would each be a synchronous copy, the host waiting for the stream.
+    layers, blocks = len(copy.model.layer_addrs), len(copy.block_ids)
+    staged = np.empty(layers + 2 * blocks, dtype=np.int64)
+    staged[:layers] = copy.model.layer_addrs
+    staged[layers : layers + blocks] = copy.block_ids
+    staged[layers + blocks :] = copy.payload_addrs
+    packed = torch.from_numpy(staged).pin_memory().to(kv.device, non_blocking=True)
+    return Launch(copy, packed[:layers], packed[layers : layers + blocks], packed[layers + blocks :])
