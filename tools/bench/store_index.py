@@ -34,6 +34,7 @@ from tools.bench.store_common import (
 )
 
 POLICY = StoreConfig().eviction_policy  # the store's default, whose state every block pays for
+INSERT_BATCH = 32  # blocks per commit while the index is built (a put of 32 blocks)
 
 # -- 2. lookup, 3. key hashing, 4. index memory --------------------------------------------------
 
@@ -139,11 +140,17 @@ def index_figure(entries: int, rng: np.random.Generator) -> Figure:
         policy.attach(table)
         policy.resize(table.capacity)
         parent: BlockKey | None = None
+        committed: list[int] = []
         for i in range(entries):
             key = BlockKey(raw[16 * i : 16 * i + 16])
             row = table.add(key, parent, 0, checksums[i])
             table.set_resident(row, TierKind.DRAM, Slot(i * 64 * KiB))
+            committed.append(row)
+            if len(committed) == INSERT_BATCH:  # the copies enter the policy as the manager commits them
+                policy.on_insert(committed, TierKind.DRAM)
+                committed = []
             parent = key
+        policy.on_insert(committed, TierKind.DRAM)
         return table, policy
 
     def build_objects() -> object:
