@@ -41,3 +41,28 @@ def test_a_missed_target_says_fail() -> None:
     (target,) = [line for line in report([row(16, 0.2, 0.3)]) if line.startswith("- ")]
     assert "0.90x one cudaMemcpy [>= 0.85x: PASS]" in target
     assert "1.50x per-block cudaMemcpyAsync [>= 5x: FAIL]" in target
+
+
+def test_the_staged_path_gets_its_own_table_and_target_line() -> None:
+    staged = Row(
+        direction="pinned host -> device (scatter)",
+        block_tokens=16,
+        blocks=256,
+        num_bytes=GB,
+        kernel_s=0.1,
+        alone_s=0.09,
+        contiguous_s=0.09,
+        per_block_s=0.5,
+        torch_s=0.2,
+        staged_s=0.095,
+    )
+    lines = report([staged, row(16, 0.1, 0.6)])
+    table = lines[
+        lines.index("| direction | block tokens | staged GB/s | staged / contiguous | staged / per-block |") :
+    ]
+    assert table[2] == "| pinned host -> device (scatter) | 16 | 10.5 | 0.95x | 5.26x |"
+    assert len([line for line in table if line.startswith("| ")]) == 2  # the other row was not staged
+    assert (
+        "- pinned host -> device (scatter), staged: 0.95x one cudaMemcpy [>= 0.85x: PASS], "
+        "5.26x per-block cudaMemcpyAsync [>= 5x: PASS]"
+    ) in lines
