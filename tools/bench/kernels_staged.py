@@ -15,6 +15,8 @@ the torch reference first (`check`), so that the first run on a GPU says whether
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from engine_adapters.kernels import cuda, reference
@@ -40,17 +42,16 @@ class StagedCopy:
         current, side, block = torch.cuda.current_stream(self.kv.device), self.copy_stream, self.kv.block_bytes
         side.wait_stream(current)
         copied_out: list[torch.cuda.Event | None] = [None, None]  # buffer i's bytes are on the host
-        for chunk, start in enumerate(range(0, block_ids.numel(), self.chunk_blocks)):
-            stop = min(block_ids.numel(), start + self.chunk_blocks)
-            buffer = self.staging[chunk % 2][: (stop - start) * block]
-            previous = copied_out[chunk % 2]
+        for which, start, stop in self._chunks(block_ids.numel()):
+            buffer = self.staging[which][: (stop - start) * block]
+            previous = copied_out[which]
             if previous is not None:
                 current.wait_event(previous)
             cuda.gather(self.kv, block_ids[start:stop], buffer, non_blocking=True)
             side.wait_event(_recorded(current))
             with torch.cuda.stream(side):
                 pinned[start * block : stop * block].copy_(buffer, non_blocking=True)
-            copied_out[chunk % 2] = _recorded(side)
+            copied_out[which] = _recorded(side)
         current.wait_stream(side)
 
     def scatter(self, block_ids: torch.Tensor, pinned: torch.Tensor) -> None:
@@ -58,17 +59,22 @@ class StagedCopy:
         current, side, block = torch.cuda.current_stream(self.kv.device), self.copy_stream, self.kv.block_bytes
         side.wait_stream(current)
         drained: list[torch.cuda.Event | None] = [None, None]  # buffer i's bytes are in the cache
-        for chunk, start in enumerate(range(0, block_ids.numel(), self.chunk_blocks)):
-            stop = min(block_ids.numel(), start + self.chunk_blocks)
-            buffer = self.staging[chunk % 2][: (stop - start) * block]
-            previous = drained[chunk % 2]
+        for which, start, stop in self._chunks(block_ids.numel()):
+            buffer = self.staging[which][: (stop - start) * block]
+            previous = drained[which]
             if previous is not None:
                 side.wait_event(previous)
             with torch.cuda.stream(side):
                 buffer.copy_(pinned[start * block : stop * block], non_blocking=True)
             current.wait_event(_recorded(side))
             cuda.scatter(self.kv, block_ids[start:stop], buffer, non_blocking=True)
-            drained[chunk % 2] = _recorded(current)
+            drained[which] = _recorded(current)
+
+    def _chunks(self, count: int) -> Iterator[tuple[int, int, int]]:
+        """(staging buffer, first block, end) of each chunk of a copy of `count` blocks; the
+        buffers alternate."""
+        for chunk, start in enumerate(range(0, count, self.chunk_blocks)):
+            yield chunk % 2, start, min(count, start + self.chunk_blocks)
 
 
 def check(kv: PagedKV, block_ids: torch.Tensor) -> None:
