@@ -6,19 +6,19 @@ stamp per row; a chain is stamped so that every ancestor is newer than its desce
 first, and the leaf check only repairs the cases where it does not.
 
 Victim selection is one vectorised pass over the table (candidates = resident unleased
-unpinned leaves, sorted by stamp) merged with a heap of parents that become leaves as their
-last child is taken; the manager evicts in batches (high to low watermark), so the pass is
-amortised over many victims.
+unpinned leaves, sorted by stamp) merged with the parents that become leaves as their last
+child is taken (ranked.py, shared with prefix-lrfu); the manager evicts in batches (high to
+low watermark), so the pass is amortised over many victims.
 """
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import numpy.typing as npt
 
+from kvstore.policy import ranked
 from kvstore.table import BlockTable
 from kvstore.types import TierKind
 
@@ -55,26 +55,4 @@ class LeafFirstLRU:
         return [True] * len(rows)
 
     def victims(self, tier: TierKind, table: BlockTable) -> Iterator[int]:
-        stamp = self._stamp
-        evictable = table.resident_mask(tier) & (table.leases == 0) & ~table.pinned
-        candidates = np.flatnonzero(evictable & (table.children[:, tier] == 0))
-        order = candidates[np.argsort(stamp[candidates], kind="stable")].tolist()
-        remaining: dict[int, int] = {}  # parent row -> resident children left after our picks
-        newly_leaf: list[tuple[int, int]] = []
-        position = 0
-        bit = 1 << tier
-        while position < len(order) or newly_leaf:
-            if newly_leaf and (position == len(order) or newly_leaf[0][0] < stamp[order[position]]):
-                row = heapq.heappop(newly_leaf)[1]
-            else:
-                row = order[position]
-                position += 1
-            yield row
-            parent = table.parents[row]
-            if parent is None or not table.counted[row] & bit:
-                continue
-            parent_row = table.ids[parent]
-            left = remaining.get(parent_row, int(table.children[parent_row, tier])) - 1
-            remaining[parent_row] = left
-            if left == 0 and evictable[parent_row]:
-                heapq.heappush(newly_leaf, (int(stamp[parent_row]), parent_row))
+        return ranked.by_rank(table, tier, ranked.evictable(table, tier), self._stamp)
