@@ -1,8 +1,8 @@
 """Prefix LRFU: recency and frequency in one number, kept across evictions, on a time scale
 learned from the workload; leaf-first. Selected by `store.eviction_policy = "prefix-lrfu"`; not
-yet the default, because of what it costs per access (docs/policy.md); the per-row work of an
-access, of taking on a row's new block and of an eviction is compiled where the build had a C
-compiler (kvstore/_lrfu.c).
+yet the default, because of its memory per block and its cost per access (docs/policy.md). The
+per-row work of an access, of taking on a row's new block and of an eviction is compiled where
+the build had a C compiler (kvstore/_lrfu.c).
 
 Why. On request traces most blocks are used once, and a block that comes back usually comes
 back after a long while (on Mooncake's conversation trace the median reuse is ~450 requests
@@ -33,27 +33,25 @@ workload rather than one trace; the factor was tuned on the first half of Moonca
 (docs/policy.md). Until enough reuses were seen, H is the table's size.
 
 Admission (`admit`, asked when a demotion to NVMe or the promotion of an NVMe hit to DRAM would
-evict): a block is admitted when it weighs at least as much as the tier's next victim, so a
-copy that would be the first to go is not made. New writes are always admitted.
+evict): a block is admitted when it weighs at least as much as the tier's lightest possible
+victim, so a copy that would be the first to go is not made. New writes are always admitted.
+That lightest weight takes a pass over the table, so it is kept and worked out again only after
+1/64 of the rows' worth of accesses (at least 1024), or when the weights were rescaled.
 
-Cost: an access is a short loop over its rows and touches no queue. Each tier keeps a heap of
-(weight, row, incarnation), one entry per copy, pushed when the copy is made. An access only
-raises a weight, so an entry can only be too low: `victims` pops the smallest, and one whose
-block was accessed since goes back with its new weight (lazy update). Entries of copies that
-are gone, or of rows that hold another block now (`BlockTable.incarnation` changed), are
-dropped as they come up; the heap is rebuilt if they ever outnumber the live ones. A victim
-handed out waits aside rather than going straight back: the caller usually evicts it, and only
-one it kept returns to the heap when the heap is next read.
+Cost: an access is a short loop over its rows and touches no queue. Nothing is kept per copy:
+`victims` ranks the tier's candidates by weight when asked, in the scan leaf-first LRU uses
+(ranked.py), so a block's state is its row's 16 bytes and a history entry (docs/policy.md,
+Memory). A weight only changes when its block is accessed, and the scan reads the current ones.
 """
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import numpy.typing as npt
 
+from kvstore.policy import ranked
 from kvstore.table import ABSENT, BlockTable
 from kvstore.types import BlockKey, TierKind
 
@@ -78,13 +76,12 @@ _HISTOGRAM_HALVING = 1 << 16  # samples after which the histogram is halved (it 
 _MIN_SAMPLES = 256  # reuses seen before the learned time scale replaces the default
 _MAX_ESTIMATE_EVERY = 1 << 16  # reuses between two estimates of the time scale, at most
 _SCALE_FACTOR = 4.0  # H = this x the median reuse interval (tuned on the first half of a trace: docs/policy.md)
+_LOWEST_REFRESH = 1 / 64  # admission's lowest weight is worked out again after this many accesses per row
 _MAX_EXPONENT = 100.0  # weights are rebased before an access weighs 2 ** this (float32 history: 2 ** 127)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio: spreads keys over the history
 _TAG_MULTIPLIER = np.uint64(0xC2B2AE3D27D4EB4F)  # another odd constant: tags independent of positions
 _NO_KEY = bytes(16)  # a tombstone's key (None): looked up, never found
 _ABSENT = int(ABSENT)
-
-Entry = tuple[float, int, int]  # (weight, row, the row's incarnation: which block it held)
 
 
 class PrefixLRFU:
@@ -103,10 +100,7 @@ class PrefixLRFU:
         self._incarnation = np.zeros(0, dtype=np.uint32)  # the table's, when the state was set
         self._clock = 1.0
         self._origin = 0.0  # weights are 2 ** ((t - origin) / H)
-        self._heaps: dict[TierKind, list[Entry]] = {tier: [] for tier in _TIERS}
-        # Victims handed out: usually evicted by the caller, so their entries wait here and go
-        # back into the heap only if their copy is still there when the heap is next read.
-        self._handed_out: dict[TierKind, list[Entry]] = {tier: [] for tier in _TIERS}
+        self._lowest_seen: dict[TierKind, tuple[float, float | None]] = {}  # tier -> (clock, lowest)
         self._history_tag = np.zeros(0, dtype=np.uint32)  # hints only: a rare false match is harmless
         self._history_weight = np.zeros(0, dtype=np.float32)
         self._history_last = np.zeros(0, dtype=np.float32)
@@ -192,15 +186,10 @@ class PrefixLRFU:
             self._note_samples(counted)
 
     def on_insert(self, rows: Sequence[int], tier: TierKind) -> None:
-        """A copy in a new tier: the block enters that tier's queue with its weight."""
-        if not rows:
-            return
-        table = self._require_table()
-        index = np.asarray(rows, dtype=np.int64)
-        self._adopt(index, table)
-        heap = self._heaps[tier]
-        for entry in zip(self._weight[index].tolist(), index.tolist(), self._incarnation[index].tolist(), strict=True):
-            heapq.heappush(heap, entry)
+        """A copy in a new tier: nothing is queued (`victims` ranks the tier's rows when asked);
+        a row that holds a new block takes on that block's history here."""
+        if rows:
+            self._adopt(np.asarray(rows, dtype=np.int64), self._require_table())
 
     def on_evict(self, rows: Sequence[int], tier: TierKind) -> None:
         """A block losing its last copy leaves its weight in the history."""
@@ -236,52 +225,9 @@ class PrefixLRFU:
     # -- victims -------------------------------------------------------------------------------
 
     def victims(self, tier: TierKind, table: BlockTable) -> Iterator[int]:
-        self._take_back(tier, table)
-        heap = self._heaps[tier]
-        if len(heap) > 2 * len(table.ids) + 1024:  # mostly entries of copies that are gone
-            heap = self._rebuild(tier, table)
-        weight, incarnation = self._weight, table.incarnation
-        slot, children = table.slot[:, tier], table.children[:, tier]
-        leases, pinned = table.leases, table.pinned
-        waiting: dict[int, Entry] = {}  # leaves-to-be whose resident children we wait for
-        held: list[Entry] = []  # leased or pinned: back into the heap afterwards
-        yielded: list[Entry] = []  # back too: the caller may not evict them all
-        taken: set[int] = set()
-        remaining: dict[int, int] = {}  # parent row -> resident children left after our picks
-        bit = 1 << tier
-        try:
-            while heap:
-                entry = heapq.heappop(heap)
-                value, row, born = entry
-                if born != incarnation.item(row) or slot.item(row) == _ABSENT:
-                    continue  # the copy is gone, or the row holds another block now
-                now = weight.item(row)
-                if value != now:  # accessed since it was queued
-                    heapq.heappush(heap, (now, row, born))
-                    continue
-                if row in taken or row in waiting:
-                    continue  # a second entry for the same copy (queued twice): dropped
-                if leases.item(row) or pinned.item(row):
-                    held.append(entry)
-                    continue
-                if remaining.get(row, children.item(row)) > 0:
-                    waiting[row] = entry
-                    continue
-                yielded.append(entry)
-                taken.add(row)
-                yield row
-                parent = table.parents[row]
-                if parent is None or not table.counted.item(row) & bit:
-                    continue
-                parent_row = table.ids[parent]
-                left = remaining.get(parent_row, children.item(parent_row)) - 1
-                remaining[parent_row] = left
-                if left == 0 and parent_row in waiting:
-                    heapq.heappush(heap, waiting.pop(parent_row))
-        finally:  # what was popped and not dropped goes back; what was handed out, once it is known
-            for entry in (*waiting.values(), *held):  # which of it the caller evicted (_take_back)
-                heapq.heappush(heap, entry)
-            self._handed_out[tier].extend(yielded)
+        # Every copy was adopted when it was inserted (on_insert), so each resident row's weight
+        # is its own block's.
+        return ranked.by_rank(table, tier, ranked.evictable(table, tier), self._weight)
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -352,66 +298,33 @@ class PrefixLRFU:
         log2(w) * H_old of one equivalent access; it becomes that access's term at the new one."""
         if scale == self._scale:
             return
-        self._rebase(requeue=False)  # every access term is then <= 1
+        self._rebase()  # every access term is then <= 1
         ratio = self._scale / scale
         with np.errstate(divide="ignore"):  # log2(0) = -inf -> 2 ** -inf = 0: never accessed stays 0
             for weights in (self._weight, self._history_weight):
                 exponents = np.log2(weights) * ratio
                 np.exp2(np.minimum(exponents, _MAX_EXPONENT, out=exponents), out=weights)  # a sum of terms may exceed 1
         self._scale = scale
-        self._requeue()
+        self._lowest_seen.clear()
 
-    def _rebase(self, *, requeue: bool = True) -> None:
+    def _rebase(self) -> None:
         """Move the origin to now, scaling every weight down by the same factor, before new
         terms overflow a float. Old weights may underflow to 0: they were negligible."""
         factor = 2.0 ** (-(self._clock - self._origin) / self._scale)
         self._weight *= factor
         self._history_weight *= factor
         self._origin = self._clock
-        if requeue:
-            self._requeue()
-
-    def _requeue(self) -> None:
-        """Every weight changed: queue the copies again."""
-        if self._table is not None:
-            for tier in _TIERS:
-                if self._heaps[tier] or self._handed_out[tier]:
-                    self._rebuild(tier, self._table)
-
-    def _take_back(self, tier: TierKind, table: BlockTable) -> None:
-        """Victims handed out whose copy the caller kept go back into the heap; the rest are
-        dropped here, which saves them a push and a pop (a victim costs ~2 heap operations,
-        not 4)."""
-        handed_out = self._handed_out[tier]
-        if not handed_out:
-            return
-        heap, incarnation, slot = self._heaps[tier], table.incarnation, table.slot
-        for entry in handed_out:
-            _, row, born = entry
-            if born == incarnation.item(row) and slot.item(row, tier) != _ABSENT:
-                heapq.heappush(heap, entry)
-        handed_out.clear()
+        self._lowest_seen.clear()
 
     def _lowest(self, tier: TierKind) -> float | None:
-        """The weight of the tier's next victim candidate, or None when it holds nothing."""
+        """The lowest weight among the tier's possible victims, or None when it has none. A full
+        pass over the table: it is kept, and worked out again only after `_LOWEST_REFRESH` of the
+        rows have been accessed, or when the weights were rescaled."""
+        kept = self._lowest_seen.get(tier)
+        if kept is not None and self._clock - kept[0] < max(1024.0, _LOWEST_REFRESH * len(self._weight)):
+            return kept[1]
         table = self._require_table()
-        self._take_back(tier, table)
-        heap, weight, incarnation, slot = self._heaps[tier], self._weight, table.incarnation, table.slot
-        while heap:
-            value, row, born = heap[0]
-            if born != incarnation.item(row) or slot.item(row, tier) == _ABSENT:
-                heapq.heappop(heap)
-            elif value != weight.item(row):
-                heapq.heapreplace(heap, (weight.item(row), row, born))
-            else:
-                return value
-        return None
-
-    def _rebuild(self, tier: TierKind, table: BlockTable) -> list[Entry]:
-        current = self._incarnation[: table.capacity] == table.incarnation
-        rows = np.flatnonzero(table.resident_mask(tier) & current)
-        heap = list(zip(self._weight[rows].tolist(), rows.tolist(), self._incarnation[rows].tolist(), strict=True))
-        heapq.heapify(heap)
-        self._heaps[tier] = heap
-        self._handed_out[tier] = []  # every copy still there has its entry in the new heap
-        return heap
+        candidates = ranked.leaves(table, tier, ranked.evictable(table, tier))
+        lowest = float(self._weight[candidates].min()) if len(candidates) else None
+        self._lowest_seen[tier] = (self._clock, lowest)
+        return lowest

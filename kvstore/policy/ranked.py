@@ -4,8 +4,9 @@ the last access's stamp) and prefix-lrfu (rank = the weight) share.
 One vectorised pass over the table finds the candidates (resident, unleased, unpinned rows
 with no resident child in the tier) and sorts them by rank, lowest first; a parent joins, by
 its own rank, once the pass has named its last resident child. Nothing is kept between calls
-(no queue per copy), so a victim the caller kept is simply found again next time; the pass is
-O(n log n) in the tier's rows and is amortised over the victims of one call (the tier manager
+(no queue per copy), so a victim the caller kept is simply found again next time. The pass is
+O(n) in the tier's rows, plus a sort of the lowest few hundred candidates (of all of them only
+if a caller wants more), and is amortised over the victims of one call (the tier manager
 evicts in batches, from a high to a low watermark).
 """
 
@@ -21,6 +22,8 @@ import numpy.typing as npt
 from kvstore.table import BlockTable
 from kvstore.types import TierKind
 
+FIRST_SORTED = 256  # candidates sorted before the first victim is named; the rest only if wanted
+
 
 def evictable(table: BlockTable, tier: TierKind) -> npt.NDArray[np.bool_]:
     """Rows resident in `tier` that hold no lease and are not pinned."""
@@ -33,23 +36,20 @@ def leaves(table: BlockTable, tier: TierKind, free: npt.NDArray[np.bool_]) -> np
     return np.flatnonzero(free & (table.children[:, tier] == 0))
 
 
-def by_rank(
-    table: BlockTable, tier: TierKind, free: npt.NDArray[np.bool_], rank: npt.NDArray[Any]
-) -> Iterator[int]:
+def by_rank(table: BlockTable, tier: TierKind, free: npt.NDArray[np.bool_], rank: npt.NDArray[Any]) -> Iterator[int]:
     """The rows of `free` (an `evictable` mask) by ascending `rank`, never a row before its
     resident children in `tier`; ties go to the lower row."""
     candidates = leaves(table, tier, free)
-    order = candidates[np.argsort(rank[candidates], kind="stable")].tolist()
+    ordered = _ascending(candidates, rank[candidates])
+    upcoming = next(ordered, None)
     remaining: dict[int, int] = {}  # parent row -> resident children left after our picks
     newly_leaf: list[tuple[Any, int]] = []  # (rank, row): parents whose last child was named
-    position = 0
     bit = 1 << tier
-    while position < len(order) or newly_leaf:
-        if newly_leaf and (position == len(order) or newly_leaf[0][0] < rank.item(order[position])):
+    while upcoming is not None or newly_leaf:
+        if upcoming is None or (newly_leaf and newly_leaf[0][0] < rank.item(upcoming)):
             row = heapq.heappop(newly_leaf)[1]
         else:
-            row = order[position]
-            position += 1
+            row, upcoming = upcoming, next(ordered, None)
         yield row
         parent = table.parents[row]
         if parent is None or not table.counted.item(row) & bit:
@@ -59,3 +59,16 @@ def by_rank(
         remaining[parent_row] = left
         if left == 0 and free.item(parent_row):
             heapq.heappush(newly_leaf, (rank.item(parent_row), parent_row))
+
+
+def _ascending(candidates: npt.NDArray[np.intp], ranks: npt.NDArray[Any]) -> Iterator[int]:
+    """`candidates` (in row order) by ascending rank, ties by row, as one stable sort would
+    give them; but only the lowest `FIRST_SORTED` (and their ties) are sorted up front, the
+    rest when a caller wants more than those (most want a few dozen)."""
+    if len(candidates) > FIRST_SORTED:
+        threshold = np.partition(ranks, FIRST_SORTED - 1)[FIRST_SORTED - 1]
+        head = ranks <= threshold
+        yield from candidates[head][np.argsort(ranks[head], kind="stable")].tolist()
+        rest = ~head
+        candidates, ranks = candidates[rest], ranks[rest]
+    yield from candidates[np.argsort(ranks, kind="stable")].tolist()

@@ -1,5 +1,5 @@
 """PrefixLRFU's own behaviour: frequency against recency, history across evictions, the learned
-time scale, admission, and a heap that never names a block twice."""
+time scale, admission, and victims that never name a block twice."""
 
 from __future__ import annotations
 
@@ -119,10 +119,10 @@ def test_admission_refuses_a_copy_that_would_be_the_next_victim():
     assert rig.policy.admit([cold], TierKind.HBM) == [True]  # an empty tier takes anything
 
 
-def test_victims_name_each_block_once_even_with_several_heap_entries():
+def test_victims_name_each_block_once_even_when_it_was_inserted_twice():
     rig = Rig()
     rows = [rig.store(name) for name in ("a", "b", "c")]
-    rig.policy.on_insert(rows, DRAM)  # a second entry per row, at the same priority
+    rig.policy.on_insert(rows, DRAM)  # inserted again, as a second commit of the same copies would
     rig.policy.on_insert(rows, DRAM)
     assert sorted(rig.victims()) == ["a", "b", "c"]
 
