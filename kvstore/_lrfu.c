@@ -7,7 +7,7 @@
  *   rows       int64 buffer: the accessed rows, leaf first (the caller reverses the chain)
  *   mine       uint32 buffer: the incarnation of each row when the policy last set its state
  *   current    uint32 buffer: the table's incarnation of each row
- *   weight     writable float64 buffer: each row's weight
+ *   weight     writable float32 buffer: each row's weight (a row's sum is taken in double, then stored)
  *   last       writable float32 buffer: each row's last access time (0: never)
  *   histogram  writable float64 buffer of 64 buckets: reuse intervals by log2
  *   time, term, step: the clock before the first row, that time's term, and the factor from
@@ -52,10 +52,14 @@ static int bucket_of(double interval) {
 
 static Py_ssize_t rows_covered(const Py_buffer *weight, const Py_buffer *last, const Py_buffer *mine,
                                const Py_buffer *current) {
-    /* How many rows every per-row buffer covers: weights float64, times and incarnations 4 bytes. */
-    Py_ssize_t limit = weight->len / 8;
-    if (last->len / 4 < limit) limit = last->len / 4;
-    if (mine->len / 4 < limit) limit = mine->len / 4;
+    /* How many rows every per-row buffer covers (weights, times and incarnations 4 bytes each), or
+     * -1 with ValueError when the policy's own three differ in length (float64 weights, say). */
+    if (weight->len != last->len || weight->len != mine->len) {
+        PyErr_SetString(PyExc_ValueError, "the policy's weights (float32), times (float32) and incarnations "
+                                          "(uint32) must cover the same rows");
+        return -1;
+    }
+    Py_ssize_t limit = weight->len / 4;
     if (current->len / 4 < limit) limit = current->len / 4;
     return limit;
 }
@@ -72,17 +76,18 @@ static PyObject *lrfu_access(PyObject *self, PyObject *args) {
                           &term, &step))
         return NULL;
     PyObject *result = NULL;
-    if (rows.len % 8 || mine.len % 4 || current.len % 4 || weight.len % 8 || last.len % 4 ||
+    if (rows.len % 8 || mine.len % 4 || current.len % 4 || weight.len % 4 || last.len % 4 ||
         histogram.len != BUCKETS * 8) {
-        PyErr_SetString(PyExc_ValueError, "access: rows are int64, incarnations uint32, weights float64, "
+        PyErr_SetString(PyExc_ValueError, "access: rows are int64, incarnations uint32, weights float32, "
                                           "times float32, and the histogram 64 float64 buckets");
         goto done;
     }
     const int64_t *row_of = rows.buf;
     const uint32_t *known = mine.buf, *now = current.buf;
-    double *weights = weight.buf, *buckets = histogram.buf;
-    float *stamps = last.buf;
+    double *buckets = histogram.buf;
+    float *weights = weight.buf, *stamps = last.buf;
     Py_ssize_t count = rows.len / 8, limit = rows_covered(&weight, &last, &mine, &current);
+    if (limit < 0) goto done;
     for (Py_ssize_t i = 0; i < count; i++) {
         if (row_of[i] < 0 || row_of[i] >= limit) {
             PyErr_Format(PyExc_IndexError, "access: row %lld is outside the policy's %zd rows", (long long)row_of[i],
@@ -101,7 +106,7 @@ static PyObject *lrfu_access(PyObject *self, PyObject *args) {
         int64_t row = row_of[i];
         time += 1.0;
         term *= step;
-        weights[row] = weights[row] + term;
+        weights[row] = (float)((double)weights[row] + term); /* as numpy stores a Python float's sum */
         double seen = (double)stamps[row];
         if (seen != 0.0) {
             buckets[bucket_of(time - seen)] += 1.0;
@@ -160,6 +165,7 @@ static PyObject *lrfu_evict(PyObject *self, PyObject *args) {
     PyObject *result = NULL;
     Py_ssize_t count = rows.len / 8, history = tag.len / 4;
     Py_ssize_t limit = rows_covered(&weight, &last, &mine, &current), key_count = PyList_GET_SIZE(keys);
+    if (limit < 0) goto done;
     if (key_count < limit) limit = key_count;
     if (rows.len % 8 || tiers < 1 || tier < 0 || tier >= tiers ||
         !history_valid(&tag, &history_weight, &history_last)) {
@@ -179,8 +185,7 @@ static PyObject *lrfu_evict(PyObject *self, PyObject *args) {
     }
     uint32_t *known = mine.buf, *tags = tag.buf;
     const uint32_t *now = current.buf, *slots = slot.buf;
-    const double *weights = weight.buf;
-    const float *stamps = last.buf;
+    const float *weights = weight.buf, *stamps = last.buf;
     float *kept_weight = history_weight.buf, *kept_last = history_last.buf;
     int bits = history_bits(history);
     long left = 0;
@@ -194,7 +199,7 @@ static PyObject *lrfu_evict(PyObject *self, PyObject *args) {
         uint32_t key_tag;
         uint64_t position = history_place(PyList_GET_ITEM(keys, row), bits, &key_tag);
         tags[position] = key_tag;
-        kept_weight[position] = (float)weights[row];
+        kept_weight[position] = weights[row];
         kept_last[position] = stamps[row];
         known[row] = 0;
         left++;
@@ -215,6 +220,7 @@ static PyObject *lrfu_adopt(PyObject *self, PyObject *args) {
     PyObject *result = NULL;
     Py_ssize_t count = rows.len / 8, history = tag.len / 4;
     Py_ssize_t limit = rows_covered(&weight, &last, &mine, &current), key_count = PyList_GET_SIZE(keys);
+    if (limit < 0) goto done;
     if (key_count < limit) limit = key_count;
     if (rows.len % 8 || !history_valid(&tag, &history_weight, &history_last)) {
         PyErr_SetString(PyExc_ValueError, "adopt: rows are int64, and the history a power of two of uint32 tags "
@@ -232,8 +238,7 @@ static PyObject *lrfu_adopt(PyObject *self, PyObject *args) {
     }
     uint32_t *known = mine.buf, *tags = tag.buf;
     const uint32_t *now = current.buf;
-    double *weights = weight.buf;
-    float *stamps = last.buf;
+    float *weights = weight.buf, *stamps = last.buf;
     const float *kept_weight = history_weight.buf, *kept_last = history_last.buf;
     int bits = history_bits(history);
     long adopted = 0;
@@ -244,11 +249,11 @@ static PyObject *lrfu_adopt(PyObject *self, PyObject *args) {
         uint32_t key_tag;
         uint64_t position = history_place(PyList_GET_ITEM(keys, row), bits, &key_tag);
         if (tags[position] == key_tag) {
-            weights[row] = (double)kept_weight[position];
+            weights[row] = kept_weight[position];
             stamps[row] = kept_last[position];
             tags[position] = 0;
         } else {
-            weights[row] = 0.0;
+            weights[row] = 0.0f;
             stamps[row] = 0.0f;
         }
         adopted++;

@@ -1,6 +1,6 @@
 # prefix-lrfu's per-row work, compiled (kvstore/_lrfu.c); see kvstore/policy/prefix_lrfu.py.
-# Arrays are passed as buffers: rows int64; incarnations and the slot table uint32; weights and
-# the histogram float64; times and the history's weights and times float32; written in place.
+# Arrays are passed as buffers: rows int64; incarnations and the slot table uint32; the histogram
+# float64; weights, times and the history's weights and times float32; written in place.
 
 def access(
     rows: object,

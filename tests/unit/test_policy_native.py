@@ -45,7 +45,7 @@ def state(rows: int = 8) -> list[np.ndarray]:
     return [
         np.zeros(rows, dtype=np.uint32),  # mine
         np.zeros(rows, dtype=np.uint32),  # current
-        np.zeros(rows, dtype=np.float64),  # weight
+        np.zeros(rows, dtype=np.float32),  # weight
         np.zeros(rows, dtype=np.float32),  # last
         np.zeros(64, dtype=np.float64),  # histogram
     ]
@@ -64,6 +64,11 @@ def test_buffers_of_the_wrong_type_are_refused():
     mine, current, weight, last, histogram = state()
     with pytest.raises(ValueError, match="histogram 64 float64 buckets"):
         native_access(np.array([1], dtype=np.int64), mine, current, weight, last, histogram[:10], 10.0, 1.0, 1.5)
+    with pytest.raises(ValueError, match="must cover the same rows"):  # float64 weights
+        native_access(
+            np.array([1], dtype=np.int64), mine, current, weight.astype(np.float64), last, histogram, 1.0, 1.0, 1.5
+        )
+    assert not last.any() and not histogram.any()
     with pytest.raises(TypeError):  # read-only weights
         weight.flags.writeable = False
         native_access(np.array([1], dtype=np.int64), mine, current, weight, last, histogram, 10.0, 1.0, 1.5)
