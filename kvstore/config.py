@@ -86,7 +86,7 @@ class StoreConfig:
     reservation_ttl_s: float = 30.0  # an uncommitted reservation is freed after this
     lease_ttl_s: float = 30.0  # a read lease not released is dropped after this
     promote_on_hit: bool = True  # an NVMe hit is copied up to DRAM (when the policy agrees)
-    eviction_policy: str = "leaf-first-lru"  # a name in kvstore.policy.POLICIES (docs/policy.md)
+    eviction_policy: str = "prefix-lrfu"  # a name in kvstore.policy.POLICIES (docs/policy.md)
     checksum_in_background: bool = True  # memory commits without a writer checksum are hashed off the commit path
     # ... when their blocks are at least this big: xxhash holds the GIL below ~100 KiB, so a
     # thread hashing small blocks would only stall the caller; those are hashed as they are copied.

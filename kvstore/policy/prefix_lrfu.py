@@ -1,6 +1,5 @@
 """Prefix LRFU: recency and frequency in one number, kept across evictions, on a time scale
-learned from the workload; leaf-first. Selected by `store.eviction_policy = "prefix-lrfu"`; not
-yet the default, because of its memory per block and its cost per access (docs/policy.md). The
+learned from the workload; leaf-first. The store's default (`store.eviction_policy`). The
 per-row work of an access, of taking on a row's new block and of an eviction is compiled where
 the build had a C compiler (kvstore/_lrfu.c).
 
