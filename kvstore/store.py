@@ -208,16 +208,12 @@ class Store:
 
 def adjacent_runs(lease: Lease, size: int) -> list[tuple[int, int]]:
     """[start, stop) ranges of a lease's blocks that lie end to end in one tier."""
+    tiers, slots, count = lease.tiers, lease.slots, len(lease)
     runs: list[tuple[int, int]] = []
     start = 0
-    for index in range(1, len(lease) + 1):
-        if (
-            index == len(lease)
-            or lease.tiers[index] is not lease.tiers[start]
-            or lease.slots[index] != lease.slots[index - 1] + size
-        ):
-            if index > start:
-                runs.append((start, index))
+    for index in range(1, count + 1):
+        if index == count or tiers[index] is not tiers[start] or slots[index] != slots[index - 1] + size:
+            runs.append((start, index))
             start = index
     return runs
 
