@@ -203,3 +203,18 @@ def test_victims_the_caller_kept_are_offered_again_and_evicted_ones_are_not():
     assert rig.victims() == ["b", "c"]
     rig.store("e")  # one access, the latest: after b, before c's two
     assert rig.victims() == ["b", "e", "c"]
+
+
+def test_admission_works_out_the_lightest_victim_again_after_enough_accesses():
+    rig = Rig()
+    rig.store("heavy", tier=DRAM)
+    for _ in range(3):
+        rig.access("heavy")
+    cold = rig.store("cold", tier=NVME)
+    rig.access("cold")  # two accesses: lighter than heavy's four, heavier than one
+    assert rig.policy.admit([cold], DRAM) == [False]
+    rig.evict("heavy")
+    rig.store("light", tier=DRAM)  # one access: DRAM's lightest victim is now lighter than cold
+    assert rig.policy.admit([cold], DRAM) == [False]  # the kept lightest weight is heavy's still
+    rig.policy._clock += 1024.0  # as many block accesses as the refresh waits for (at least 1024)
+    assert rig.policy.admit([cold], DRAM) == [True]
