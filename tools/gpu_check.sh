@@ -9,8 +9,8 @@
 #     bash tools/gpu_check.sh [OUT_DIR]
 #
 # Results go to OUT_DIR (default $OUT, else ./gpu-check): nvidia-smi.txt (the device),
-# build.log, gpu-tests.log, kernels.md (8 KV heads), kernels-kv2.md (2 KV heads), and store.log
-# with store.json. Each step has its own time limit, so one that hangs leaves the others theirs.
+# build.log, gpu-tests.log, kernels.md (8 KV heads), kernels-kv2.md (2 KV heads),
+# kernels-small.md (256 tokens a call), and store.log with store.json. Each step has its own time limit, so one that hangs leaves the others theirs.
 set -uo pipefail
 out="${1:-${OUT:-gpu-check}}"
 mkdir -p "$out"
@@ -39,6 +39,9 @@ bench=$?
 # Two KV heads per GPU (a GQA model sharded by tensor parallelism): 8 KiB segments, where
 # per-block copies pay most for their calls.
 timeout 120 "$python" tools/bench/kernels.py --kv-heads 2 --out "$out/kernels-kv2.md"
+bench=$((bench || $?))
+# A small call (256 tokens: 16 blocks of 16 tokens, one of 256), where per-call work weighs most.
+timeout 120 "$python" tools/bench/kernels.py --batch-tokens 256 --out "$out/kernels-small.md"
 bench=$((bench || $?))
 
 store=0

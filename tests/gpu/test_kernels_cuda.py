@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine_adapters.kernels import copy, cuda, reference
+from engine_adapters.kernels import copy, cuda, reference, staged
 from engine_adapters.kernels.host import HostRegistration
 from engine_adapters.kernels.paged import CacheLayout, PagedKV
 from engine_adapters.kernels.plan import contiguous_payloads, plan
@@ -63,15 +63,16 @@ def built() -> Iterator[None]:
 @pytest.mark.parametrize("layout", list(CacheLayout))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dims", SHAPES)
-@pytest.mark.parametrize("where", ["device", "pinned"])
+@pytest.mark.parametrize("where", ["device", "pinned", "pinned-staged"])
 def test_gather_equals_the_reference(
     layout: CacheLayout, dtype: torch.dtype, dims: tuple[int, int, int, int, int], where: str
 ) -> None:
+    """On device payloads the kernel; on pinned ones the kernel and the staged path."""
     kv = make_cache(layout, dtype, seed=21, device=DEVICE, dims=dims)
     ids = [i % dims[1] for i in IDS]
-    out = payload_buffer(kv, len(ids), where)
-    assert copy.uses_kernels(kv, out)
-    copy.gather(kv, torch.tensor(ids), out)
+    out = payload_buffer(kv, len(ids), "pinned" if where == "pinned-staged" else where)
+    assert copy.route(kv, out) is copy.Route.KERNELS
+    (staged if where == "pinned-staged" else copy).gather(kv, torch.tensor(ids), out)
     torch.cuda.synchronize()
     assert torch.equal(out.cpu(), reference_gather(kv, ids))
 
@@ -79,7 +80,7 @@ def test_gather_equals_the_reference(
 @pytest.mark.parametrize("layout", list(CacheLayout))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dims", SHAPES)
-@pytest.mark.parametrize("where", ["device", "pinned"])
+@pytest.mark.parametrize("where", ["device", "pinned", "pinned-staged"])
 def test_scatter_equals_the_reference(
     layout: CacheLayout, dtype: torch.dtype, dims: tuple[int, int, int, int, int], where: str
 ) -> None:
@@ -89,7 +90,7 @@ def test_scatter_equals_the_reference(
     payloads.copy_(reference_gather(source, list(reversed(ids))))
     target = zeros(source)
     expected = on_cpu(zeros(source))
-    copy.scatter(target, torch.tensor(ids), payloads)
+    (staged if where == "pinned-staged" else copy).scatter(target, torch.tensor(ids), payloads)
     reference.scatter(expected, torch.tensor(ids), payloads.cpu())
     torch.cuda.synchronize()
     for mine, theirs in zip(target.tensors, expected.tensors, strict=True):
@@ -108,7 +109,12 @@ def test_every_access_width_is_exercised() -> None:
         kv = make_cache(CacheLayout.STACKED, dtype, seed=head, device=DEVICE, dims=(2, 4, 1, 1, head))
         out = payload_buffer(kv, 3, "device")
         assert plan(kv, [0, 1, 2], contiguous_payloads(out.data_ptr(), 3, kv.block_bytes)).alignment() == width
-        copy.gather(kv, torch.tensor([3, 1, 2]), out)
+        launch = cuda.prepare_contiguous(kv, torch.tensor([3, 1, 2]), out.data_ptr())
+        assert launch.alignment == width
+        launch.run(to_payload=True)  # the block ids in GPU memory
+        assert torch.equal(out.cpu(), reference_gather(kv, [3, 1, 2]))
+        out.zero_()
+        copy.gather(kv, torch.tensor([3, 1, 2]), out)  # the block ids inside the launch
         assert torch.equal(out.cpu(), reference_gather(kv, [3, 1, 2]))
 
 
@@ -125,16 +131,21 @@ def test_blocks_first_strides_use_the_kernels_heads_first_the_reference() -> Non
 
 
 def test_more_blocks_than_one_grid_dimension() -> None:
+    """70,000 blocks: the launch that takes its ids from GPU memory strides over the grid's
+    65,535 rows; the one that carries them (1,000 a launch) launches 70 times."""
     count = 70_000
     kv = make_cache(CacheLayout.FLASH, torch.float16, seed=7, device=DEVICE, dims=(2, count, 1, 1, 8))
     ids = torch.randperm(count, generator=torch.Generator().manual_seed(0))
     out = payload_buffer(kv, count, "device")
-    copy.gather(kv, ids, out)
-    assert torch.equal(out.cpu(), reference_gather(kv, ids.tolist()))
-    back = zeros(kv)
-    copy.scatter(back, ids, out)
-    for mine, theirs in zip(back.tensors, kv.tensors, strict=True):
-        assert torch.equal(mine, theirs)
+    expected = reference_gather(kv, ids.tolist())
+    for where in ("cpu", DEVICE):
+        out.zero_()
+        copy.gather(kv, ids.to(where), out)
+        assert torch.equal(out.cpu(), expected)
+        back = zeros(kv)
+        copy.scatter(back, ids.to(where), out)
+        for mine, theirs in zip(back.tensors, kv.tensors, strict=True):
+            assert torch.equal(mine, theirs)
 
 
 def test_registered_shared_memory_slots_in_any_order() -> None:
@@ -188,15 +199,70 @@ def test_a_payload_running_past_its_registration_is_refused() -> None:
     assert all(torch.equal(tensor, old) for tensor, old in zip(kv.tensors, before, strict=True))
 
 
-def test_the_extension_returns_its_reasons_instead_of_throwing() -> None:
-    """Its own guards answer with text that cuda.py raises: on the H200 machine this was
-    tested on, a C++ exception thrown out of the extension crashed the process."""
+def test_the_extension_answers_with_status_codes_instead_of_throwing() -> None:
+    """Its own guards answer with a code that cuda.py explains: on the H200 machine this was
+    tested on, a C++ exception thrown out of the extension, and a message formatted in it,
+    crashed the process."""
     index = torch.zeros(1, dtype=torch.int64, device=DEVICE)
-    problem = cuda.extension().copy_blocks(index, index, index, 3, 0, 0, 16, 16, True)
-    assert "kv_parts must be 1 or 2, got 3" in problem
-    problem = cuda.extension().copy_blocks(index.cpu(), index, index, 2, 0, 0, 16, 16, True)
-    assert "CUDA device" in problem
+    status = cuda.extension().copy_blocks(index, index, index, 0, 0, 3, 0, 0, 16, 16, True)
+    assert "kv_parts must be 1 or 2" in (cuda.status_problem(status) or "")
+    status = cuda.extension().copy_blocks(index.cpu(), index, index, 0, 0, 2, 0, 0, 16, 16, True)
+    assert "not on the GPU" in (cuda.status_problem(status) or "")
+    status = cuda.extension().copy_blocks_memcpy(index, 16, 0, True)  # on the GPU: refused
+    assert "segment_pairs" in (cuda.status_problem(status) or "")
+    status = cuda.extension().copy_blocks_inline(index, index, 0, 16, 2, 0, 0, 16, 16, True)
+    assert "must be a CPU tensor" in (cuda.status_problem(status) or "")
+    status = cuda.extension().copy_blocks_inline(index, torch.tensor([1 << 31]), 0, 16, 2, 0, 0, 16, 16, True)
+    assert "32 bits" in (cuda.status_problem(status) or "")
     assert cuda.extension().device_address(np.zeros(64, dtype=np.uint8).ctypes.data) == 0  # pageable
+
+
+def test_staged_copies_cut_into_many_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small staging buffers: a copy runs through them many times, alternating, with a short
+    last chunk; the result is still the reference's, and so is a scatter on another stream
+    right after (the buffers are not reused before the first call's copies are done). Copies
+    from copy.STAGED_MIN_BYTES on take this path."""
+    monkeypatch.setattr(staged, "MAX_CHUNK_BYTES", 1)  # one block per chunk
+    kv = make_cache(CacheLayout.FLASH, torch.float16, seed=12, device=DEVICE, dims=(3, 40, 16, 2, 64))
+    ids = torch.randperm(40, generator=torch.Generator().manual_seed(1))[:23]
+    out = payload_buffer(kv, 23, "pinned")
+    target = zeros(kv)  # before the gather, on the default stream: the scatter's stream waits for both
+    assert copy.route(kv, out) is copy.Route.KERNELS
+    monkeypatch.setattr(copy, "STAGED_MIN_BYTES", out.numel())  # copies this large are staged
+    assert copy.route(kv, out) is copy.Route.STAGED
+    copy.gather(kv, ids, out, non_blocking=True)
+    with torch.cuda.stream(torch.cuda.Stream()):
+        staged.scatter(target, ids, out)
+    torch.cuda.synchronize()
+    assert torch.equal(out, reference_gather(kv, ids.tolist()))
+    assert torch.equal(reference_gather(target, ids.tolist()), out)
+    monkeypatch.setattr(staged, "MAX_CHUNK_BYTES", 64 << 20)
+    assert staged.chunk_blocks(23, kv.block_bytes) == 3  # 23 blocks in 8 chunks
+
+
+def test_typed_payloads_and_block_ids_on_the_gpu() -> None:
+    """Payloads may come typed, (count, *block_shape) of the cache's dtype, and block ids may
+    already be on the GPU (no upload): both paths copy the same bytes."""
+    kv = make_cache(CacheLayout.CPU, torch.bfloat16, seed=13, device=DEVICE, dims=(2, 8, 16, 2, 32))
+    ids = [5, 1, 6]
+    for where in ("pinned", "device"):
+        typed = torch.zeros((3, *kv.block_shape), dtype=kv.dtype, pin_memory=where == "pinned")
+        typed = typed.to(DEVICE) if where == "device" else typed
+        copy.gather(kv, torch.tensor(ids, device=DEVICE), typed)
+        torch.cuda.synchronize()
+        assert torch.equal(typed.cpu().reshape(-1).view(torch.uint8), reference_gather(kv, ids))
+
+
+def test_payloads_that_are_not_contiguous_go_to_the_reference() -> None:
+    kv = make_cache(CacheLayout.FLASH, torch.float16, seed=14, device=DEVICE)
+    wide = torch.zeros((2, *kv.block_shape[:-1], 2 * kv.block_shape[-1]), dtype=kv.dtype, device=DEVICE)
+    strided = wide[..., : kv.block_shape[-1]]  # the right shape, every other run of elements
+    assert cuda.payload_problem(kv, strided) == "payloads are not contiguous"
+    with pytest.raises(InvalidArgumentError, match="not contiguous"):
+        cuda.gather(kv, torch.tensor([0, 1]), strided)
+    assert not copy.uses_kernels(kv, strided)
+    copy.gather(kv, torch.tensor([0, 1]), strided)
+    assert torch.equal(strided.contiguous().cpu().reshape(-1).view(torch.uint8), reference_gather(kv, [0, 1]))
 
 
 @pytest.mark.parametrize(

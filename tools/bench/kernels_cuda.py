@@ -10,10 +10,15 @@ For each block size (16, 64 and 256 tokens) and direction:
   (c) torch's index_select / index_copy_ (the reference path);
 - device -> device: the kernel against one contiguous device copy, and (c).
 
-"kernel" times the whole call an engine makes (`cuda.gather` / `cuda.scatter`: validation,
-the copy plan, its index tensors, the launch); "kernel alone" launches a prepared plan
-(`cuda.prepare(...).run`), so the difference is the call's work on the host while the GPU
-waits. Times are CUDA-event medians of `repeats` calls after a warm-up.
+"kernel" times the whole call of the direct kernel (`cuda.gather` / `cuda.scatter`:
+validation, the block ids' upload, the launch); "kernel alone" launches a prepared one
+(`cuda.prepare_contiguous(...).run`), so the difference is the call's work on the host while
+the GPU waits. Over PCIe, "staged" times the other path for pinned payloads
+(engine_adapters/kernels/staged.py; copy.py takes it for copies of 256 MiB and more): the
+kernels copy within the GPU into two staging buffers in turn and the copy engine moves the
+chunks over PCIe. Each staged
+result is checked bit for bit against the torch reference before it is timed. Times are
+CUDA-event medians of `repeats` calls after a warm-up.
 """
 
 from __future__ import annotations
@@ -24,11 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
-from engine_adapters.kernels import cuda, reference
+from engine_adapters.kernels import cuda, reference, staged
 from engine_adapters.kernels.paged import CacheLayout, PagedKV
 from engine_adapters.kernels.plan import contiguous_payloads, plan
-from kvstore.errors import KVStoreError
-from tools.bench import kernels_staged
 
 TARGET_VS_MEMCPY = 0.85  # at 16-token blocks, against (a)
 TARGET_VS_PER_BLOCK = 5.0  # at 16-token blocks, against (b)
@@ -45,7 +48,7 @@ class Row:
     contiguous_s: float  # (a), or the contiguous device copy
     per_block_s: float | None  # (b); None device to device
     torch_s: float  # (c)
-    staged_s: float | None = None  # through GPU staging buffers (kernels_staged.py); None device to device
+    staged_s: float | None = None  # through GPU staging buffers (staged.py); None device to device
 
     def gbps(self, seconds: float) -> float:
         return self.num_bytes / seconds / 1e9
@@ -99,14 +102,15 @@ def measure_block_size(shape: Shape, repeats: int) -> list[Row]:
     spare = torch.zeros_like(contiguous)
     pinned_at = module.device_address(pinned.data_ptr())
     host_plan = plan(kv, ids.tolist(), contiguous_payloads(pinned_at, shape.blocks, kv.block_bytes))
-    to_pinned = cuda.prepare(kv, ids.tolist(), contiguous_payloads(pinned_at, shape.blocks, kv.block_bytes))
-    to_device = cuda.prepare(kv, ids.tolist(), contiguous_payloads(on_device.data_ptr(), shape.blocks, kv.block_bytes))
+    to_pinned = cuda.prepare_contiguous(kv, ids, pinned_at)
+    to_device = cuda.prepare_contiguous(kv, ids, on_device.data_ptr())
     pairs = torch.tensor(list(host_plan.segments()), dtype=torch.int64)
     index = device.index if device.index is not None else 0
-    staged = staged_copy(kv, ids)
+    check_staged(kv, ids)
 
     def per_block(to_payload: bool) -> None:
-        problem = module.copy_blocks_memcpy(pairs, host_plan.model.segment_bytes, index, to_payload)
+        status = module.copy_blocks_memcpy(pairs, host_plan.model.segment_bytes, index, to_payload)
+        problem = cuda.status_problem(status)
         if problem:
             raise RuntimeError(f"the per-block cudaMemcpyAsync reference failed: {problem}")
 
@@ -142,7 +146,7 @@ def measure_block_size(shape: Shape, repeats: int) -> list[Row]:
             lambda: pinned.copy_(contiguous, non_blocking=True),
             lambda: per_block(True),
             lambda: reference.gather(kv, ids, pinned),
-            None if staged is None else lambda: staged.gather(ids, pinned),
+            lambda: staged.gather(kv, ids, pinned, non_blocking=True),
         ),
         row(
             "pinned host -> device (scatter)",
@@ -151,7 +155,7 @@ def measure_block_size(shape: Shape, repeats: int) -> list[Row]:
             lambda: contiguous.copy_(pinned, non_blocking=True),
             lambda: per_block(False),
             lambda: reference.scatter(kv, ids, pinned),
-            None if staged is None else lambda: staged.scatter(ids, pinned),
+            lambda: staged.scatter(kv, ids, pinned, non_blocking=True),
         ),
         row(
             "device -> device (gather)",
@@ -172,15 +176,22 @@ def measure_block_size(shape: Shape, repeats: int) -> list[Row]:
     ]
 
 
-def staged_copy(kv: PagedKV, ids: torch.Tensor) -> kernels_staged.StagedCopy | None:
-    """The staged path for this shape, once its result matched the reference; None (and why,
-    printed) if it did not or could not run, so that the rest of the benchmark still runs."""
-    try:
-        kernels_staged.check(kv, ids)
-        return kernels_staged.StagedCopy(kv, ids.numel())
-    except (AssertionError, RuntimeError, KVStoreError) as error:
-        print(f"staged copies left out for {kv.block_size}-token blocks: {error}", flush=True)
-        return None
+def check_staged(kv: PagedKV, block_ids: torch.Tensor) -> None:
+    """Raise unless a staged gather, and a staged scatter into a fresh cache, copy exactly the
+    bytes the torch reference copies."""
+    count = block_ids.numel()
+    expected = torch.empty(count * kv.block_bytes, dtype=torch.uint8)
+    reference.gather(kv, block_ids, expected)
+    pinned = torch.zeros(count * kv.block_bytes, dtype=torch.uint8, pin_memory=True)
+    staged.gather(kv, block_ids, pinned)
+    if not torch.equal(pinned, expected):
+        raise AssertionError("the staged gather differs from the torch reference")
+    fresh = PagedKV.from_tensors(kv.layout, [torch.zeros_like(tensor) for tensor in kv.tensors])
+    staged.scatter(fresh, block_ids, pinned)
+    scattered = torch.empty_like(expected)
+    reference.gather(fresh, block_ids, scattered)
+    if not torch.equal(scattered, expected):
+        raise AssertionError("the staged scatter differs from the torch reference")
 
 
 def report(rows: list[Row]) -> list[str]:
@@ -203,8 +214,8 @@ def report(rows: list[Row]) -> list[str]:
     if staged:
         lines += [
             "",
-            "Staged through two GPU buffers (tools/bench/kernels_staged.py: the kernels copy within the GPU, "
-            "the copy engine moves chunks over PCIe):",
+            "Staged through two GPU buffers (engine_adapters/kernels/staged.py, which copy.py takes for pinned "
+            "payloads of 256 MiB and more: the kernels copy within the GPU, the copy engine moves chunks over PCIe):",
             "",
             "| direction | block tokens | staged GB/s | staged / contiguous | staged / per-block |",
             "|---|--:|--:|--:|--:|",
