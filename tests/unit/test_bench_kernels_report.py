@@ -20,6 +20,7 @@ def row(block_tokens: int, kernel_s: float, per_block_s: float | None) -> Row:
         contiguous_s=0.9 * kernel_s,
         per_block_s=per_block_s,
         torch_s=2 * kernel_s,
+        host_s=0.25 * kernel_s,
     )
 
 
@@ -27,7 +28,7 @@ def test_ratios_and_targets_come_from_the_times() -> None:
     lines = report([row(16, 0.1, 0.6), row(16, 0.1, None), row(64, 0.1, 0.2)])
     gather = lines[2].split(" | ")
     assert gather[3:8] == ["10.0", "20.0", "11.1", "1.7", "5.0"]  # GB/s: kernel, alone, contiguous, loop, torch
-    assert gather[8:12] == ["0.90x", "1.80x", "6.00x", "2.00x |"]
+    assert gather[8:13] == ["0.90x", "1.80x", "6.00x", "2.00x", "25000 (25%) |"]  # host us, share of the call
     device_row = lines[3].split(" | ")
     assert device_row[6] == "" and device_row[10] == ""  # no per-block reference device to device
     targets = [line for line in lines if line.startswith("- ")]

@@ -11,12 +11,14 @@ For each block size (16, 64 and 256 tokens) and direction:
 - device -> device: the kernel against one contiguous device copy, and (c).
 
 "kernel" times the whole call of the direct kernel (`cuda.gather` / `cuda.scatter`:
-validation, the block ids' upload, the launch); "kernel alone" launches a prepared one
-(`cuda.prepare_contiguous(...).run`), so the difference is the call's work on the host while
-the GPU waits. Over PCIe, "staged" times the other path for pinned payloads
-(engine_adapters/kernels/staged.py; copy.py takes it for copies of 256 MiB and more): the
-kernels copy within the GPU into two staging buffers in turn and the copy engine moves the
-chunks over PCIe. Each staged
+validation, then the launch); "launch alone" makes the same launch without the validation
+(`cuda.enqueue`, block ids from the CPU carried in the launch), so the difference is the
+call's work on the host while the GPU waits. "host us" is that call's time on the host alone,
+each call made with the GPU idle, and its share of the call's time.
+
+Over PCIe, "staged" times the other path for pinned payloads (engine_adapters/kernels/staged.py;
+copy.py takes it for copies of 256 MiB and more): the kernels copy within the GPU into two
+staging buffers in turn and the copy engine moves the chunks over PCIe. Each staged
 result is checked bit for bit against the torch reference before it is timed. Times are
 CUDA-event medians of `repeats` calls after a warm-up.
 """
@@ -24,6 +26,7 @@ CUDA-event medians of `repeats` calls after a warm-up.
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -44,11 +47,12 @@ class Row:
     blocks: int
     num_bytes: int
     kernel_s: float  # the whole call
-    alone_s: float  # the launch of a prepared plan
+    alone_s: float  # the call's launch alone, without its validation
     contiguous_s: float  # (a), or the contiguous device copy
     per_block_s: float | None  # (b); None device to device
     torch_s: float  # (c)
     staged_s: float | None = None  # through GPU staging buffers (staged.py); None device to device
+    host_s: float | None = None  # the whole call's time on the host, the GPU idle
 
     def gbps(self, seconds: float) -> float:
         return self.num_bytes / seconds / 1e9
@@ -67,6 +71,18 @@ def timed(action: Callable[[], object], repeats: int) -> float:
         end.record()
         end.synchronize()
         samples.append(float(start.elapsed_time(end)) / 1e3)
+    return float(statistics.median(samples))
+
+
+def host_time(action: Callable[[], object], repeats: int) -> float:
+    """Median seconds the host spends in `action`, each call made with the GPU idle."""
+    samples = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        action()
+        samples.append(time.perf_counter() - started)
+    torch.cuda.synchronize()
     return float(statistics.median(samples))
 
 
@@ -102,8 +118,7 @@ def measure_block_size(shape: Shape, repeats: int) -> list[Row]:
     spare = torch.zeros_like(contiguous)
     pinned_at = module.device_address(pinned.data_ptr())
     host_plan = plan(kv, ids.tolist(), contiguous_payloads(pinned_at, shape.blocks, kv.block_bytes))
-    to_pinned = cuda.prepare_contiguous(kv, ids, pinned_at)
-    to_device = cuda.prepare_contiguous(kv, ids, on_device.data_ptr())
+    launch_ids = cuda.launch_ids(kv, ids)
     pairs = torch.tensor(list(host_plan.segments()), dtype=torch.int64)
     index = device.index if device.index is not None else 0
     check_staged(kv, ids)
@@ -136,13 +151,14 @@ def measure_block_size(shape: Shape, repeats: int) -> list[Row]:
             per_block_s,
             timed(ops, repeats),
             staged_s,
+            host_time(kernel, repeats),
         )
 
     return [
         row(
             "device -> pinned host (gather)",
             lambda: cuda.gather(kv, ids, pinned, non_blocking=True),
-            lambda: to_pinned.run(to_payload=True),
+            lambda: cuda.enqueue(kv, launch_ids, pinned_at, to_payload=True),
             lambda: pinned.copy_(contiguous, non_blocking=True),
             lambda: per_block(True),
             lambda: reference.gather(kv, ids, pinned),
@@ -151,7 +167,7 @@ def measure_block_size(shape: Shape, repeats: int) -> list[Row]:
         row(
             "pinned host -> device (scatter)",
             lambda: cuda.scatter(kv, ids, pinned, non_blocking=True),
-            lambda: to_pinned.run(to_payload=False),
+            lambda: cuda.enqueue(kv, launch_ids, pinned_at, to_payload=False),
             lambda: contiguous.copy_(pinned, non_blocking=True),
             lambda: per_block(False),
             lambda: reference.scatter(kv, ids, pinned),
@@ -160,7 +176,7 @@ def measure_block_size(shape: Shape, repeats: int) -> list[Row]:
         row(
             "device -> device (gather)",
             lambda: cuda.gather(kv, ids, on_device),
-            lambda: to_device.run(to_payload=True),
+            lambda: cuda.enqueue(kv, launch_ids, on_device.data_ptr(), to_payload=True),
             lambda: spare.copy_(contiguous),
             None,
             lambda: reference.gather(kv, ids, on_device),
@@ -168,7 +184,7 @@ def measure_block_size(shape: Shape, repeats: int) -> list[Row]:
         row(
             "device -> device (scatter)",
             lambda: cuda.scatter(kv, ids, on_device),
-            lambda: to_device.run(to_payload=False),
+            lambda: cuda.enqueue(kv, launch_ids, on_device.data_ptr(), to_payload=False),
             lambda: spare.copy_(contiguous),
             None,
             lambda: reference.scatter(kv, ids, on_device),
@@ -196,19 +212,21 @@ def check_staged(kv: PagedKV, block_ids: torch.Tensor) -> None:
 
 def report(rows: list[Row]) -> list[str]:
     lines = [
-        "| direction | block tokens | blocks | kernel GB/s | kernel alone GB/s | contiguous copy GB/s "
-        "| per-block cudaMemcpyAsync GB/s | torch index ops GB/s | kernel / contiguous | kernel alone / contiguous "
-        "| kernel / per-block | kernel / torch |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| direction | block tokens | blocks | kernel GB/s | launch alone GB/s | contiguous copy GB/s "
+        "| per-block cudaMemcpyAsync GB/s | torch index ops GB/s | kernel / contiguous | launch alone / contiguous "
+        "| kernel / per-block | kernel / torch | host us (share) |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for row in rows:
         per_block = "" if row.per_block_s is None else f"{row.gbps(row.per_block_s):.1f}"
         per_block_ratio = "" if row.per_block_s is None else f"{row.per_block_s / row.kernel_s:.2f}x"
+        host = "" if row.host_s is None else f"{row.host_s * 1e6:.0f} ({row.host_s / row.kernel_s:.0%})"
         lines.append(
             f"| {row.direction} | {row.block_tokens} | {row.blocks} | {row.gbps(row.kernel_s):.1f} | "
             f"{row.gbps(row.alone_s):.1f} | {row.gbps(row.contiguous_s):.1f} | {per_block} | "
             f"{row.gbps(row.torch_s):.1f} | {row.contiguous_s / row.kernel_s:.2f}x | "
-            f"{row.contiguous_s / row.alone_s:.2f}x | {per_block_ratio} | {row.torch_s / row.kernel_s:.2f}x |"
+            f"{row.contiguous_s / row.alone_s:.2f}x | {per_block_ratio} | {row.torch_s / row.kernel_s:.2f}x | "
+            f"{host} |"
         )
     staged = [row for row in rows if row.staged_s is not None and row.per_block_s is not None]
     if staged:
