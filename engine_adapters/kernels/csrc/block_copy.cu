@@ -75,6 +75,8 @@ struct Segments {
   bool to_payload;
 };
 
+static_assert(sizeof(Segments) + sizeof(InlineIds) <= 4096, "the inline kernel's parameters must fit in 4096 bytes");
+
 // Segment (blockIdx.x) of the i-th block, cache block id `block_id`: one thread block's share.
 template <typename Vec>
 __device__ __forceinline__ void copy_segment(const Segments& s, int64_t i, int64_t block_id) {
