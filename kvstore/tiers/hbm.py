@@ -2,8 +2,10 @@
 
 On a GPU node the slab is a `uint8` tensor on `cuda:N`; elsewhere (and in tests) it is on the
 CPU, so the same code runs everywhere. Host payloads are copied in with one `copy_` per block
-(checksummed on the host side first); reads copy out to host buffers. Same-GPU engines will
-reach slots through CUDA IPC (issue 6).
+(checksummed on the host side first); reads copy out to host buffers. Engines reach HBM blocks
+through the node like any other (a local read copies them to host memory first): handing
+same-GPU engines the slab itself through CUDA IPC, so that their kernels copy device to
+device, is not built yet.
 
 Owner: the store. Threads may copy into or out of slots they hold a reservation or lease for.
 """
