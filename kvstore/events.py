@@ -50,9 +50,12 @@ _TIERS = tuple(TierKind)
 Change = tuple[EventKind, NamespaceId, BlockKey, BlockKey | None, tuple[TierKind, ...]]  # an event, unnumbered
 
 
+_MASK_TIERS = tuple(tuple(tier for tier in _TIERS if mask >> tier & 1) for mask in range(1 << len(_TIERS)))
+
+
 def tiers_of_mask(mask: int) -> tuple[TierKind, ...]:
     """Tiers whose bit is set in `mask` (bit t = TierKind t), fastest first."""
-    return tuple(tier for tier in _TIERS if mask >> tier & 1)
+    return _MASK_TIERS[mask]
 
 
 class EventLog:

@@ -588,15 +588,7 @@ class TierManager:
     def _insert_rows(self, reservation: Reservation, checksums: Sequence[int]) -> list[int]:
         table = self._table
         namespace_index = self._namespace_index[reservation.namespace_id]
-        rows = []
-        for key, parent, value in zip(reservation.keys, reservation.parents, checksums, strict=True):
-            row = table.ids.get(key)
-            if row is None:
-                row = table.add(key, parent, namespace_index, value)
-            else:  # a tombstone kept for its children comes back
-                table.namespace[row] = namespace_index
-                table.checksum[row] = value
-            rows.append(row)
+        rows = table.insert_many(reservation.keys, reservation.parents, namespace_index, checksums)
         table.set_resident_many(rows, reservation.tier, reservation.slots)  # every parent has its row now
         self._policy.resize(table.capacity)
         return rows
@@ -621,15 +613,12 @@ class TierManager:
             nvme.remove_records([record.key for record in orphans])
             for record in orphans:
                 nvme.free(record.size_bytes, [record.slot])
-        rows = [
-            self._table.add(
-                record.key,
-                record.parent,
-                self._namespace_index[record.namespace_id],
-                record.checksum,
-            )
-            for record in known
-        ]
+        rows = self._table.add_many(
+            [record.key for record in known],
+            [record.parent for record in known],
+            [self._namespace_index[record.namespace_id] for record in known],
+            [record.checksum for record in known],
+        )
         # parents exist now: children are counted
         self._table.set_resident_many(rows, TierKind.NVME, [record.slot for record in known])
         self._policy.resize(self._table.capacity)

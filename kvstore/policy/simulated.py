@@ -115,15 +115,10 @@ class SimulatedTier:
         if not blocks:
             return
         table = self.table
-        rows = []
-        for key, parent in blocks:
-            row = table.ids.get(key)
-            if row is None:
-                row = table.add(key, parent, _NAMESPACE, 0)
-            else:  # a tombstone kept for its children comes back, as in the tier manager
-                table.namespace[row] = _NAMESPACE
-            table.set_resident(row, TIER, Slot(self._free_slots.pop() * ALIGNMENT_BYTES))
-            rows.append(row)
+        keys, parents = [key for key, _ in blocks], [parent for _, parent in blocks]
+        rows = table.insert_many(keys, parents, _NAMESPACE, [0] * len(blocks))  # tombstones return, as in the manager
+        free = self._free_slots
+        table.set_resident_many(rows, TIER, [Slot(free.pop() * ALIGNMENT_BYTES) for _ in rows])
         self._timed(self.policy.resize, table.capacity)
         self._timed(self.policy.on_access, rows)
         self._timed(self.policy.on_insert, rows, TIER)
