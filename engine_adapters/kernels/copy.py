@@ -24,7 +24,6 @@ import torch
 
 from engine_adapters.kernels import cuda, reference, staged
 from engine_adapters.kernels.paged import PagedKV
-from engine_adapters.kernels.plan import layout_problem
 
 log = logging.getLogger(__name__)
 _said: set[str] = set()
@@ -64,7 +63,7 @@ def route(kv: PagedKV, payloads: torch.Tensor) -> Route:
     """The path a copy between `kv` and `payloads` takes."""
     if kv.device.type != "cuda":
         return Route.REFERENCE
-    reason = cuda.payload_problem(kv, payloads) or layout_problem(kv) or cuda.build_problem()
+    reason = cuda.payload_problem(kv, payloads) or cuda.layout_problem(kv) or cuda.build_problem()
     if reason is not None:
         if reason not in _said:
             _said.add(reason)

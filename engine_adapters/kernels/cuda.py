@@ -182,6 +182,17 @@ def payload_problem(kv: PagedKV, payloads: torch.Tensor) -> str | None:
     return None if payloads.is_pinned() else "payloads in pageable host memory (pin or register them)"
 
 
+def layout_problem(kv: PagedKV) -> str | None:
+    """Why the kernels cannot copy `kv`'s blocks (None when they can). For a cache they can
+    copy, the answer is kept with its layout (`_layout`), so a copy's dispatch does not work
+    the segment model out again."""
+    try:
+        _layout(kv)
+    except InvalidArgumentError as reason:
+        return str(reason)
+    return None
+
+
 def payload_base(kv: PagedKV, payloads: torch.Tensor, count: int) -> int:
     """The address the GPU uses for the first of `count` payloads laid end to end in
     `payloads` (checked: size, dtype and where they are). Raises InvalidArgumentError."""
@@ -227,7 +238,7 @@ def enqueue(kv: PagedKV, ids: torch.Tensor, base: int, *, to_payload: bool) -> N
         layer_addrs,
         ids,
         base,
-        kv.block_bytes,
+        model.payload_bytes,
         model.kv_parts,
         model.kv_stride,
         model.block_stride,
@@ -299,7 +310,7 @@ class Launch:
             self.block_ids,
             self.payload_addrs,
             self.payload_base,
-            model.kv_parts * len(model.layer_addrs) * model.segment_bytes,  # a payload's bytes
+            model.payload_bytes,
             model.kv_parts,
             model.kv_stride,
             model.block_stride,

@@ -38,6 +38,11 @@ class SegmentModel:
     block_stride: int  # bytes from block id b to b + 1 in the cache
     segment_bytes: int
 
+    @property
+    def payload_bytes(self) -> int:
+        """One block's payload: every layer's segments back to back."""
+        return len(self.layer_addrs) * self.kv_parts * self.segment_bytes
+
 
 @dataclass(frozen=True, slots=True)
 class CopyPlan:

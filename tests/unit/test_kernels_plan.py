@@ -103,6 +103,19 @@ def test_a_layout_the_segments_cannot_express_is_named() -> None:
     assert "layer 1 has strides" in (layout_problem(mixed) or "")
 
 
+def test_the_kernels_keep_a_caches_layout_and_name_what_they_cannot_copy() -> None:
+    """cuda.layout_problem (what copy.py asks on every copy) works a cache's segment model out
+    once: its layer addresses are the same tensor the second time. An inexpressible layout is
+    named, as plan.layout_problem names it."""
+    kv = make_cache(CacheLayout.FLASH, torch.float16, dims=(3, 4, 16, 2, 8))
+    assert cuda.layout_problem(kv) is None
+    model, layer_addrs, _ = cuda._layout(kv)
+    assert model.payload_bytes == kv.block_bytes
+    assert cuda._layout(kv)[1] is layer_addrs
+    assert layer_addrs.tolist() == [tensor.data_ptr() for tensor in kv.tensors]
+    assert "not dense" in (cuda.layout_problem(heads_first_flash(torch.float16)) or "")
+
+
 def test_without_cuda_every_copy_takes_the_reference(caplog: pytest.LogCaptureFixture) -> None:
     kv = heads_first_flash(torch.float32, seed=5)
     out = torch.empty(2 * kv.block_bytes, dtype=torch.uint8)

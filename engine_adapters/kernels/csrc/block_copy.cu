@@ -110,14 +110,17 @@ __global__ void copy_segments_inline(const Segments s, const __grid_constant__ I
   }
 }
 
-template <typename Vec>
-void launch(const dim3& grid, cudaStream_t stream, const Segments& segments) {
-  copy_segments<Vec><<<grid, kThreads, 0, stream>>>(segments);
-}
-
-template <typename Vec>
-void launch_inline(const dim3& grid, cudaStream_t stream, const Segments& segments, const InlineIds& ids) {
-  copy_segments_inline<Vec><<<grid, kThreads, 0, stream>>>(segments, ids);
+// Calls `launch` with a value of the access type for `vector_bytes` (1, 2, 4, 8 or 16, checked
+// by model_status), which names the kernel instance to launch: one switch for both kernels.
+template <typename Launch>
+void by_width(int64_t vector_bytes, const Launch& launch) {
+  switch (vector_bytes) {
+    case 16: launch(int4{}); break;
+    case 8: launch(int2{}); break;
+    case 4: launch(int{}); break;
+    case 2: launch(int16_t{}); break;
+    default: launch(int8_t{}); break;  // 1
+  }
 }
 
 // The checks every launch shares: kOk, or why the segment model's numbers cannot run.
@@ -204,13 +207,9 @@ int64_t copy_blocks(const torch::Tensor& layer_addrs,
                           block_stride,
                           segment_bytes,
                           to_payload};
-  switch (vector_bytes) {
-    case 16: launch<int4>(grid, stream, segments); break;
-    case 8: launch<int2>(grid, stream, segments); break;
-    case 4: launch<int>(grid, stream, segments); break;
-    case 2: launch<int16_t>(grid, stream, segments); break;
-    default: launch<int8_t>(grid, stream, segments); break;  // 1, checked above
-  }
+  by_width(vector_bytes, [&](auto vec) {
+    copy_segments<decltype(vec)><<<grid, kThreads, 0, stream>>>(segments);
+  });
   const cudaError_t error = cudaGetLastError();
   return error == cudaSuccess ? kOk : kCudaError + static_cast<int64_t>(error);
 }
@@ -277,13 +276,9 @@ int64_t copy_blocks_inline(const torch::Tensor& layer_addrs,
                             segment_bytes,
                             to_payload};
     const dim3 grid(static_cast<unsigned>(per_block), static_cast<unsigned>(count));  // count <= kInlineIds
-    switch (vector_bytes) {
-      case 16: launch_inline<int4>(grid, stream, segments, ids); break;
-      case 8: launch_inline<int2>(grid, stream, segments, ids); break;
-      case 4: launch_inline<int>(grid, stream, segments, ids); break;
-      case 2: launch_inline<int16_t>(grid, stream, segments, ids); break;
-      default: launch_inline<int8_t>(grid, stream, segments, ids); break;  // 1, checked above
-    }
+    by_width(vector_bytes, [&](auto vec) {
+      copy_segments_inline<decltype(vec)><<<grid, kThreads, 0, stream>>>(segments, ids);
+    });
     const cudaError_t error = cudaGetLastError();
     if (error != cudaSuccess) {
       return kCudaError + static_cast<int64_t>(error);
