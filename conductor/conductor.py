@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import queue
 import threading
 import time
@@ -144,15 +145,21 @@ class Conductor:
         self.membership.register(info, ttl_s)
         self.reconcile()
 
-    def heartbeat(self, node_id: str, load: tuple[int, int, int] | None) -> bool:
+    def heartbeat(self, node_id: str, load: tuple[int, int, int, float] | None) -> bool:
         """Renew the node's lease and take its load, (queued prefill tokens, running decodes,
-        decode KV tokens), when it reports one; False when it must register again. A node
-        that reports no load keeps the conductor's own account of its placements."""
+        decode KV tokens, decode pause budget in seconds), when it reports one; False when it
+        must register again. A node that reports no load keeps the conductor's own account of
+        its placements. A pause budget that is not a finite number >= 0 is refused, and
+        nothing changes."""
+        if load is not None and not 0.0 <= load[3] < math.inf:
+            raise InvalidArgumentError(
+                f"node {node_id!r}: decode_pause_budget_s must be a finite number >= 0, got {load[3]}"
+            )
         if not self.membership.renew(node_id):
             return False
         if load is None:
             return True
-        queued_prefill_tokens, running_decodes, decode_kv_tokens = load
+        queued_prefill_tokens, running_decodes, decode_kv_tokens, pause_budget_s = load
         now = self._clock()
         with self._lock:
             info = self.cluster.nodes.get(node_id)
@@ -167,6 +174,7 @@ class Conductor:
                     queued_prefill_tokens=queued_prefill_tokens,
                     running_decodes=running_decodes,
                     decode_kv_tokens=decode_kv_tokens,
+                    decode_pause_budget_s=pause_budget_s,
                 ),
             )
         return True

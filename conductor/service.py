@@ -51,7 +51,12 @@ class ConductorService:
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
         def handle() -> pb.HeartbeatResponse:
             load = request.load
-            reported = (load.queued_prefill_tokens, load.running_decodes, load.decode_kv_tokens)
+            reported = (
+                load.queued_prefill_tokens,
+                load.running_decodes,
+                load.decode_kv_tokens,
+                load.decode_pause_budget_s,
+            )
             alive = self._conductor.heartbeat(request.node_id, reported if request.HasField("load") else None)
             return pb.HeartbeatResponse(register_again=not alive)
 
@@ -85,6 +90,7 @@ class ConductorService:
                         queued_prefill_tokens=load.queued_prefill_tokens,
                         running_decodes=load.running_decodes,
                         decode_kv_tokens=load.decode_kv_tokens,
+                        decode_pause_budget_s=load.decode_pause_budget_s,
                     ),
                     prefill_queue_s=member.prefill_queue_s,
                     indexed_blocks=member.indexed_blocks,

@@ -54,6 +54,10 @@ class NodeLoad:
     queued_prefill_tokens: int = 0  # tokens it still has to compute, queued and running
     running_decodes: int = 0  # sequences in its decode batch
     decode_kv_tokens: int = 0  # KV tokens those sequences hold, plus reservations for placed ones
+    # How long its decode engine could pause its batch to compute a prefill without any running
+    # sequence's time per token passing the TBT SLO. Only an engine that knows its batch can
+    # say; 0 (unknown) means no prefill is placed on a decode-only node (see placement/flow.py).
+    decode_pause_budget_s: float = 0.0
 
     def queue_s(self, now_s: float) -> float:
         """Predicted wait before a newly queued prefill starts."""

@@ -30,6 +30,16 @@ Measured in the simulator (docs/conductor.md), against Algorithm 1 in the same r
    ones. Queues stay shorter for the rest; about as many requests are rejected in all, since
    Algorithm 1's SLO check rejects mostly long prompts too once queues are long.
 
+5. **Idle decode GPUs compute prefills.** A decode server has the same GPUs as a prefill
+   server, and its batch mostly waits on memory, well inside the TBT SLO. When every prefill
+   node is busy, a decode-only node that can pause its batch long enough computes the prefill
+   itself and then decodes it: no hand-off of the prompt's KV, and no wait. The node says how
+   long its batch can pause with every running or placed sequence still within the TBT SLO
+   (`NodeLoad.decode_pause_budget_s`); the prefills queued there plus this one must fit in
+   it. A node that does not report it is never asked. Algorithm 1 prefills only on prefill
+   nodes (conditional disaggregation of this kind is what NVIDIA Dynamo's router does for short
+   prompts).
+
 The rest is Algorithm 1's: the least predicted TTFT wins, the decode node is chosen by
 predicted TBT among those with room, and predictions that break an SLO are rejected early.
 """
@@ -42,8 +52,8 @@ from collections import deque
 
 from conductor.cluster import ClusterState
 from conductor.placement.kv_centric import decide_within_slo
-from conductor.placement.scoring import FetchTiming, best_holding, ranked, score_prefill
-from conductor.types import Decision, PrefillScore, PrefixHolding, RouteRequest
+from conductor.placement.scoring import FetchTiming, best_holding, ranked, score_decode, score_prefill
+from conductor.types import Decision, DecodeScore, PrefillScore, PrefixHolding, RouteRequest
 from kvstore.types import BlockKey
 
 PENDING_SLACK_S = 1.0  # a placed chain stays credited this long past its predicted completion
@@ -77,6 +87,10 @@ class PrefixFlow:
             for info in cluster.prefill_nodes
         )
         decision = decide_within_slo(self.name, request, cluster, scores)
+        if decision.accepted and decision.prefill is not None:
+            local = self._on_decode_node(request, cluster, now_s, credited, best)
+            if local is not None and local.prefill is not None and local.prefill.ttft_s < decision.prefill.ttft_s:
+                decision = dataclasses.replace(local, candidates=(decision.prefill, *decision.candidates[:-1]))
         if not decision.accepted or decision.prefill is None:
             return decision
         chosen = decision.prefill
@@ -95,6 +109,50 @@ class PrefixFlow:
         order_s = max(self._serve_order(chosen, cluster, now_s), self._after(chosen, request))
         self._remember(chosen.node_id, request.keys, done_s + PENDING_SLACK_S, order_s)
         return dataclasses.replace(decision, priority_s=order_s)
+
+    def _on_decode_node(
+        self,
+        request: RouteRequest,
+        cluster: ClusterState,
+        now_s: float,
+        credited: dict[str, PrefixHolding],
+        best: PrefixHolding | None,
+    ) -> Decision | None:
+        """The best decode-only node to compute the prefill and then decode it, or None: only
+        nodes whose batch can pause for the prefills queued there and this one (their reported
+        pause budget) with room for the request's KV and a predicted TBT within the SLO."""
+        need = request.prompt_tokens + request.max_output_tokens
+        # A node's score depends only on its queue, its own part of the prefix and its profile:
+        # among the nodes of one profile holding none of it, the first that qualifies in order
+        # of queue is the best, and the others need no scoring.
+        options = []
+        for info in cluster.decode_nodes:
+            queue_s = cluster.loads[info.node_id].queue_s(now_s)
+            if info.role.prefills or cluster.loads[info.node_id].decode_pause_budget_s <= queue_s:
+                continue  # a prefill candidate already; or not even the prefills queued there fit
+            options.append((info.node_id not in credited, queue_s, info.node_id, info))
+        options.sort()
+        chosen: tuple[PrefillScore, DecodeScore] | None = None
+        settled: set[str] = set()  # profiles whose best node holding nothing is known
+        for holds_nothing, _, _, info in options:
+            if holds_nothing and info.profile in settled:
+                continue
+            score = score_prefill(
+                request, info, cluster, now_s, holdings=credited, best=best, timing=FetchTiming.OVERLAPPED
+            )
+            # The batch waits for everything queued ahead and for this prefill.
+            if score.queue_s + score.load_s + score.prefill_s > cluster.loads[info.node_id].decode_pause_budget_s:
+                continue
+            decode = score_decode(request, cluster, info, info.node_id, need)
+            if decode is None or decode.tbt_s > cluster.slo.tbt_s:
+                continue
+            if holds_nothing:
+                settled.add(info.profile)
+            if chosen is None or (score.ttft_s, score.node_id) < (chosen[0].ttft_s, chosen[0].node_id):
+                chosen = (score, decode)
+        if chosen is None:
+            return None
+        return Decision(request.request_id, self.name, chosen[0], chosen[1])
 
     def _shed(self, chosen: PrefillScore, cluster: ClusterState) -> bool:
         """Note the prefill's length; True when the cluster is overloaded and it is a long one."""

@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--rate-scale", default="1", help="arrival-rate multipliers, comma-separated (default 1: the trace's own)"
     )
     parser.add_argument(
-        "--cache-blocks", type=int, default=6000, help="each prefill node's DRAM tier, in trace blocks (default 6000)"
+        "--cache-blocks", type=int, default=6000, help="each node's DRAM tier, in trace blocks (default 6000)"
     )
     parser.add_argument(
         "--cache-policy", default="leaf-first-lru", help=f"the tiers' eviction policy: {', '.join(sorted(POLICIES))}"

@@ -10,6 +10,7 @@ policies do not see is the future: later arrivals, evictions, and which fetches 
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass, field
 
 from conductor.costs import Link, Profile
@@ -168,24 +169,43 @@ class SimDecode:
         self.profile = profile
         self.nic = Nic()
         self.reserved_tokens = 0  # placed, not yet joined
+        self._placed: dict[str, int] = {}  # placed, not yet joined: request id -> output tokens
         self.version = 0  # bumps whenever the next finish time changes (older events are stale)
         self._steps = 0.0  # steps made since the start (fractional between events)
         self._at_s = 0.0
         self._batch: list[_Sequence] = []
         self._kv_tokens = 0
+        self._paused = False
+
+    def pause(self, now_s: float) -> None:
+        """The engine computes a prefill: the batch makes no steps until `resume`."""
+        self._advance(now_s)
+        self._paused = True
+        self.version += 1
+
+    def resume(self, now_s: float) -> None:
+        self._advance(now_s)
+        self._paused = False
+        self.version += 1
 
     def _advance(self, now_s: float) -> None:
-        if self._batch:
+        if self._batch and not self._paused:
             self._steps += (now_s - self._at_s) / self._step_s()
         self._at_s = now_s
 
     def _step_s(self) -> float:
         return self.profile.decode.step_s(len(self._batch), self._kv_tokens)
 
+    def reserve(self, request: RouteRequest) -> None:
+        """`request` was placed here: its KV is reserved until it joins the batch."""
+        self.reserved_tokens += request.prompt_tokens + request.max_output_tokens
+        self._placed[request.request_id] = request.max_output_tokens
+
     def join(self, request: RouteRequest, output_tokens: int, now_s: float) -> None:
         self._advance(now_s)
         need = request.prompt_tokens + request.max_output_tokens
         self.reserved_tokens -= need
+        self._placed.pop(request.request_id, None)
         kv = request.prompt_tokens + output_tokens
         heapq.heappush(
             self._batch, _Sequence(self._steps + output_tokens, request.request_id, now_s, output_tokens, kv)
@@ -194,7 +214,7 @@ class SimDecode:
         self.version += 1
 
     def next_finish_s(self) -> float | None:
-        if not self._batch:
+        if not self._batch or self._paused:
             return None
         return self._at_s + max(0.0, self._batch[0].done_at_steps - self._steps) * self._step_s()
 
@@ -209,5 +229,23 @@ class SimDecode:
         self.version += 1
         return done
 
-    def load(self) -> NodeLoad:
-        return NodeLoad(running_decodes=len(self._batch), decode_kv_tokens=self._kv_tokens + self.reserved_tokens)
+    def pause_budget_s(self, now_s: float, tbt_slo_s: float) -> float:
+        """How long the batch could pause from `now_s` with every sequence still finishing
+        within `tbt_slo_s` per token at the current step time (0 when one already cannot):
+        those running, and those placed here that may join during the pause."""
+        self._advance(now_s)
+        step_s = self._step_s() if self._batch else self.profile.decode.step_s(1, 0)
+        budget = math.inf
+        for sequence in self._batch:
+            finish_s = now_s + max(0.0, sequence.done_at_steps - self._steps) * step_s
+            budget = min(budget, tbt_slo_s * sequence.output_tokens - (finish_s - sequence.joined_s))
+        for output_tokens in self._placed.values():
+            budget = min(budget, (tbt_slo_s - step_s) * output_tokens)
+        return max(0.0, budget)
+
+    def load(self, now_s: float, tbt_slo_s: float) -> NodeLoad:
+        return NodeLoad(
+            running_decodes=len(self._batch),
+            decode_kv_tokens=self._kv_tokens + self.reserved_tokens,
+            decode_pause_budget_s=self.pause_budget_s(now_s, tbt_slo_s),
+        )

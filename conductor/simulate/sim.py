@@ -13,7 +13,10 @@ Per request:
    tokens it computed, paying the model's fixed cost once more): the node's own
    tier is looked up (the store's policy sees the access), the request's blocks are stored
    there, and the prefill takes the cost model's time for the tokens not reused. The prompt's
-   KV streams to the decode node from the start of the prefill.
+   KV streams to the decode node from the start of the prefill. A placement may put the
+   prefill on the decode node itself (a decode server has the same GPUs, and a DRAM tier like
+   the prefill servers'): nothing is sent, and the node's decode batch makes no steps while
+   the prefill runs.
 3. first token at the end of the prefill (TTFT); the sequence joins its decode node's batch
    when its KV has arrived, and generates its output (TBT = its time in the batch per token).
 
@@ -55,7 +58,7 @@ class SimConfig:
     prefill_nodes: int = 8
     decode_nodes: int = 8
     placement: str = "kv-centric"
-    cache_blocks: int = 6000  # each prefill node's DRAM tier, in blocks of the trace's size
+    cache_blocks: int = 6000  # each node's DRAM tier, in blocks of the trace's size
     cache_policy: str = "leaf-first-lru"
     rate_scale: float = 1.0  # arrivals this many times as fast as the trace's
     # 0: a prefill runs to its end once started (vLLM's scheduler serves running requests
@@ -141,15 +144,22 @@ class Simulation:
         self.router = Router(self.cluster, make_placement(config.placement, config.seed))
         self.prefill: dict[str, SimPrefill] = {}
         self.decode: dict[str, SimDecode] = {}
+        index = self.cluster.index
         for i in range(config.prefill_nodes):
             node_id = f"prefill-{i}"
             self.cluster.join(NodeInfo(node_id, Role.PREFILL, profile=config.profile))
             policy = make_policy(config.cache_policy)
-            self.prefill[node_id] = SimPrefill(node_id, self.profile, policy, config.cache_blocks, self.cluster.index)
+            self.prefill[node_id] = SimPrefill(node_id, self.profile, policy, config.cache_blocks, index)
         for i in range(config.decode_nodes):
             node_id = f"decode-{i}"
             self.cluster.join(NodeInfo(node_id, Role.DECODE, profile=config.profile))
-            self.decode[node_id] = SimDecode(node_id, self.profile)
+            decode = self.decode[node_id] = SimDecode(node_id, self.profile)
+            # The same GPUs can compute a prefill placed there (the placement's choice; a
+            # decode node then pauses its batch), and the server has a DRAM tier like the
+            # prefill servers'; it stays empty unless prefills run there.
+            local = SimPrefill(node_id, self.profile, make_policy(config.cache_policy), config.cache_blocks, index)
+            local.nic = decode.nic
+            self.prefill[node_id] = local
         self._events: list[tuple[float, int, int, Callable[[float], None]]] = []
         self._order = itertools.count()
         self._outcomes: dict[str, RequestOutcome] = {}
@@ -216,15 +226,15 @@ class Simulation:
                 num_bytes = sent_tokens * self.profile.kv_bytes_per_token
                 ready_s = transfer(self.costs.network, holder.nic, node.nic, num_bytes, now_s)
                 self._fetched_bytes += num_bytes
-        self.decode[decision.decode.node_id].reserved_tokens += request.prompt_tokens + request.max_output_tokens
+        self.decode[decision.decode.node_id].reserve(request)
         planned_s = decision.prefill.load_s + decision.prefill.prefill_s
         node.queue.append(PrefillJob(request, decision, now_s, ready_s, fetched_blocks, planned_s))
-        self._report_decode(decision.decode.node_id)
+        self._report_decode(decision.decode.node_id, now_s)
         if node.running is None:
             self._at(max(now_s, ready_s), _Event.PREFILL_START, partial(self._start_prefill, node))
         else:  # it may outrank the running prefill once its prefix is here
             self._at(max(now_s, ready_s), _Event.PREFILL_PREEMPT, partial(self._plan_preemption, node))
-        self.cluster.report_load(node.node_id, node.load(now_s))
+        self._report_prefill(node, now_s)
 
     # -- prefill -------------------------------------------------------------------------------
 
@@ -252,17 +262,24 @@ class Simulation:
             assert job.decision.decode is not None
             decode = self.decode[job.decision.decode.node_id]
             num_bytes = request.prompt_tokens * self.profile.kv_bytes_per_token
-            self._kv_ready_s[request.request_id] = transfer(self.costs.network, node.nic, decode.nic, num_bytes, now_s)
-            self._handoff_bytes += num_bytes
+            if decode.node_id == node.node_id:  # computed where it decodes: nothing to send
+                self._kv_ready_s[request.request_id] = now_s
+            else:
+                self._kv_ready_s[request.request_id] = transfer(
+                    self.costs.network, node.nic, decode.nic, num_bytes, now_s
+                )
+                self._handoff_bytes += num_bytes
         cached = job.reused_tokens + job.done_tokens
         compute_s = self.profile.prefill.seconds(request.prompt_tokens - cached, cached)
         job.run += 1
         node.running = job
+        if node.node_id in self.decode:  # a prefill on a decode node: its batch waits
+            self.decode[node.node_id].pause(now_s)
         node.running_since_s = now_s + load_s
         node.busy_until_s = node.running_since_s + compute_s
         self._at(node.busy_until_s, _Event.PREFILL_DONE, partial(self._prefill_done, job, job.run))
         self._plan_preemption(node, now_s)
-        self.cluster.report_load(node.node_id, node.load(now_s))
+        self._report_prefill(node, now_s)
 
     def _plan_preemption(self, node: SimPrefill, now_s: float) -> None:
         """If a ready queued request outranks the running prefill, set that one aside at the end
@@ -284,6 +301,7 @@ class Simulation:
         job.ready_s = now_s
         job.run += 1  # its completion, scheduled for the run just ended, is void
         node.running = None
+        self._resume(node, now_s)
         node.queue.append(job)
         self._start_prefill(node, now_s)
 
@@ -293,13 +311,28 @@ class Simulation:
         assert job.decision.prefill is not None
         node = self.prefill[job.decision.prefill.node_id]
         node.running = None
+        self._resume(node, now_s)
         outcome = self._outcomes[job.request.request_id]
         outcome.ttft_s = now_s - job.arrival_s
         ready_s = max(now_s, self._kv_ready_s.pop(job.request.request_id))
         self._at(ready_s, _Event.DECODE_JOIN, partial(self._join_decode, job))
-        self.cluster.report_load(node.node_id, node.load(now_s))
+        self._report_prefill(node, now_s)
         if node.queue:
             self._at(now_s, _Event.PREFILL_START, partial(self._start_prefill, node))
+
+    def _report_prefill(self, node: SimPrefill, now_s: float) -> None:
+        if node.node_id in self.decode:
+            self._report_decode(node.node_id, now_s)
+        else:
+            self.cluster.report_load(node.node_id, node.load(now_s))
+
+    def _resume(self, node: SimPrefill, now_s: float) -> None:
+        """A prefill on a decode node ended or was set aside: its batch steps again."""
+        decode = self.decode.get(node.node_id)
+        if decode is not None:
+            decode.resume(now_s)
+            self._schedule_finish(decode)
+            self._report_decode(decode.node_id, now_s)
 
     # -- decode --------------------------------------------------------------------------------
 
@@ -308,7 +341,7 @@ class Simulation:
         decode = self.decode[job.decision.decode.node_id]
         decode.join(job.request, job.request.max_output_tokens, now_s)
         self._schedule_finish(decode)
-        self._report_decode(decode.node_id)
+        self._report_decode(decode.node_id, now_s)
 
     def _finish_decodes(self, decode: SimDecode, version: int, now_s: float) -> None:
         if version != decode.version:
@@ -317,15 +350,20 @@ class Simulation:
             if tokens:
                 self._outcomes[request_id].tbt_s = (now_s - joined_s) / tokens
         self._schedule_finish(decode)
-        self._report_decode(decode.node_id)
+        self._report_decode(decode.node_id, now_s)
 
     def _schedule_finish(self, decode: SimDecode) -> None:
         when = decode.next_finish_s()
         if when is not None:
             self._at(when, _Event.DECODE_FINISH, partial(self._finish_decodes, decode, decode.version))
 
-    def _report_decode(self, node_id: str) -> None:
-        self.cluster.report_load(node_id, self.decode[node_id].load())
+    def _report_decode(self, node_id: str, now_s: float) -> None:
+        """The decode node's load: its batch's, and the prefills placed on it."""
+        load = self.decode[node_id].load(now_s, self.config.slo.tbt_s)
+        prefill = self.prefill[node_id].load(now_s)
+        load.prefill_busy_until_s = prefill.prefill_busy_until_s
+        load.queued_prefill_tokens = prefill.queued_prefill_tokens
+        self.cluster.report_load(node_id, load)
 
 
 def simulate(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import signal
 import socket
 import subprocess
@@ -174,6 +175,31 @@ def test_a_node_that_stops_heartbeating_lapses_and_gets_nothing(cluster) -> None
     assert index.blocks_of("b") == 0
     # the reconcile thread sweeps b's entries out of the index afterwards
     assert eventually(lambda: index.stale_mask == 0 and not any(key in index.snapshot_keys() for key in keys), 10)
+
+
+def test_a_decode_node_reporting_a_pause_budget_computes_prefills_when_the_prefill_nodes_are_busy(cluster) -> None:
+    conductor, nodes = cluster
+    namespace_id, keys = put_chain(nodes["a"], 4, seed=5)
+    conductor_stub = stub(conductor)
+    busy = pb.NodeLoad(queued_prefill_tokens=50_000)  # about 20 s of prefill queued
+    for name in ("a", "b"):
+        conductor_stub.Heartbeat(pb.HeartbeatRequest(node_id=name, load=busy))
+    # Without a budget from d, its batch is not paused: the prefill waits on a or b.
+    reply = conductor_stub.Route(route_message(namespace_id, keys, request_id="1"))
+    assert reply.prefill.node_id in {"a", "b"} and reply.decode.node_id == "d"
+    budget = pb.NodeLoad(decode_pause_budget_s=600.0)
+    conductor_stub.Heartbeat(pb.HeartbeatRequest(node_id="d", load=budget))
+    assert status(conductor)["d"].load.decode_pause_budget_s == 600.0
+    reply = conductor_stub.Route(route_message(namespace_id, keys, request_id="2"))
+    assert (reply.prefill.node_id, reply.decode.node_id) == ("d", "d")
+    assert reply.decode.transfer_s == 0.0 and reply.candidates[0].node_id in {"a", "b"}
+    # A budget that is not a finite number >= 0 is refused, and changes nothing.
+    for bad in (-1.0, math.nan, math.inf):
+        with pytest.raises(grpc.RpcError) as refused:
+            conductor_stub.Heartbeat(pb.HeartbeatRequest(node_id="d", load=pb.NodeLoad(decode_pause_budget_s=bad)))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "decode_pause_budget_s" in (refused.value.details() or "")
+    assert status(conductor)["d"].load.decode_pause_budget_s == 600.0
 
 
 def test_with_etcd_a_restarted_conductor_rebuilds_and_a_silent_node_lapses(tmp_path: Path, etcd: EtcdProcess) -> None:

@@ -245,3 +245,33 @@ def test_prefix_flow_orders_a_request_with_little_slack_early() -> None:
     assert decision.accepted and decision.prefill is not None
     assert decision.prefill.queue_s == pytest.approx(6.0)
     assert decision.priority_s == pytest.approx(0.6 * 3.0)
+
+
+def test_prefix_flow_prefills_on_a_decode_node_only_within_its_pause_budget() -> None:
+    state = cluster(prefill=1, decode=2)
+    state.loads["p0"] = NodeLoad(prefill_busy_until_s=5.0)  # 5 s of queue
+    req = request(blocks=10, output=10)  # 1 s to compute
+    # Decode nodes that report no pause budget (the default) never prefill.
+    decision = Router(state, PrefixFlow()).route(req, now_s=0.0)
+    assert decision.prefill is not None and decision.prefill.node_id == "p0"
+    assert decision.prefill.ttft_s == pytest.approx(6.0)
+    # d1 can pause 1.5 s: the prefill runs there, and so does the decode (no transfer).
+    state = cluster(prefill=1, decode=2)
+    state.loads["p0"] = NodeLoad(prefill_busy_until_s=5.0)
+    state.loads["d1"] = NodeLoad(decode_pause_budget_s=1.5)
+    decision = Router(state, PrefixFlow()).route(req, now_s=0.0)
+    assert decision.accepted and decision.prefill is not None and decision.decode is not None
+    assert (decision.prefill.node_id, decision.decode.node_id) == ("d1", "d1")
+    assert decision.prefill.ttft_s == pytest.approx(1.0)
+    assert decision.decode.transfer_s == 0.0
+    assert decision.candidates[0].node_id == "p0"  # the best prefill node stays in the breakdown
+    assert state.loads["d1"].prefill_busy_until_s == pytest.approx(1.0)  # charged to d1
+    # A second one would make the batch wait 2 s, past its 1.5 s budget: back to p0.
+    second = Router(state, PrefixFlow()).route(request(blocks=10, output=10, request_id="r2", start=50), 0.0)
+    assert second.prefill is not None and second.prefill.node_id == "p0"
+    # Algorithm 1 never prefills on a decode node.
+    state = cluster(prefill=1, decode=2)
+    state.loads["p0"] = NodeLoad(prefill_busy_until_s=5.0)
+    state.loads["d1"] = NodeLoad(decode_pause_budget_s=100.0)
+    decision = Router(state, KVCentric()).route(req, now_s=0.0)
+    assert decision.prefill is not None and decision.prefill.node_id == "p0"

@@ -204,3 +204,34 @@ def test_a_resumed_prefill_pays_the_fixed_cost_again() -> None:
 def test_a_negative_chunk_is_refused() -> None:
     with pytest.raises(InvalidArgumentError, match="prefill_chunk_tokens must be >= 0"):
         simulate(SimConfig(prefill_chunk_tokens=-1), TRACE, costs(1e6))
+
+
+def test_prefix_flow_prefills_on_a_decode_node_whose_batch_can_wait() -> None:
+    # A: 4,096 tokens at 0, 100 out; B: 1,024 tokens at 0.1 s, 1,000 out; C: 512 tokens at
+    # 2 s, 100 out. No blocks shared.
+    trace = [
+        TraceRequest(0, 4096, 100, tuple(range(1, 9))),
+        TraceRequest(100, 1024, 1000, (20, 21)),
+        TraceRequest(2000, 512, 100, (30,)),
+    ]
+    config = SimConfig(prefill_nodes=1, decode_nodes=1, placement="prefix-flow", cache_blocks=100)
+    a, b, c = simulate(config, trace, costs(1e9)).outcomes
+    # A: both nodes idle and as fast; the prefill node wins the tie.
+    assert (a.prefill_node, a.ttft_s) == ("prefill-0", pytest.approx(4.096))
+    # B would wait 3.996 s behind A on prefill-0. decode-0's batch is empty, and A (placed
+    # there, 100 tokens out) could wait (0.1 - 0.01) x 100 = 9 s: B computes there at once.
+    assert (b.prefill_node, b.decode_node, b.ttft_s) == ("decode-0", "decode-0", pytest.approx(1.024))
+    # C (prefill-0 busy for 2.096 s more) too: B, decoding since 1.124 s, pauses 0.512 s.
+    assert (c.prefill_node, c.ttft_s) == ("decode-0", pytest.approx(0.512))
+    assert b.tbt_s == pytest.approx((1.124 + 1000 * 0.01 + 0.512 - 1.124) / 1000)
+    assert c.tbt_s == pytest.approx(0.01)
+    assert a.tbt_s == pytest.approx(0.01)  # joins at 4.096 s, after both pauses
+
+
+def test_a_short_output_placed_on_a_decode_node_keeps_prefills_off_it() -> None:
+    # As above, but A generates one token: A could only wait (0.1 - 0.01) x 1 = 0.09 s.
+    trace = [TraceRequest(0, 4096, 1, tuple(range(1, 9))), TraceRequest(100, 1024, 1000, (20, 21))]
+    config = SimConfig(prefill_nodes=1, decode_nodes=1, placement="prefix-flow", cache_blocks=100)
+    a, b = simulate(config, trace, costs(1e9)).outcomes
+    assert (b.prefill_node, b.ttft_s) == ("prefill-0", pytest.approx(4.096 + 1.024 - 0.1))
+    assert a.tbt_s == pytest.approx(0.01)

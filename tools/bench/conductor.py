@@ -9,9 +9,10 @@ placement policy in the simulator on Mooncake's conversation trace.
    against the index match alone for the same requests (the part every policy shares).
 2. The simulator (conductor/simulate/) in a setting modelled on Mooncake's FAST'25
    evaluation: 8 prefill and 8 decode instances of the LLaMA2-70B / 8xA800 profile
-   (conductor/costs.py), a DRAM tier of 6,000 blocks of 512 tokens per prefill node (about
-   0.94 TiB of KV), TTFT SLO 30 s, TBT SLO 0.1 s per token; the trace at its own rate and at
-   twice it; each policy's goodput. Also prefix-flow on prefill engines that may preempt a
+   (conductor/costs.py), a DRAM tier of 6,000 blocks of 512 tokens per node (about 0.94 TiB
+   of KV; a decode node's is used only when prefix-flow computes prefills there), TTFT SLO
+   30 s, TBT SLO 0.1 s per token; the trace at its own rate and at twice it; each policy's
+   goodput. Also prefix-flow on prefill engines that may preempt a
    prefill between two chunks for a request it ranks higher.
 
 Writes the section between the markers in docs/benchmarks.md, docs/bench-conductor.json and
@@ -73,6 +74,8 @@ def build_cluster(instances: int, indexed_blocks: int, seed: int) -> tuple[Clust
         cluster.loads[node_id] = NodeLoad(prefill_busy_until_s=rng.uniform(0, 5))
     for i in range(instances - instances // 2):
         cluster.join(NodeInfo(f"decode-{i}", Role.DECODE))
+        # a budget to pause for prefills: prefix-flow scores every decode node too
+        cluster.loads[f"decode-{i}"] = NodeLoad(decode_pause_budget_s=rng.uniform(1, 10))
     chains = []
     for chain_number in range(indexed_blocks // 64):
         chain = tuple(BlockKey((chain_number << 32 | depth).to_bytes(16, "big")) for depth in range(64))
@@ -235,10 +238,13 @@ def section(
         "### Simulator: every policy on the conversation trace",
         "",
         "8 prefill and 8 decode instances (LLaMA2-70B on 8xA800, profile in conductor/costs.py), a DRAM tier of"
-        f" {args.cache_blocks:,} blocks per prefill node (leaf-first LRU), TTFT SLO 30 s, TBT SLO 0.1 s/token;"
+        f" {args.cache_blocks:,} blocks per node (leaf-first LRU; a decode node's fills only when prefix-flow"
+        " computes prefills there), TTFT SLO 30 s, TBT SLO 0.1 s/token;"
         " goodput is the largest arrival-rate multiple at which 90% of requests meet both. Rejected requests"
         " count as missing their SLO and have no latency. Reuse is the share of prompt tokens not computed"
-        " (the trace's ceiling, every reuse an infinite cache could make, is 37.4%). Prefill engines run each"
+        " (the trace's ceiling, every reuse an infinite cache could make, is 37.4% of all prompt tokens; of the"
+        " served ones it is a little higher, as the rejected prompts are long and reuse little). Prefill engines"
+        " run each"
         f" prefill to its end, as vLLM's does; the rows `{PREEMPTIVE}` put prefix-flow on engines that compute"
         f" prefills in chunks of {CHUNK_TOKENS} tokens and, between two, set a prefill aside for a waiting request"
         " with a higher priority (docs/conductor.md).",
