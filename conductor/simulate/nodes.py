@@ -184,6 +184,7 @@ class SimDecode:
         self.version += 1
 
     def resume(self, now_s: float) -> None:
+        """The prefill ended or was set aside: the batch steps again from `now_s`."""
         self._advance(now_s)
         self._paused = False
         self.version += 1
