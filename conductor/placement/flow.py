@@ -127,21 +127,22 @@ class PrefixFlow:
         # of queue is the best, and the others need no scoring.
         options = []
         for info in cluster.decode_nodes:
+            budget_s = cluster.loads[info.node_id].decode_pause_budget_s
             queue_s = cluster.loads[info.node_id].queue_s(now_s)
-            if info.role.prefills or cluster.loads[info.node_id].decode_pause_budget_s <= queue_s:
+            if info.role.prefills or budget_s <= queue_s:
                 continue  # a prefill candidate already; or not even the prefills queued there fit
-            options.append((info.node_id not in credited, queue_s, info.node_id, info))
-        options.sort()
+            options.append((info.node_id not in credited, queue_s, info.node_id, budget_s, info))
+        options.sort(key=lambda option: option[:3])
         chosen: tuple[PrefillScore, DecodeScore] | None = None
         settled: set[str] = set()  # profiles whose best node holding nothing is known
-        for holds_nothing, _, _, info in options:
+        for holds_nothing, _, _, budget_s, info in options:
             if holds_nothing and info.profile in settled:
                 continue
             score = score_prefill(
                 request, info, cluster, now_s, holdings=credited, best=best, timing=FetchTiming.OVERLAPPED
             )
             # The batch waits for everything queued ahead and for this prefill.
-            if score.queue_s + score.load_s + score.prefill_s > cluster.loads[info.node_id].decode_pause_budget_s:
+            if score.queue_s + score.load_s + score.prefill_s > budget_s:
                 continue
             decode = score_decode(request, cluster, info, info.node_id, need)
             if decode is None or decode.tbt_s > cluster.slo.tbt_s:
