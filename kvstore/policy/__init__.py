@@ -1,9 +1,9 @@
 """Cache policies: which blocks stay in which tier. Decisions only; see `base.EvictionPolicy`.
 
-`leaf-first-lru` is the store's default; `prefix-lrfu` keeps far more of what is reused when a
-tier is small, at a higher cost per access (docs/policy.md). `lfu`, `s3-fifo` and `arc` are the
-baselines the policy benchmark (tools/bench/policy.py) compares them with. Any of them is
-selected by `store.eviction_policy`."""
+`prefix-lrfu` is the store's default: it keeps far more of what is reused than `leaf-first-lru`
+(the previous default) when a tier is small, at a little more cost per access (docs/policy.md).
+`lfu`, `s3-fifo` and `arc` are the baselines the policy benchmark (tools/bench/policy.py)
+compares them with. Any of them is selected by `store.eviction_policy`."""
 
 from collections.abc import Callable
 

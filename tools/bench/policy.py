@@ -173,14 +173,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def parse_capacities(text: str) -> list[int]:
+    """`--capacities`: positive integers, comma-separated; SystemExit naming the flag otherwise."""
+    try:
+        capacities = [int(value) for value in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"--capacities must be comma-separated integers, got {text!r}") from None
+    if not capacities or min(capacities) < 1:
+        raise SystemExit(f"--capacities must be positive, got {text!r}")
+    return capacities
+
+
+def load_trace_or_exit(path: Path) -> list[TraceRequest]:
+    """The trace at `path`; SystemExit saying what is wrong with it (missing, or its bad line)."""
+    if not path.is_file():
+        raise SystemExit(f"no trace at {path} (pass --trace PATH)")
+    try:
+        return load_trace(path)
+    except InvalidArgumentError as error:
+        raise SystemExit(str(error)) from None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
-        capacities = [int(value) for value in args.capacities.split(",")]
-    except ValueError:
-        raise SystemExit(f"--capacities must be comma-separated integers, got {args.capacities!r}") from None
-    if not capacities or min(capacities) < 1:
-        raise SystemExit(f"--capacities must be positive, got {args.capacities!r}")
+    capacities = parse_capacities(args.capacities)
     policies = [name for name in args.policies.split(",") if name]
     unknown = sorted(set(policies) - set(POLICIES))
     if unknown or not policies:
@@ -189,13 +205,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parts: list[TracePart] = []
     if not args.no_trace:
         trace_path = args.trace.resolve()
-        if not trace_path.is_file():
-            raise SystemExit(f"no trace at {trace_path} (pass --trace PATH)")
-        try:
-            requests = load_trace(trace_path)
-        except InvalidArgumentError as error:
-            raise SystemExit(str(error)) from None
-        parts += split(trace_path.stem, requests, args.split_minutes)
+        parts += split(trace_path.stem, load_trace_or_exit(trace_path), args.split_minutes)
     if args.generated:
         for name, params in GENERATED.items():
             parts += split(name, generate_trace(params), args.split_minutes)
