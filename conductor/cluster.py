@@ -87,6 +87,16 @@ class ClusterState:
             self.loads[node_id] = load
             self._reporting.add(node_id)
 
+    def stop_reporting(self, node_id: str) -> None:
+        """The node reports no load any more (its engines went quiet): its last report is stale,
+        so the conductor's own account takes over, from nothing placed."""
+        if node_id in self._reporting:
+            self._reporting.discard(node_id)
+            self.loads[node_id] = NodeLoad()
+
+    def is_reporting(self, node_id: str) -> bool:
+        return node_id in self._reporting
+
     def charge(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
         """Account for a placement until the nodes report again. On a decode node that does not
         report its load, the request's KV reservation ends when its output is predicted done."""

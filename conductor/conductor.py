@@ -148,8 +148,9 @@ class Conductor:
     def heartbeat(self, node_id: str, load: tuple[int, int, int, float] | None) -> bool:
         """Renew the node's lease and take its load, (queued prefill tokens, running decodes,
         decode KV tokens, decode pause budget in seconds), when it reports one; False when it
-        must register again. A node that reports no load keeps the conductor's own account of
-        its placements. A pause budget that is not a finite number >= 0 is refused, and
+        must register again. A node that reports no load (its engines report none to it) gets
+        the conductor's own account of its placements; one that reported before starts that
+        account from nothing. A pause budget that is not a finite number >= 0 is refused, and
         nothing changes."""
         if load is not None and not 0.0 <= load[3] < math.inf:
             raise InvalidArgumentError(
@@ -158,6 +159,9 @@ class Conductor:
         if not self.membership.renew(node_id):
             return False
         if load is None:
+            if self.cluster.is_reporting(node_id):
+                with self._lock:
+                    self.cluster.stop_reporting(node_id)
             return True
         queued_prefill_tokens, running_decodes, decode_kv_tokens, pause_budget_s = load
         now = self._clock()

@@ -320,6 +320,31 @@ class FetchResult:
     bytes_moved: int
 
 
+_MAX_LOAD_COUNT = 1 << 48  # more tokens or sequences than any engine holds: a garbled report
+
+
+@dataclass(frozen=True, slots=True)
+class EngineLoad:
+    """One engine's load, or a node's (the sum of its engines'): what `ReportLoad` tells a node
+    and a node's heartbeat tells the conductor (kvstore/node/engine_loads.py)."""
+
+    queued_prefill_tokens: int = 0  # prompt tokens queued or running, not yet computed
+    running_decodes: int = 0  # sequences in its decode batch
+    decode_kv_tokens: int = 0  # KV those sequences hold
+    decode_pause_budget_s: float = 0.0  # how long its batch could pause for a prefill; 0: unknown
+
+    def check(self) -> None:
+        """InvalidArgumentError naming the first field out of range."""
+        for name in ("queued_prefill_tokens", "running_decodes", "decode_kv_tokens"):
+            value = getattr(self, name)
+            if not 0 <= value < _MAX_LOAD_COUNT:
+                raise InvalidArgumentError(f"{name} must be in [0, 2**48), got {value}")
+        if not 0.0 <= self.decode_pause_budget_s < math.inf:
+            raise InvalidArgumentError(
+                f"decode_pause_budget_s must be a finite number >= 0, got {self.decode_pause_budget_s}"
+            )
+
+
 @dataclass(frozen=True, slots=True)
 class BlockInfo:
     """What an operator sees of one stored block (`kvctl ls` / `inspect`)."""

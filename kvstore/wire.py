@@ -12,7 +12,18 @@ from kvstore.errors import InvalidArgumentError
 from kvstore.events import BlockEvent, EventKind
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.stats import StoreStats, TierStats
-from kvstore.types import KEY_BYTES, BlockInfo, BlockKey, DType, KVLayout, KVPacking, Namespace, NamespaceId, TierKind
+from kvstore.types import (
+    KEY_BYTES,
+    BlockInfo,
+    BlockKey,
+    DType,
+    EngineLoad,
+    KVLayout,
+    KVPacking,
+    Namespace,
+    NamespaceId,
+    TierKind,
+)
 
 _TIERS = tuple(TierKind)
 _TIER_TO_PROTO = {tier: pb.Tier.ValueType(tier.value + 1) for tier in TierKind}
@@ -153,6 +164,22 @@ def tier_stats_from_proto(message: pb.TierStats) -> TierStats:
         message.demotions_in,
         message.promotions_in,
         message.checksum_failures,
+    )
+
+
+def load_to_proto(load: EngineLoad) -> pb.NodeLoad:
+    return pb.NodeLoad(
+        queued_prefill_tokens=load.queued_prefill_tokens,
+        running_decodes=load.running_decodes,
+        decode_kv_tokens=load.decode_kv_tokens,
+        decode_pause_budget_s=load.decode_pause_budget_s,
+    )
+
+
+def load_from_proto(message: pb.NodeLoad) -> EngineLoad:
+    """Not checked here: `EngineLoad.check` names what is out of range."""
+    return EngineLoad(
+        message.queued_prefill_tokens, message.running_decodes, message.decode_kv_tokens, message.decode_pause_budget_s
     )
 
 

@@ -68,7 +68,7 @@ PEER_ERRORS = [
 ]
 
 GRPC_METHODS = ("Lookup", "Reserve", "Commit", "Abort", "Acquire", "Release", "Remove", "Pin", "Unpin", "ListBlocks",
-                "RegisterNamespace", "Fetch", "ReportLookups", "ReportReads")  # fmt: skip
+                "RegisterNamespace", "Fetch", "ReportLookups", "ReportReads", "ReportLoad")  # fmt: skip
 # Raw bytes go to these; never Remove or Fetch, which a mutated request could aim at the known chain.
 RAW_METHODS: dict[str, type[Message]] = {
     "Lookup": pb.LookupRequest,
@@ -82,6 +82,7 @@ RAW_METHODS: dict[str, type[Message]] = {
     "Pin": pb.PinRequest,
     "ReportLookups": pb.ReportLookupsRequest,
     "ReportReads": pb.ReportReadsRequest,
+    "ReportLoad": pb.ReportLoadRequest,
 }
 FUZZ = settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 FUZZ_SLOW = settings(FUZZ, max_examples=40)  # cases that open connections and run a client check

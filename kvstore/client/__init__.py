@@ -2,11 +2,12 @@
 
 from kvstore.client.aio import AsyncClient
 from kvstore.client.client import Client, LeasedBlocks, NodeStatus, Transport
-from kvstore.types import FetchResult, PutResult, RemoveResult
+from kvstore.types import EngineLoad, FetchResult, PutResult, RemoveResult
 
 __all__ = [
     "AsyncClient",
     "Client",
+    "EngineLoad",
     "FetchResult",
     "LeasedBlocks",
     "NodeStatus",

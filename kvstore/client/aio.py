@@ -24,6 +24,7 @@ from kvstore.events import BlockEvent
 from kvstore.types import (
     BlockInfo,
     BlockKey,
+    EngineLoad,
     FetchResult,
     LookupResult,
     Namespace,
@@ -113,6 +114,9 @@ class AsyncClient:
 
     async def unpin(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> int:
         return await self._run(self._client.unpin, namespace_id, keys)
+
+    async def report_load(self, engine_id: str, load: EngineLoad) -> None:
+        await self._run(self._client.report_load, engine_id, load)
 
     async def status(self) -> NodeStatus:
         return await self._run(self._client.status)

@@ -55,6 +55,7 @@ from kvstore.tiers.dram import SharedSegment, native_copy_blocks
 from kvstore.types import (
     BlockInfo,
     BlockKey,
+    EngineLoad,
     FetchResult,
     LookupResult,
     Namespace,
@@ -97,6 +98,8 @@ class NodeStatus:
     lookups: int
     lookup_hit_blocks: int
     lookup_miss_blocks: int
+    reporting_engines: int  # engines whose load report is fresh
+    load: EngineLoad | None  # their sum, which the node's heartbeats carry; None when none reports
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,6 +385,16 @@ class Client:
         client on the node's host asks over the node's Unix socket, others over gRPC."""
         return self._slots.fetch(namespace_id, keys, parent, peer)
 
+    # -- load ----------------------------------------------------------------------------------
+
+    def report_load(self, engine_id: str, load: EngineLoad) -> None:
+        """Tell the node this engine's load, under an id the engine keeps (a new report replaces
+        its last). The node's heartbeats to its conductor carry the sum of its engines' latest
+        reports; a report older than the node's membership ttl no longer counts, so an engine
+        reports every second or two. InvalidArgumentError names a bad field; nothing changes."""
+        load.check()  # here too: a negative count cannot even be put in the message
+        self._call(self._stub.ReportLoad, pb.ReportLoadRequest(engine_id=engine_id, load=wire.load_to_proto(load)))
+
     # -- administration ------------------------------------------------------------------------
 
     def remove(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> RemoveResult:
@@ -416,6 +429,8 @@ class Client:
             stats.lookups,
             stats.lookup_hit_blocks,
             stats.lookup_miss_blocks,
+            stats.reporting_engines,
+            wire.load_from_proto(stats.load) if stats.HasField("load") else None,
         )
 
     def list_blocks(self, namespace_id: NamespaceId | None = None, *, page_size: int = 1000) -> Iterator[BlockInfo]:

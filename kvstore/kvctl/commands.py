@@ -36,6 +36,7 @@ def status(client: Client) -> Outcome:
         ("leases", str(node.num_leases)),
         ("reservations", str(node.num_reservations)),
         ("lookups", f"{node.lookups}, hit ratio {hit_text}"),
+        ("load", render.engine_load_text(node)),
     ]
     lines = [f"{name + ':':<15}{value}" for name, value in fields]
     rows = [

@@ -8,7 +8,7 @@ scripts never parse the text form.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TypeAlias
 
 from kvstore.client import NodeStatus
@@ -226,5 +226,20 @@ def node_status_json(node: NodeStatus, grpc_address: str) -> JsonObject:
         "lookup_hit_blocks": node.lookup_hit_blocks,
         "lookup_miss_blocks": node.lookup_miss_blocks,
         "lookup_hit_ratio": lookup_hit_ratio(node),
+        "reporting_engines": node.reporting_engines,
+        "load": asdict(node.load) if node.load is not None else None,
         "tiers": [tier_json(tier) for tier in node.tiers],
     }
+
+
+def engine_load_text(node: NodeStatus) -> str:
+    """What the node's heartbeats tell the conductor of its engines' load."""
+    load = node.load
+    if load is None:
+        return "no engine reports its load (the conductor keeps its own account of its placements)"
+    budget = f"{load.decode_pause_budget_s:g} s" if load.decode_pause_budget_s else "none"
+    engines = "1 engine" if node.reporting_engines == 1 else f"{node.reporting_engines} engines"
+    return (
+        f"{engines}: {load.queued_prefill_tokens} prompt tokens queued, {load.running_decodes} decoding "
+        f"({load.decode_kv_tokens} KV tokens), decode pause budget {budget}"
+    )

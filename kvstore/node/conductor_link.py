@@ -7,9 +7,10 @@ conductor that cannot be reached does not stop the node: the link logs, backs of
 trying; the node serves its clients meanwhile. A node that stops simply stops heartbeating,
 and the conductor drops it when the lease runs out.
 
-Heartbeats carry no load yet: queued prefill tokens and running decodes are the engines' to
-know, and they do not report them to the node yet. Until they do, the conductor keeps its
-own account of what it placed on the node (conductor/cluster.py).
+Each heartbeat carries the node's load, the sum of what its engines last reported
+(`ReportLoad`; engine_loads.py), or no load when none has reported within the membership
+ttl: the conductor then keeps its own account of what it placed on the node
+(conductor/cluster.py).
 
 Owner: its thread; `stop` from the server's shutdown.
 """
@@ -18,13 +19,16 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 import grpc
 
+from kvstore import wire
 from kvstore.node.auth import Access
 from kvstore.node.config import ConductorRole, ConductorSection
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
+from kvstore.types import EngineLoad
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +43,18 @@ MAX_BACKOFF_S = 10.0
 
 class ConductorLink:
     def __init__(
-        self, settings: ConductorSection, node_id: str, grpc_address: str, data_address: str, access: Access
+        self,
+        settings: ConductorSection,
+        node_id: str,
+        grpc_address: str,
+        data_address: str,
+        access: Access,
+        *,
+        load: Callable[[], EngineLoad | None],
     ) -> None:
+        """`load`: the node's load now, or None when its engines have not reported one."""
         self._settings = settings
+        self._load = load
         self._description = pb.NodeDescription(
             node_id=node_id,
             role=_ROLES[settings.role],
@@ -79,11 +92,7 @@ class ConductorLink:
                         )
                         self.registered.set()
                         log.info("registered with the conductor at %s", settings.address)
-                    reply = stub.Heartbeat(
-                        pb.HeartbeatRequest(node_id=self._description.node_id),  # no load until engines report it
-                        timeout=timeout,
-                        metadata=self._metadata,
-                    )
+                    reply = stub.Heartbeat(self._heartbeat(), timeout=timeout, metadata=self._metadata)
                     if reply.register_again:
                         self.registered.clear()
                         continue
@@ -99,3 +108,10 @@ class ConductorLink:
                     )
                     self._stop.wait(backoff)
                     backoff = min(MAX_BACKOFF_S, backoff * 2)
+
+    def _heartbeat(self) -> pb.HeartbeatRequest:
+        request = pb.HeartbeatRequest(node_id=self._description.node_id)
+        load = self._load()
+        if load is not None:
+            request.load.CopyFrom(wire.load_to_proto(load))
+        return request

@@ -29,6 +29,7 @@ from kvstore.errors import (
 )
 from kvstore.events import BlockEvent, EventKind
 from kvstore.hostid import host_id
+from kvstore.node.engine_loads import EngineLoads
 from kvstore.node.metrics import LookupCounts, NodeMetrics
 from kvstore.node.transfers import IncomingBlocks, OutgoingBlocks, open_read, open_write
 from kvstore.stats import StoreStats
@@ -37,6 +38,7 @@ from kvstore.tiers.dram import DramTier
 from kvstore.types import (
     BlockInfo,
     BlockKey,
+    EngineLoad,
     FetchResult,
     LeaseId,
     LookupResult,
@@ -76,6 +78,7 @@ class Node:
         local_address: str = "",
         metrics: NodeMetrics,
         peers: DataPlanePool,
+        engine_load_max_age_s: float = 10.0,
     ) -> None:
         dram = store.tiers.get(TierKind.DRAM)
         if not isinstance(dram, DramTier):
@@ -92,6 +95,7 @@ class Node:
         self._started = time.monotonic()
         self._lookup_lock = threading.Lock()
         self._lookups = LookupCounts(0, 0, 0)
+        self.engine_loads = EngineLoads(engine_load_max_age_s)  # what its engines last reported
 
     # -- identity ------------------------------------------------------------------------------
 
@@ -144,6 +148,12 @@ class Node:
 
     def lookup_counts(self) -> LookupCounts:
         return self._lookups
+
+    # -- load ----------------------------------------------------------------------------------
+
+    def report_load(self, engine_id: str, load: EngineLoad) -> None:
+        """An engine's latest load; the node's heartbeats carry the sum (engine_loads.py)."""
+        self.engine_loads.report(engine_id, load)
 
     # -- local path: shared-memory slots -------------------------------------------------------
 

@@ -88,6 +88,7 @@ class NodeServer:
                 peers=DataPlanePool(
                     token=config.token, timeout_s=PEER_TIMEOUT_S, buffer_bytes=server.data_socket_buffer_bytes
                 ),
+                engine_load_max_age_s=config.conductor.ttl_s,
             )
             self._publish_index(f"{dram.segment.name}.index")
             self.registry.register(
@@ -136,6 +137,7 @@ class NodeServer:
                 f"{host}:{self.grpc_port}",
                 self.data_address,
                 Access(self.config.conductor_token, self.config.conductor_tls_root_certificates),
+                load=self.node.engine_loads.total,
             )
             self.conductor_link.start()
         log.info(

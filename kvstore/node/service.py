@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError, Message
 
 from kvstore import wire
 from kvstore.errors import InvalidArgumentError, KVStoreError
+from kvstore.node.engine_loads import total_of
 from kvstore.node.node import Node
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
@@ -173,6 +174,13 @@ class KVStoreService(pb_grpc.KVStoreServicer):
 
         return self._call("ReportReads", context, handle)
 
+    def ReportLoad(self, request: pb.ReportLoadRequest, context: grpc.ServicerContext) -> pb.ReportLoadResponse:
+        def handle() -> pb.ReportLoadResponse:
+            self._node.report_load(request.engine_id, wire.load_from_proto(request.load))
+            return pb.ReportLoadResponse()
+
+        return self._call("ReportLoad", context, handle)
+
     # -- between nodes ----------------------------------------------------------------------------
 
     def Fetch(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> pb.FetchResponse:
@@ -212,6 +220,8 @@ class KVStoreService(pb_grpc.KVStoreServicer):
         def handle() -> pb.StatsResponse:
             stats = self._node.stats()
             lookups = self._node.lookup_counts()
+            engines = self._node.engine_loads.engines()
+            load = total_of(engines.values())  # as the next heartbeat will carry it
             return pb.StatsResponse(
                 tiers=wire.stats_to_proto(stats),
                 num_blocks=stats.num_blocks,
@@ -222,6 +232,8 @@ class KVStoreService(pb_grpc.KVStoreServicer):
                 lookup_hit_blocks=lookups.hit_blocks,
                 lookup_miss_blocks=lookups.miss_blocks,
                 draining=self._node.is_draining,
+                reporting_engines=len(engines),
+                load=wire.load_to_proto(load) if load is not None else None,
             )
 
         return self._call("Stats", context, handle)

@@ -27,11 +27,12 @@ from conductor.config import load_conductor_config
 from conductor.replication import Replication
 from conductor.server import ConductorServer
 from kvstore.client import Client
+from kvstore.errors import InvalidArgumentError
 from kvstore.node.auth import bearer
 from kvstore.node.server import NodeServer
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
-from kvstore.types import BlockKey, NamespaceId
+from kvstore.types import BlockKey, EngineLoad, NamespaceId
 from tests import factories
 from tests.etcd import EtcdProcess
 from tests.nodes import eventually, running_node, self_signed_certificate
@@ -177,23 +178,59 @@ def test_a_node_that_stops_heartbeating_lapses_and_gets_nothing(cluster) -> None
     assert eventually(lambda: index.stale_mask == 0 and not any(key in index.snapshot_keys() for key in keys), 10)
 
 
+def report(server: NodeServer, engine_id: str, load: EngineLoad) -> None:
+    with Client(server.grpc_address) as client:
+        client.report_load(engine_id, load)
+
+
+def test_the_engines_loads_reach_the_conductor_through_their_nodes_until_they_go_quiet(cluster) -> None:
+    conductor, nodes = cluster
+    namespace_id, keys = put_chain(nodes["a"], 2, seed=6)
+    report(nodes["d"], "decode-0", EngineLoad(running_decodes=3, decode_kv_tokens=900, decode_pause_budget_s=2.5))
+    report(nodes["d"], "decode-1", EngineLoad(running_decodes=1, decode_kv_tokens=100, decode_pause_budget_s=0.5))
+    summed = pb.NodeLoad(running_decodes=4, decode_kv_tokens=1000, decode_pause_budget_s=0.5)
+    assert eventually(lambda: status(conductor)["d"].load == summed, 10)  # the next heartbeat carries it
+    # A placement is charged on top of the report until the next heartbeat replaces it.
+    assert stub(conductor).Route(route_message(namespace_id, keys)).decode.node_id == "d"
+    assert eventually(lambda: status(conductor)["d"].load == summed, 10)
+    # The engines go quiet: past the node's ttl (2 s) their reports no longer count, the
+    # heartbeats carry no load, and the conductor's own account starts from nothing.
+    assert eventually(lambda: status(conductor)["d"].load == pb.NodeLoad(), 10)
+    # A bad report is refused by name (checked by the node too, for clients that do not check).
+    with grpc.insecure_channel(nodes["d"].grpc_address) as channel:
+        node_stub = pb_grpc.KVStoreStub(channel)
+        bad = pb.ReportLoadRequest(engine_id="e", load=pb.NodeLoad(decode_pause_budget_s=math.nan))
+        with pytest.raises(grpc.RpcError) as refused:
+            node_stub.ReportLoad(bad)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "decode_pause_budget_s" in (refused.value.details() or "")
+        with pytest.raises(grpc.RpcError) as refused:
+            node_stub.ReportLoad(pb.ReportLoadRequest(engine_id=""))
+        assert "engine_id must be 1-128" in (refused.value.details() or "")
+    with pytest.raises(InvalidArgumentError, match="running_decodes must be in"):
+        report(nodes["d"], "e", EngineLoad(running_decodes=-1))
+    assert nodes["d"].node.engine_loads.total() is None
+
+
 def test_a_decode_node_reporting_a_pause_budget_computes_prefills_when_the_prefill_nodes_are_busy(cluster) -> None:
     conductor, nodes = cluster
     namespace_id, keys = put_chain(nodes["a"], 4, seed=5)
     conductor_stub = stub(conductor)
-    busy = pb.NodeLoad(queued_prefill_tokens=50_000)  # about 20 s of prefill queued
+    busy = EngineLoad(queued_prefill_tokens=50_000)  # about 20 s of prefill queued
     for name in ("a", "b"):
-        conductor_stub.Heartbeat(pb.HeartbeatRequest(node_id=name, load=busy))
+        report(nodes[name], "prefill", busy)
+    report(nodes["d"], "decode", EngineLoad(running_decodes=1, decode_kv_tokens=100))
+    assert eventually(lambda: all(status(conductor)[name].load.queued_prefill_tokens == 50_000 for name in "ab"), 10)
+    assert eventually(lambda: status(conductor)["d"].load.running_decodes == 1, 10)
     # Without a budget from d, its batch is not paused: the prefill waits on a or b.
     reply = conductor_stub.Route(route_message(namespace_id, keys, request_id="1"))
     assert reply.prefill.node_id in {"a", "b"} and reply.decode.node_id == "d"
-    budget = pb.NodeLoad(decode_pause_budget_s=600.0)
-    conductor_stub.Heartbeat(pb.HeartbeatRequest(node_id="d", load=budget))
-    assert status(conductor)["d"].load.decode_pause_budget_s == 600.0
+    report(nodes["d"], "decode", EngineLoad(running_decodes=1, decode_kv_tokens=100, decode_pause_budget_s=600.0))
+    assert eventually(lambda: status(conductor)["d"].load.decode_pause_budget_s == 600.0, 10)
     reply = conductor_stub.Route(route_message(namespace_id, keys, request_id="2"))
     assert (reply.prefill.node_id, reply.decode.node_id) == ("d", "d")
     assert reply.decode.transfer_s == 0.0 and reply.candidates[0].node_id in {"a", "b"}
-    # A budget that is not a finite number >= 0 is refused, and changes nothing.
+    # A budget that is not a finite number >= 0 is refused by the conductor too, and changes nothing.
     for bad in (-1.0, math.nan, math.inf):
         with pytest.raises(grpc.RpcError) as refused:
             conductor_stub.Heartbeat(pb.HeartbeatRequest(node_id="d", load=pb.NodeLoad(decode_pause_budget_s=bad)))

@@ -13,6 +13,7 @@ from google.protobuf.message import DecodeError, Message
 from hypothesis import event, given
 from hypothesis import strategies as st
 
+from kvstore import wire
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.types import KEY_BYTES, DType, KVPacking
 from tests.fuzzing import (
@@ -142,6 +143,17 @@ def grpc_requests(target: Target, methods: tuple[str, ...]) -> st.SearchStrategy
         "Fetch": st.builds(pb.FetchRequest, namespace_id=ns, keys=keys, parent=parents(target), peer=peers(target)),
         "ReportLookups": st.builds(pb.ReportLookupsRequest, lookups=UINT64, hit_blocks=UINT64, miss_blocks=UINT64),
         "ReportReads": st.builds(pb.ReportReadsRequest, namespace_id=ns, keys=keys),
+        "ReportLoad": st.builds(
+            pb.ReportLoadRequest,
+            engine_id=st.text(max_size=140),
+            load=st.builds(
+                pb.NodeLoad,
+                queued_prefill_tokens=UINT64,
+                running_decodes=UINT32,
+                decode_kv_tokens=UINT64,
+                decode_pause_budget_s=st.floats(),
+            ),
+        ),
     }
     return st.one_of([requests[name].map(functools.partial(named, name)) for name in methods])
 
@@ -173,6 +185,8 @@ def check_accepted(target: Target, method: str, request: Message, reply: Any) ->
         assert {block.key for block in reply.blocks} <= {info.key for info in stored}
     elif method == "RegisterNamespace":
         assert len(reply.namespace_id) == KEY_BYTES and reply.block_bytes > 0
+    elif method == "ReportLoad":
+        assert target.server.node.engine_loads.engines()[request.engine_id] == wire.load_from_proto(request.load)
 
 
 # -- gRPC plane ------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kvstore.client import Client, Transport
+from kvstore.client import Client, EngineLoad, Transport
 from kvstore.errors import NodeDrainingError
 from kvstore.hashing import block_keys, checksum
 from kvstore.kvctl import top
@@ -148,6 +148,25 @@ def test_status_text_names_the_node_and_its_namespace(capsys, node):
     assert "blocks:        24 (0 not checksummed yet)" in lines
     assert "draining:      no" in lines
     assert lines[-1].split() == [node.namespace.namespace_id.hex()[:12], "tiny", "float16", "4", "8.0", "KiB", "0/1"]
+
+
+def test_status_shows_the_load_the_engines_report_for_the_conductor(capsys, node):
+    quiet = kvctl(capsys, node.address, "status").out.splitlines()
+    assert "load:          no engine reports its load (the conductor keeps its own account of its placements)" in quiet
+    with Client(node.address) as client:
+        client.report_load("decode-0", EngineLoad(running_decodes=3, decode_kv_tokens=900, decode_pause_budget_s=2.5))
+        client.report_load("prefill-0", EngineLoad(queued_prefill_tokens=4000))
+    lines = kvctl(capsys, node.address, "status").out.splitlines()
+    expected = "2 engines: 4000 prompt tokens queued, 3 decoding (900 KV tokens), decode pause budget none"
+    assert f"load:          {expected}" in lines  # prefill-0 knows no budget, so the node reports none
+    status = kvctl(capsys, node.address, "--json", "status").json()
+    assert status["reporting_engines"] == 2
+    assert status["load"] == {
+        "queued_prefill_tokens": 4000,
+        "running_decodes": 3,
+        "decode_kv_tokens": 900,
+        "decode_pause_budget_s": 0.0,
+    }
 
 
 def test_tiers_table(capsys, node):

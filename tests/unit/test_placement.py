@@ -233,6 +233,14 @@ def test_reservations_on_a_node_that_does_not_report_end_when_predicted() -> Non
     state.report_load("d0", NodeLoad(running_decodes=3, decode_kv_tokens=3000))
     router.route(request(request_id="d", start=300), now_s=100.0)
     assert state.loads["d0"].decode_kv_tokens == 4010
+    # A node that stops reporting goes back to the conductor's account, from nothing: its last
+    # report is stale, and what is placed from then on is released when predicted done.
+    state.stop_reporting("d0")
+    assert state.loads["d0"] == NodeLoad() and not state.is_reporting("d0")
+    router.route(request(request_id="e", start=400), now_s=200.0)
+    assert state.loads["d0"].decode_kv_tokens == 1010
+    state.expire(300.0)
+    assert (state.loads["d0"].decode_kv_tokens, state.loads["d0"].running_decodes) == (0, 0)
 
 
 def test_prefix_flow_orders_a_request_with_little_slack_early() -> None:
