@@ -17,6 +17,10 @@
 | `save_decode_blocks` | true | also store blocks of generated tokens (the next turn of a chat reuses them) |
 | `load_async` | false | load while the batch computes (the request waits for its blocks) instead of before the step |
 | `max_pending_saves` | 2 | steps whose saves may be in flight before a step waits for the oldest |
+| `report_load` | true | report the engine's queue and batch to the node, for the conductor (load.py) |
+| `engine_id` | `vllm-<host>-<pid>` | the id its load reports carry (1-128 printable characters) |
+| `load_report_interval_s` | 1.0 | how often it reports; keep it well under the node's `conductor.ttl_s` |
+| `tbt_slo_s` | 0 (none) | the batch's TBT SLO; with it the reports say how long the batch could pause |
 
 A missing `node`, a field not in this table, a value of the wrong type and a token or
 certificate file that cannot be read are refused with an error naming the field, before vLLM starts.
@@ -25,13 +29,15 @@ certificate file that cannot be read are refused with an error naming the field,
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvstore.errors import ConfigError
+from kvstore.errors import ConfigError, InvalidArgumentError
 from kvstore.layered_config import read_pem, read_token
+from kvstore.node.engine_loads import MAX_ENGINE_ID, check_engine_id
 
 TOKEN_ENV = "KVSTORE_AUTH_TOKEN"
 KV_ROLES = ("kv_both", "kv_producer", "kv_consumer")
@@ -62,6 +68,10 @@ class ConnectorConfig:
     save_decode_blocks: bool = True
     load_async: bool = False
     max_pending_saves: int = 2
+    report_load: bool = True
+    engine_id: str = ""  # "" until parsed: from_extra_config picks vllm-<host>-<pid>
+    load_report_interval_s: float = 1.0
+    tbt_slo_s: float = 0.0
 
     @classmethod
     def from_extra_config(
@@ -94,6 +104,19 @@ class ConnectorConfig:
         model_id = _typed(extra, "model_id", str, None)
         if model_id == "":
             raise ConfigError("kvstore connector: model_id must not be empty")
+        engine_id = _typed(extra, "engine_id", str, None)
+        if engine_id is None:
+            engine_id = f"vllm-{socket.gethostname()}-{os.getpid()}"[:MAX_ENGINE_ID]
+        try:
+            check_engine_id(engine_id)
+        except InvalidArgumentError as error:
+            raise ConfigError(f"kvstore connector: {error}") from None
+        interval_s = float(_typed(extra, "load_report_interval_s", (int, float), 1.0))
+        if not 0 < interval_s <= 60:
+            raise ConfigError(f"kvstore connector: load_report_interval_s must be in (0, 60] seconds, got {interval_s}")
+        tbt_slo_s = float(_typed(extra, "tbt_slo_s", (int, float), 0.0))
+        if not 0 <= tbt_slo_s <= 60:
+            raise ConfigError(f"kvstore connector: tbt_slo_s must be in [0, 60] seconds (0: none), got {tbt_slo_s}")
         return cls(
             node=node,
             token=token,
@@ -105,6 +128,10 @@ class ConnectorConfig:
             save_decode_blocks=_typed(extra, "save_decode_blocks", bool, True),
             load_async=_typed(extra, "load_async", bool, False),
             max_pending_saves=pending,
+            report_load=_typed(extra, "report_load", bool, True),
+            engine_id=engine_id,
+            load_report_interval_s=interval_s,
+            tbt_slo_s=tbt_slo_s,
         )
 
 
@@ -120,6 +147,10 @@ _FIELDS = frozenset(
         "save_decode_blocks",
         "load_async",
         "max_pending_saves",
+        "report_load",
+        "engine_id",
+        "load_report_interval_s",
+        "tbt_slo_s",
     }
 )
 

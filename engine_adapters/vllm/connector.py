@@ -41,6 +41,7 @@ from vllm.platforms import current_platform
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from engine_adapters.vllm.config import ConnectorConfig
+from engine_adapters.vllm.load import LoadReporter
 from engine_adapters.vllm.metadata import KVStoreConnectorMetadata
 from engine_adapters.vllm.node import connect
 from engine_adapters.vllm.scheduler import SchedulerSide
@@ -97,6 +98,9 @@ class KVStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 namespace_id,
                 loads=bool(transfer.is_kv_consumer),
                 saves=bool(transfer.is_kv_producer),
+                reporter=LoadReporter(client, config.engine_id, config.load_report_interval_s)
+                if config.report_load
+                else None,
             )
         else:
             self._worker = WorkerSide(config, spec, client, namespace, namespace_id)

@@ -36,9 +36,10 @@ def connect(config: ConnectorConfig) -> Client:
 class NodeErrorLog:
     """Counts failures of one kind of call and logs the first, then one a minute."""
 
-    def __init__(self, logger: logging.Logger, what: str) -> None:
+    def __init__(self, logger: logging.Logger, what: str, consequence: str = "vLLM computes the tokens itself") -> None:
         self._logger = logger
         self._what = what
+        self._consequence = consequence
         self.count = 0
         self._last = -WARN_EVERY_S
 
@@ -48,8 +49,9 @@ class NodeErrorLog:
         if now - self._last >= WARN_EVERY_S:
             self._last = now
             self._logger.warning(
-                "kvstore connector: %s failed (%d so far), vLLM computes the tokens itself: %s",
+                "kvstore connector: %s failed (%d so far), %s: %s",
                 self._what,
                 self.count,
+                self._consequence,
                 error,
             )

@@ -9,7 +9,9 @@ and, each step, which blocks the worker side loads and saves.
   `load_async`, vLLM calls it again once they are loaded, with nothing more to load).
 - `build` hands over the loads, and the whole blocks that this step's forward pass completes
   and the node does not hold yet (prompt blocks, and generated ones with
-  `save_decode_blocks`), with the vLLM block each sits in.
+  `save_decode_blocks`), with the vLLM block each sits in. With a load reporter it also works
+  out the engine's load from the requests it holds, which the reporter sends to the node
+  (load.py).
 
 Owner: vLLM's scheduler thread.
 """
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine_adapters.vllm.config import ConnectorConfig
+from engine_adapters.vllm.load import LoadReporter, LoadTracker
 from engine_adapters.vllm.metadata import BlockTransfer, KVStoreConnectorMetadata
 from engine_adapters.vllm.node import NODE_ERRORS, NodeErrorLog
 from engine_adapters.vllm.spec import CacheSpec
@@ -51,6 +54,7 @@ class SchedulerSide:
         *,
         loads: bool,
         saves: bool,
+        reporter: LoadReporter | None = None,
     ) -> None:
         self._config = config
         self._spec = spec
@@ -61,6 +65,8 @@ class SchedulerSide:
         self._requests: dict[str, _Request] = {}
         self._loads: list[BlockTransfer] = []
         self._errors = NodeErrorLog(log, "lookup")
+        self._reporter = reporter
+        self._tracker = LoadTracker(config.tbt_slo_s)
 
     def matched_tokens(self, request: Any, local_tokens: int) -> int:
         """Tokens past `local_tokens` (vLLM's block-aligned own hit) the node can load."""
@@ -127,6 +133,8 @@ class SchedulerSide:
                     save = self._save_of(state, computed[request_id] + scheduled)
                     if save is not None:
                         meta.saves.append(save)
+        if self._reporter is not None:
+            self._reporter.update(self._tracker.step(state.request for state in self._requests.values()))
         return meta
 
     def load_failed(self, block_ids: set[int]) -> None:
@@ -141,6 +149,8 @@ class SchedulerSide:
         self._requests.pop(request.request_id, None)
 
     def close(self) -> None:
+        if self._reporter is not None:
+            self._reporter.close()
         self._client.close()
 
     def _save_of(self, state: _Request, done_tokens: int) -> BlockTransfer | None:

@@ -139,8 +139,9 @@ def node_settings(**extra: object) -> dict[str, object]:
 @pytest.fixture(scope="module")
 def stored(tmp_path_factory: pytest.TempPathFactory, models: tuple[Path, Path]) -> Iterator[tuple[NodeServer, dict]]:
     """A node, and the first engine's run that stored the prompts' blocks in it."""
-    with running_node(tmp_path_factory.mktemp("node"), **node_settings()) as node:
-        (first,) = run_engine(models[0], PROMPTS, {"node": node.grpc_address})
+    # a long ttl: the engine's last load report is still there when the tests look
+    with running_node(tmp_path_factory.mktemp("node"), **node_settings(conductor__ttl_s=600)) as node:
+        (first,) = run_engine(models[0], PROMPTS, {"node": node.grpc_address, "engine_id": "first", "tbt_slo_s": 1.0})
         yield node, first
 
 
@@ -158,6 +159,14 @@ def test_the_first_engine_computes_everything_and_stores_whole_blocks(
         (namespace_id,) = [namespace.namespace_id for namespace in client.namespaces()]
         # a router computes the same keys outside vLLM
         assert prompt_keys(namespace_id, LONG, BLOCK) == longest_chain(client, namespace_id)
+    # The connector reported the engine's load as vLLM's scheduler ran (which step's load it
+    # sent last depends on timing): every step held some of the three requests, queued or
+    # decoding, and with a 1 s TBT SLO on a tiny model the batch could always pause.
+    load = node.node.engine_loads.engines()["first"]
+    prompts, outputs = sum(len(prompt) for prompt in PROMPTS), sum(len(output) for output in expected)
+    assert 0 < load.queued_prefill_tokens + load.decode_kv_tokens <= prompts + outputs
+    assert load.queued_prefill_tokens <= prompts and load.running_decodes <= len(PROMPTS)
+    assert load.decode_pause_budget_s > 0
 
 
 @pytest.mark.parametrize("load_async", [False, True], ids=["before-the-step", "while-the-batch-runs"])

@@ -17,13 +17,14 @@ import pytest
 
 from engine_adapters.kernels.paged import CacheLayout
 from engine_adapters.vllm.config import ConnectorConfig
+from engine_adapters.vllm.load import LoadReporter
 from engine_adapters.vllm.metadata import BlockTransfer
 from engine_adapters.vllm.scheduler import SchedulerSide
 from engine_adapters.vllm.spec import CacheSpec
 from kvstore.client import Client
 from kvstore.hashing import keys_from_engine_hashes
-from kvstore.types import DType, NamespaceId
-from tests.nodes import running_node
+from kvstore.types import DType, EngineLoad, NamespaceId
+from tests.nodes import eventually, running_node
 
 BLOCK = 4
 SPEC = CacheSpec(("layer.0", "layer.1"), BLOCK, 1, 4, DType.FLOAT32, CacheLayout.CPU, 1)
@@ -173,3 +174,39 @@ def test_a_node_that_fails_a_lookup_is_a_miss(tmp_path: Path) -> None:
         assert scheduler.matched_tokens(request("r", 10), 0) == 0  # the node shut down meanwhile
     finally:
         client.close()
+
+
+def test_with_a_reporter_each_step_tells_the_node_the_engines_load(tmp_path: Path) -> None:
+    with running_node(tmp_path / "node") as node, Client(node.grpc_address) as client:
+        reporter = LoadReporter(client, "vllm-test", interval_s=0.1)
+        config = ConnectorConfig(node=client.address, tbt_slo_s=0.5)
+        namespace_id = client.register_namespace(
+            SPEC.namespace(config, model="tiny", revision="", tp_rank=0, tp_size=1)
+        )
+        scheduler = SchedulerSide(config, SPEC, client, namespace_id, loads=True, saves=True, reporter=reporter)
+        decoding, waiting = request("d", 12, prompt=8), request("w", 10)
+        decoding.num_computed_tokens, decoding.num_output_tokens = 11, 4
+        waiting.num_computed_tokens, waiting.num_output_tokens = 0, 0
+        for r in (decoding, waiting):
+            scheduler.matched_tokens(r, 0)
+        scheduler.build(step(cached=[("d", 11, None)], scheduled={"d": 1}))
+        assert eventually(lambda: "vllm-test" in node.node.engine_loads.engines())
+        load = node.node.engine_loads.engines()["vllm-test"]
+        assert (load.queued_prefill_tokens, load.running_decodes, load.decode_kv_tokens) == (10, 1, 11)
+        assert 0.0 < load.decode_pause_budget_s <= 0.5 * 4  # d's 4 tokens came within this step
+        scheduler.finished(decoding)
+        scheduler.finished(waiting)
+        scheduler.build(step())
+        assert eventually(lambda: node.node.engine_loads.engines()["vllm-test"].running_decodes == 0)
+        scheduler.close()  # stops the reporter, then closes the client
+        assert reporter.failures == 0
+
+
+def test_a_node_that_is_gone_makes_load_reports_fail_quietly(tmp_path: Path) -> None:
+    with running_node(tmp_path / "node") as node:
+        client = Client(node.grpc_address, timeout_s=0.5, max_attempts=1)
+    reporter = LoadReporter(client, "vllm-test", interval_s=0.05)
+    reporter.update(EngineLoad(running_decodes=1))
+    assert eventually(lambda: reporter.failures >= 2)  # logged once; the scheduler never waits on it
+    reporter.close()
+    client.close()

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,8 +30,10 @@ def parse(extra: dict[str, object], environ: dict[str, str] | None = None) -> Co
 
 def test_only_the_node_is_required_and_the_defaults_are_safe() -> None:
     config = parse({"node": "127.0.0.1:50051"})
-    assert config == ConnectorConfig(node="127.0.0.1:50051")
+    engine_id = f"vllm-{socket.gethostname()}-{os.getpid()}"
+    assert config == ConnectorConfig(node="127.0.0.1:50051", engine_id=engine_id)
     assert config.verify and config.save_decode_blocks and config.token is None
+    assert config.report_load and config.tbt_slo_s == 0.0  # reports its load, with no pause budget
 
 
 @pytest.mark.parametrize(
@@ -46,6 +50,12 @@ def test_only_the_node_is_required_and_the_defaults_are_safe() -> None:
         ({"node": "h:1", "model_id": ""}, "model_id must not be empty"),
         ({"node": "h:1", "token_file": "/nonexistent/token"}, "token_file: cannot read /nonexistent/token"),
         ({"node": "h:1", "tls_ca_file": "/nonexistent/ca.crt"}, "tls_ca_file: cannot read /nonexistent/ca.crt"),
+        ({"node": "h:1", "engine_id": ""}, "engine_id must be 1-128 printable characters, got ''"),
+        ({"node": "h:1", "engine_id": "x" * 129}, "engine_id must be 1-128 printable characters"),
+        ({"node": "h:1", "report_load": 1}, "report_load must be bool, got 1"),
+        ({"node": "h:1", "load_report_interval_s": 0}, "load_report_interval_s must be in (0, 60] seconds, got 0.0"),
+        ({"node": "h:1", "tbt_slo_s": -0.1}, "tbt_slo_s must be in [0, 60] seconds (0: none), got -0.1"),
+        ({"node": "h:1", "tbt_slo_s": "fast"}, "tbt_slo_s must be int or float, got 'fast'"),
     ],
 )
 def test_a_wrong_setting_is_refused_naming_it(extra: dict[str, object], message: str) -> None:
