@@ -12,6 +12,7 @@ Owner: callers serialise writers (the service holds one lock; the simulator is s
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass
 
 from conductor.costs import CostModel, Profile
@@ -38,6 +39,9 @@ class ClusterState:
         self.namespaces: set[NamespaceId] = set()
         self._reporting: set[str] = set()  # nodes whose loads come from their own reports
         self._releases: list[tuple[float, str, int]] = []  # (when, decode node, KV tokens) to release
+        # decode node -> (predicted join, pause it tolerates) of each sequence placed there that
+        # has not joined its batch yet: the engine cannot see those, the conductor sent them
+        self._incoming: dict[str, list[tuple[float, float]]] = {}
         self._prefill: list[NodeInfo] = []
         self._decode: list[NodeInfo] = []
 
@@ -56,6 +60,7 @@ class ClusterState:
             return False
         self.loads.pop(node_id, None)
         self._reporting.discard(node_id)
+        self._incoming.pop(node_id, None)
         self.index.drop_node(node_id)
         self._refresh_roles()
         return True
@@ -111,10 +116,26 @@ class ClusterState:
             tokens = request.prompt_tokens + request.max_output_tokens
             load.running_decodes += 1
             load.decode_kv_tokens += tokens
+            ttft_s = decision.prefill.ttft_s if decision.prefill is not None else 0.0
+            join_s = now_s + ttft_s + decision.decode.transfer_s
+            tolerance_s = max(0.0, self.slo.tbt_s - decision.decode.tbt_s) * request.max_output_tokens
+            incoming = self._incoming.setdefault(node_id, [])
+            incoming[:] = [entry for entry in incoming if entry[0] > now_s]  # the joined ones go
+            incoming.append((join_s, tolerance_s))
             if node_id not in self._reporting:
-                ttft_s = decision.prefill.ttft_s if decision.prefill is not None else 0.0
-                done_s = now_s + ttft_s + decision.decode.transfer_s + request.max_output_tokens * decision.decode.tbt_s
+                done_s = join_s + request.max_output_tokens * decision.decode.tbt_s
                 heapq.heappush(self._releases, (done_s, node_id, tokens))
+
+    def incoming_pause_s(self, node_id: str, now_s: float) -> float:
+        """How long the decode node's batch may pause for the sequences placed there that have
+        not joined it yet (each may join during the pause and wait for the rest of it): the
+        least any of them tolerates, (TBT SLO - its predicted TBT) x its output tokens; inf
+        when none is on its way. Its engine's pause budget covers only the sequences it holds."""
+        incoming = self._incoming.get(node_id)
+        if not incoming:
+            return math.inf
+        incoming[:] = [entry for entry in incoming if entry[0] > now_s]  # joined: the engine reports them
+        return min((tolerance_s for _, tolerance_s in incoming), default=math.inf)
 
     def expire(self, now_s: float) -> None:
         """End the predicted decode reservations that are over (nodes that do not report)."""

@@ -129,6 +129,8 @@ class PrefixFlow:
         for info in cluster.decode_nodes:
             budget_s = cluster.loads[info.node_id].decode_pause_budget_s
             queue_s = cluster.loads[info.node_id].queue_s(now_s)
+            if budget_s > queue_s:
+                budget_s = min(budget_s, cluster.incoming_pause_s(info.node_id, now_s))
             if info.role.prefills or budget_s <= queue_s:
                 continue  # a prefill candidate already; or not even the prefills queued there fit
             options.append((info.node_id not in credited, queue_s, info.node_id, budget_s, info))

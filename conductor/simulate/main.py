@@ -19,6 +19,7 @@ from tqdm import tqdm
 from conductor.cluster import Slo
 from conductor.costs import DEFAULT_COSTS
 from conductor.placement import PLACEMENTS
+from conductor.simulate.nodes import KNOWN_OUTPUT, PAUSE_BUDGETS
 from conductor.simulate.report import Goodput, Summary, goodput, markdown_table, summarize
 from conductor.simulate.sim import SimConfig, simulate
 from kvstore.errors import KVStoreError
@@ -52,6 +53,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "tokens, and between two a request placed with a priority (prefix-flow) may be set aside for one that "
         "ranks higher",
     )
+    parser.add_argument(
+        "--pause-budget",
+        choices=PAUSE_BUDGETS,
+        default=KNOWN_OUTPUT,
+        help="how a decode engine works out how long its batch could pause for a prefill: knowing each "
+        "sequence's output length (default), or only its tokens so far, as the vLLM connector does",
+    )
     parser.add_argument("--slo-ttft", type=float, default=30.0, help="TTFT SLO in seconds (default 30)")
     parser.add_argument("--slo-tbt", type=float, default=0.1, help="TBT SLO in seconds per token (default 0.1)")
     parser.add_argument("--limit", type=int, default=0, help="replay only the first N requests (0: all)")
@@ -77,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
             cache_policy=args.cache_policy,
             prefill_chunk_tokens=args.prefill_chunk_tokens,
             slo=Slo(args.slo_ttft, args.slo_tbt),
+            pause_budget=args.pause_budget,
             seed=args.seed,
         )
         base.check()

@@ -21,6 +21,10 @@ from kvstore.policy.simulated import TIER, SimulatedTier
 from kvstore.table import BlockTable
 from kvstore.types import TierKind
 
+KNOWN_OUTPUT = "known-output"  # the engine knows each sequence's output length (the trace's)
+TOKENS_SO_FAR = "tokens-so-far"  # it knows only what each has generated (the vLLM connector)
+PAUSE_BUDGETS = (KNOWN_OUTPUT, TOKENS_SO_FAR)
+
 
 class Nic:
     """A node's network interface: one transfer at a time each way, in the order asked."""
@@ -164,9 +168,10 @@ class SimDecode:
     in the batch, and a step takes `profile.decode.step_s(batch, kv tokens)`. Between changes of
     the batch the step time is constant, so the simulator jumps from change to change."""
 
-    def __init__(self, node_id: str, profile: Profile) -> None:
+    def __init__(self, node_id: str, profile: Profile, pause_budget: str = KNOWN_OUTPUT) -> None:
         self.node_id = node_id
         self.profile = profile
+        self.pause_budget = pause_budget
         self.nic = Nic()
         self.reserved_tokens = 0  # placed, not yet joined
         self._placed: dict[str, int] = {}  # placed, not yet joined: request id -> output tokens
@@ -231,17 +236,28 @@ class SimDecode:
         return done
 
     def pause_budget_s(self, now_s: float, tbt_slo_s: float) -> float:
-        """How long the batch could pause from `now_s` with every sequence still finishing
-        within `tbt_slo_s` per token at the current step time (0 when one already cannot):
-        those running, and those placed here that may join during the pause."""
+        """How long the batch could pause from `now_s` with every sequence still within
+        `tbt_slo_s` per token at the current step time (0 when one already cannot), by the
+        engine's rule (`pause_budget`):
+
+        - KNOWN_OUTPUT: each sequence's mean over its whole output, whose length the engine
+          knows: those running, and those placed here that may join during the pause;
+        - TOKENS_SO_FAR: what an engine that knows neither can promise, as the vLLM connector
+          reports it (engine_adapters/vllm/load.py): each running sequence's mean over its tokens
+          so far, one more step included; sequences not here yet do not count."""
         self._advance(now_s)
         step_s = self._step_s() if self._batch else self.profile.decode.step_s(1, 0)
         budget = math.inf
         for sequence in self._batch:
+            if self.pause_budget == TOKENS_SO_FAR:
+                generated = self._steps - (sequence.done_at_steps - sequence.output_tokens)
+                budget = min(budget, tbt_slo_s * (generated + 1) - (now_s - sequence.joined_s) - step_s)
+                continue
             finish_s = now_s + max(0.0, sequence.done_at_steps - self._steps) * step_s
             budget = min(budget, tbt_slo_s * sequence.output_tokens - (finish_s - sequence.joined_s))
-        for output_tokens in self._placed.values():
-            budget = min(budget, (tbt_slo_s - step_s) * output_tokens)
+        if self.pause_budget == KNOWN_OUTPUT:
+            for output_tokens in self._placed.values():
+                budget = min(budget, (tbt_slo_s - step_s) * output_tokens)
         return max(0.0, budget)
 
     def load(self, now_s: float, tbt_slo_s: float) -> NodeLoad:

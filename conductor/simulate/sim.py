@@ -40,7 +40,7 @@ from conductor.costs import DEFAULT_COSTS, CostModel
 from conductor.placement import make_placement
 from conductor.placement.scoring import reusable_tokens
 from conductor.router import Router
-from conductor.simulate.nodes import PrefillJob, SimDecode, SimPrefill, transfer
+from conductor.simulate.nodes import KNOWN_OUTPUT, PAUSE_BUDGETS, PrefillJob, SimDecode, SimPrefill, transfer
 from conductor.types import NodeInfo, Role, RouteRequest
 from kvstore.errors import InvalidArgumentError
 from kvstore.policy import make_policy
@@ -68,6 +68,9 @@ class SimConfig:
     profile: str = "default"
     slo: Slo = field(default_factory=Slo)
     seed: int = 0
+    # How a decode engine works out how long its batch could pause for a prefill (SimDecode):
+    # knowing each sequence's output length, or, as the vLLM connector, only its tokens so far.
+    pause_budget: str = KNOWN_OUTPUT
 
     def check(self) -> None:
         for name in ("prefill_nodes", "decode_nodes", "cache_blocks"):
@@ -79,13 +82,20 @@ class SimConfig:
             )
         if not self.rate_scale > 0:
             raise InvalidArgumentError(f"simulation rate_scale must be positive, got {self.rate_scale}")
+        if self.pause_budget not in PAUSE_BUDGETS:
+            raise InvalidArgumentError(
+                f"simulation pause_budget must be one of {list(PAUSE_BUDGETS)}, got {self.pause_budget!r}"
+            )
 
     @property
     def label(self) -> str:
         """The placement, and the engine's preemption when it has one: how reports name a run."""
-        if not self.prefill_chunk_tokens:
-            return self.placement
-        return f"{self.placement}, preemptive {self.prefill_chunk_tokens}"
+        label = self.placement
+        if self.prefill_chunk_tokens:
+            label += f", preemptive {self.prefill_chunk_tokens}"
+        if self.pause_budget != KNOWN_OUTPUT:
+            label += f", budget {self.pause_budget}"
+        return label
 
 
 @dataclass(slots=True)
@@ -153,7 +163,7 @@ class Simulation:
         for i in range(config.decode_nodes):
             node_id = f"decode-{i}"
             self.cluster.join(NodeInfo(node_id, Role.DECODE, profile=config.profile))
-            decode = self.decode[node_id] = SimDecode(node_id, self.profile)
+            decode = self.decode[node_id] = SimDecode(node_id, self.profile, config.pause_budget)
             # The same GPUs can compute a prefill placed there (the placement's choice; a
             # decode node then pauses its batch), and the server has a DRAM tier like the
             # prefill servers'; it stays empty unless prefills run there.

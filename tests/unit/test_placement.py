@@ -283,3 +283,25 @@ def test_prefix_flow_prefills_on_a_decode_node_only_within_its_pause_budget() ->
     state.loads["d1"] = NodeLoad(decode_pause_budget_s=100.0)
     decision = Router(state, KVCentric()).route(req, now_s=0.0)
     assert decision.prefill is not None and decision.prefill.node_id == "p0"
+
+
+def test_a_sequence_on_its_way_to_a_decode_node_limits_how_long_its_batch_may_pause() -> None:
+    # The engine's budget covers the sequences it holds; the conductor adds those it sent there
+    # that have not joined yet, each tolerating (SLO 0.1 - its predicted TBT) x its output tokens.
+    state = cluster(prefill=1, decode=1)
+    state.loads["p0"] = NodeLoad(prefill_busy_until_s=5.0)
+    state.loads["d0"] = NodeLoad(decode_pause_budget_s=100.0)
+    router = Router(state, PrefixFlow())
+    first = router.route(request(blocks=10, output=10, request_id="r1"), now_s=0.0)
+    assert first.prefill is not None and first.prefill.node_id == "d0"  # joins d0's batch at 1 s
+    assert state.incoming_pause_s("d0", 0.0) == pytest.approx((0.1 - 0.011) * 10)
+    # r2 would pause the batch 2 s (r1's prefill, then its own), and r1, joining at 1 s, can
+    # wait 0.89 s: p0 computes it, and r2 (1,000 tokens out) heads for d0 too.
+    second = router.route(request(blocks=10, output=1000, request_id="r2", start=100), now_s=0.0)
+    assert second.prefill is not None and second.prefill.node_id == "p0"
+    # Once r1 has joined, the engine's budget speaks for it; r2, still on its way, tolerates
+    # (0.1 - 0.012) x 1000 = 88 s: r3 computes on d0.
+    assert state.incoming_pause_s("d0", 1.5) == pytest.approx(88.0)
+    third = router.route(request(blocks=10, output=10, request_id="r3", start=200), now_s=1.5)
+    assert third.prefill is not None and third.prefill.node_id == "d0"
+    assert state.incoming_pause_s("d0", 1.5) == pytest.approx((0.1 - 0.012) * 10)  # r3, joining at 2.5 s

@@ -235,3 +235,26 @@ def test_a_short_output_placed_on_a_decode_node_keeps_prefills_off_it() -> None:
     a, b = simulate(config, trace, costs(1e9)).outcomes
     assert (b.prefill_node, b.ttft_s) == ("prefill-0", pytest.approx(4.096 + 1.024 - 0.1))
     assert a.tbt_s == pytest.approx(0.01)
+
+
+def test_an_engine_that_knows_only_the_tokens_so_far_keeps_a_just_joined_sequence_from_pausing() -> None:
+    # As the first decode-node scenario, but C (512 tokens, 100 out) arrives at 1.13 s, 6 ms after
+    # B joined decode-0's batch (B: 1,000 tokens out).
+    trace = [
+        TraceRequest(0, 4096, 100, tuple(range(1, 9))),
+        TraceRequest(100, 1024, 1000, (20, 21)),
+        TraceRequest(1130, 512, 100, (30,)),
+    ]
+    known = SimConfig(prefill_nodes=1, decode_nodes=1, placement="prefix-flow", cache_blocks=100)
+    # Knowing B's output, decode-0 could pause 0.1 x 1000 - 10 s = 90 s for B (and 9 s for A,
+    # placed there): C computes there at once.
+    c = simulate(known, trace, costs(1e9)).outcomes[2]
+    assert (c.prefill_node, c.ttft_s) == ("decode-0", pytest.approx(0.512))
+    # Knowing only B's 0.6 steps so far: 0.1 x 1.6 - 0.006 s - one 10 ms step = 0.144 s < 0.512 s
+    # (A, not there yet, does not count). C waits for prefill-0, free at 4.096 s.
+    so_far = dataclasses.replace(known, pause_budget="tokens-so-far")
+    assert so_far.label == "prefix-flow, budget tokens-so-far"
+    c = simulate(so_far, trace, costs(1e9)).outcomes[2]
+    assert (c.prefill_node, c.ttft_s) == ("prefill-0", pytest.approx(4.096 - 1.13 + 0.512))
+    with pytest.raises(InvalidArgumentError, match="pause_budget must be one of"):
+        dataclasses.replace(known, pause_budget="guess").check()

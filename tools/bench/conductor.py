@@ -13,7 +13,8 @@ placement policy in the simulator on Mooncake's conversation trace.
    of KV; a decode node's is used only when prefix-flow computes prefills there), TTFT SLO
    30 s, TBT SLO 0.1 s per token; the trace at its own rate and at twice it; each policy's
    goodput. Also prefix-flow on prefill engines that may preempt a
-   prefill between two chunks for a request it ranks higher.
+   prefill between two chunks for a request it ranks higher, and with decode engines that know
+   only each sequence's tokens so far (the vLLM connector's pause budget).
 
 Writes the section between the markers in docs/benchmarks.md, docs/bench-conductor.json and
 docs/bench-conductor.png.
@@ -38,6 +39,7 @@ from conductor.cluster import ClusterState
 from conductor.costs import DEFAULT_COSTS
 from conductor.placement import PLACEMENTS, make_placement
 from conductor.router import Router
+from conductor.simulate.nodes import TOKENS_SO_FAR
 from conductor.simulate.plot import plot_summaries
 from conductor.simulate.report import Goodput, Summary, goodput, markdown_table, percentile, summarize
 from conductor.simulate.sim import SimConfig, simulate
@@ -57,6 +59,7 @@ ORDER = ["random", "least-loaded", "cache-aware", "kv-centric"]  # Mooncake's: w
 OURS, THEIRS = "prefix-flow", "kv-centric"
 CHUNK_TOKENS = 2048  # the preemptive engine's prefill chunk, for prefix-flow's extra rows
 PREEMPTIVE = SimConfig(placement=OURS, prefill_chunk_tokens=CHUNK_TOKENS).label
+SO_FAR = SimConfig(placement=OURS, pause_budget=TOKENS_SO_FAR).label  # decode engines as the vLLM connector
 NAMESPACE = NamespaceId(b"\x01" * 16)
 BLOCK_TOKENS = 512
 
@@ -152,6 +155,9 @@ def simulations(args: argparse.Namespace) -> tuple[list[Summary], dict[str, Good
     # serves in arrival order: preemption never applies to it).
     configs = [dataclasses.replace(base, placement=policy) for policy in sorted(PLACEMENTS)]
     configs.append(dataclasses.replace(base, placement=OURS, prefill_chunk_tokens=CHUNK_TOKENS))
+    # And prefix-flow with decode engines that know only each sequence's tokens so far, as the
+    # vLLM connector's reports do (they cannot know how many tokens a sequence will generate).
+    configs.append(dataclasses.replace(base, placement=OURS, pause_budget=TOKENS_SO_FAR))
     summaries = []
     runs = [(config, scale) for scale in args.scales for config in configs]
     with tqdm(total=len(runs), desc="simulations", file=sys.stderr) as bar:
@@ -180,7 +186,7 @@ def verdicts(latency: dict[str, dict[str, float]], summaries: list[Summary], goo
         shown = " > ".join(f"{name} {by[name].ttft_mean_s:.2f} s" for name in ORDER)
         lines.append(f"- average TTFT at {scale:g}x: {shown} [ordering as Mooncake reports: {_ok(ordered)}]")
         theirs = by[THEIRS].ttft_mean_s
-        for name in (OURS, PREEMPTIVE):
+        for name in (OURS, PREEMPTIVE, SO_FAR):
             ours = by[name].ttft_mean_s
             lines.append(
                 f"- {name} vs {THEIRS} at {scale:g}x: average TTFT {ours:.2f} s vs {theirs:.2f} s "
@@ -188,7 +194,7 @@ def verdicts(latency: dict[str, dict[str, float]], summaries: list[Summary], goo
             )
     if goodputs:
         theirs_g = goodputs[THEIRS]
-        for name in (OURS, PREEMPTIVE):
+        for name in (OURS, PREEMPTIVE, SO_FAR):
             ours_g = goodputs[name]
             higher = _ok(ours_g.rate_scale > theirs_g.rate_scale)
             lines.append(
@@ -247,7 +253,9 @@ def section(
         " run each"
         f" prefill to its end, as vLLM's does; the rows `{PREEMPTIVE}` put prefix-flow on engines that compute"
         f" prefills in chunks of {CHUNK_TOKENS} tokens and, between two, set a prefill aside for a waiting request"
-        " with a higher priority (docs/conductor.md).",
+        f" with a higher priority (docs/conductor.md). Decode engines work out how long their batch could pause"
+        f" for a prefill knowing each sequence's output length (the trace's); the rows `{SO_FAR}` have them"
+        " know only each sequence's tokens so far, as the vLLM connector's reports do.",
         "",
         markdown_table(summaries, goodputs or None),
         "",
