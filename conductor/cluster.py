@@ -20,6 +20,8 @@ from conductor.index import GlobalIndex
 from conductor.types import Decision, NodeInfo, NodeLoad, RouteRequest
 from kvstore.types import NamespaceId
 
+INCOMING_SWEEP = 64  # sequences on their way to one decode node before the joined ones are swept out
+
 
 @dataclass(frozen=True, slots=True)
 class Slo:
@@ -39,9 +41,11 @@ class ClusterState:
         self.namespaces: set[NamespaceId] = set()
         self._reporting: set[str] = set()  # nodes whose loads come from their own reports
         self._releases: list[tuple[float, str, int]] = []  # (when, decode node, KV tokens) to release
-        # decode node -> (predicted join, pause it tolerates) of each sequence placed there that
-        # has not joined its batch yet: the engine cannot see those, the conductor sent them
+        # decode node -> min-heap of (pause it tolerates, predicted join) of each sequence placed
+        # there that has not joined its batch yet: the engine cannot see those, the conductor
+        # sent them. Joined ones leave when they reach the top, or in a sweep as the heap grows.
         self._incoming: dict[str, list[tuple[float, float]]] = {}
+        self._incoming_sweep_at: dict[str, int] = {}
         self._prefill: list[NodeInfo] = []
         self._decode: list[NodeInfo] = []
 
@@ -61,6 +65,7 @@ class ClusterState:
         self.loads.pop(node_id, None)
         self._reporting.discard(node_id)
         self._incoming.pop(node_id, None)
+        self._incoming_sweep_at.pop(node_id, None)
         self.index.drop_node(node_id)
         self._refresh_roles()
         return True
@@ -119,9 +124,7 @@ class ClusterState:
             ttft_s = decision.prefill.ttft_s if decision.prefill is not None else 0.0
             join_s = now_s + ttft_s + decision.decode.transfer_s
             tolerance_s = max(0.0, self.slo.tbt_s - decision.decode.tbt_s) * request.max_output_tokens
-            incoming = self._incoming.setdefault(node_id, [])
-            incoming[:] = [entry for entry in incoming if entry[0] > now_s]  # the joined ones go
-            incoming.append((join_s, tolerance_s))
+            self._add_incoming(node_id, tolerance_s, join_s, now_s)
             if node_id not in self._reporting:
                 done_s = join_s + request.max_output_tokens * decision.decode.tbt_s
                 heapq.heappush(self._releases, (done_s, node_id, tokens))
@@ -132,10 +135,17 @@ class ClusterState:
         least any of them tolerates, (TBT SLO - its predicted TBT) x its output tokens; inf
         when none is on its way. Its engine's pause budget covers only the sequences it holds."""
         incoming = self._incoming.get(node_id)
-        if not incoming:
-            return math.inf
-        incoming[:] = [entry for entry in incoming if entry[0] > now_s]  # joined: the engine reports them
-        return min((tolerance_s for _, tolerance_s in incoming), default=math.inf)
+        while incoming and incoming[0][1] <= now_s:  # joined: the engine's budget covers it now
+            heapq.heappop(incoming)
+        return incoming[0][0] if incoming else math.inf
+
+    def _add_incoming(self, node_id: str, tolerance_s: float, join_s: float, now_s: float) -> None:
+        incoming = self._incoming.setdefault(node_id, [])
+        heapq.heappush(incoming, (tolerance_s, join_s))
+        if len(incoming) >= self._incoming_sweep_at.get(node_id, INCOMING_SWEEP):
+            incoming[:] = [entry for entry in incoming if entry[1] > now_s]
+            heapq.heapify(incoming)
+            self._incoming_sweep_at[node_id] = max(INCOMING_SWEEP, 2 * len(incoming))  # amortised O(1)
 
     def expire(self, now_s: float) -> None:
         """End the predicted decode reservations that are over (nodes that do not report)."""

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from conductor.cluster import ClusterState, Slo
+from conductor.cluster import INCOMING_SWEEP, ClusterState, Slo
 from conductor.costs import CostModel, DecodeModel, Link, PrefillModel, Profile
 from conductor.placement import make_placement
 from conductor.placement.flow import PrefixFlow
@@ -305,3 +305,15 @@ def test_a_sequence_on_its_way_to_a_decode_node_limits_how_long_its_batch_may_pa
     third = router.route(request(blocks=10, output=10, request_id="r3", start=200), now_s=1.5)
     assert third.prefill is not None and third.prefill.node_id == "d0"
     assert state.incoming_pause_s("d0", 1.5) == pytest.approx((0.1 - 0.012) * 10)  # r3, joining at 2.5 s
+
+
+def test_sequences_that_joined_stop_counting_and_do_not_pile_up() -> None:
+    state = cluster(prefill=1, decode=1)
+    router = Router(state, KVCentric())
+    for index in range(300):  # each joins d0 (1 s of prefill on p0) long before the next comes
+        output = 1000 if index % 2 else 10
+        router.route(request(blocks=10, output=output, request_id=f"r{index}", start=100 * index), 10.0 * index)
+    # only the last (1,000 tokens out) is on its way at 2,990.5 s; 299 others joined
+    assert state.incoming_pause_s("d0", 2990.5) == pytest.approx((0.1 - 0.011) * 1000)
+    assert len(state._incoming["d0"]) <= 2 * INCOMING_SWEEP  # swept as it grew (private: memory, not behaviour)
+    assert state.incoming_pause_s("d0", 3000.0) == math.inf
