@@ -1,5 +1,6 @@
-"""`conductor`: `serve` runs the conductor; `simulate` replays a trace through the placement
-policies (conductor/simulate/main.py)."""
+"""`conductor`: `serve` runs the conductor; `status` shows what a running one knows of the
+cluster (conductor/status_cli.py); `simulate` replays a trace through the placement policies
+(conductor/simulate/main.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 
+from conductor import status_cli
 from conductor.config import load_conductor_config
 from conductor.server import ConductorServer
 from conductor.simulate import main as simulate_main
@@ -22,7 +24,7 @@ from kvstore.node.logs import configure_logging
 log = logging.getLogger("conductor")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="conductor", description="kvstore's conductor: places requests on nodes.")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser(
@@ -38,6 +40,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--grpc-port", help="server.grpc_port (0: any free port)")
     serve.add_argument("--metrics-port", help="server.metrics_port (-1: off)")
     serve.add_argument("--policy", help="placement.policy")
+    status = commands.add_parser(
+        "status",
+        help="what a running conductor knows of the cluster: members, loads, index",
+        description=status_cli.__doc__.split("\n\n")[0] if status_cli.__doc__ else None,
+    )
+    status_cli.add_arguments(status)
     simulate = commands.add_parser(
         "simulate", help="replay a trace through the placement policies", description=simulate_main.__doc__
     )
@@ -45,6 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "simulate":
         return simulate_main.run(args)
+    if args.command == "status":
+        return status_cli.run(args, environ)
     return _serve(args)
 
 

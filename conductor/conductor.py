@@ -62,6 +62,7 @@ class MemberStatus:
     prefill_queue_s: float  # predicted wait before a new prefill starts there
     indexed_blocks: int  # blocks the global index holds for it
     resyncs: int  # times its feed rebuilt its part of the index from a fresh snapshot
+    load_reported: bool = False  # its engines report its load; else the conductor's own account
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,6 +306,7 @@ class Conductor:
                         load.queue_s(now),
                         cluster.index.blocks_of(node_id),
                         feed.resyncs if feed is not None else 0,
+                        cluster.is_reporting(node_id),
                     )
                 )
             policy = self.router.policy.name

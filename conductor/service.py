@@ -95,6 +95,7 @@ class ConductorService:
                     prefill_queue_s=member.prefill_queue_s,
                     indexed_blocks=member.indexed_blocks,
                     resyncs=member.resyncs,
+                    load_reported=member.load_reported,
                 )
             return reply
 

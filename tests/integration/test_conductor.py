@@ -23,6 +23,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from conductor.cli import main as conductor_cli
 from conductor.config import load_conductor_config
 from conductor.replication import Replication
 from conductor.server import ConductorServer
@@ -183,13 +184,25 @@ def report(server: NodeServer, engine_id: str, load: EngineLoad) -> None:
         client.report_load(engine_id, load)
 
 
-def test_the_engines_loads_reach_the_conductor_through_their_nodes_until_they_go_quiet(cluster) -> None:
+def test_the_engines_loads_reach_the_conductor_through_their_nodes_until_they_go_quiet(
+    cluster, capsys: pytest.CaptureFixture[str]
+) -> None:
     conductor, nodes = cluster
     namespace_id, keys = put_chain(nodes["a"], 2, seed=6)
     report(nodes["d"], "decode-0", EngineLoad(running_decodes=3, decode_kv_tokens=900, decode_pause_budget_s=2.5))
     report(nodes["d"], "decode-1", EngineLoad(running_decodes=1, decode_kv_tokens=100, decode_pause_budget_s=0.5))
     summed = pb.NodeLoad(running_decodes=4, decode_kv_tokens=1000, decode_pause_budget_s=0.5)
     assert eventually(lambda: status(conductor)["d"].load == summed, 10)  # the next heartbeat carries it
+    assert status(conductor)["d"].load_reported and not status(conductor)["a"].load_reported
+    assert conductor_cli(["status", "--address", conductor.grpc_address], environ={}) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
+    # NODE ROLE PROFILE | PREFILL WAIT (2 words) | QUEUED DECODING KV | PAUSE BUDGET (2 words, or -) | LOAD ...
+    assert rows["d"][:3] + rows["d"][5:11] == ["d", "decode", "default", "0", "4", "1000", "0.50", "s", "reported"]
+    assert rows["a"][:3] + rows["a"][8:10] == ["a", "prefill", "default", "-", "own"]
+    assert conductor_cli(["status", "--address", conductor.grpc_address, "--json"], environ={}) == 0
+    members = {member["node_id"]: member for member in json.loads(capsys.readouterr().out)["nodes"]}
+    assert (members["d"]["running_decodes"], members["d"]["decode_pause_budget_s"]) == (4, 0.5)
+    assert members["d"]["load_reported"] and not members["b"]["load_reported"]
     # A placement is charged on top of the report until the next heartbeat replaces it.
     assert stub(conductor).Route(route_message(namespace_id, keys)).decode.node_id == "d"
     assert eventually(lambda: status(conductor)["d"].load == summed, 10)
@@ -390,7 +403,7 @@ def test_bad_registrations_are_refused(description: pb.NodeDescription, ttl: flo
         conductor.shutdown()
 
 
-def test_a_token_is_required_when_configured(tmp_path: Path) -> None:
+def test_a_token_is_required_when_configured(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     conductor = conductor_server(token=CONDUCTOR_TOKEN)
     try:
         with pytest.raises(grpc.RpcError) as caught:
@@ -402,6 +415,13 @@ def test_a_token_is_required_when_configured(tmp_path: Path) -> None:
                 lambda: len(stub(conductor).ClusterStatus(pb.ClusterStatusRequest(), metadata=authorized).nodes) == 1,
                 10,
             )
+            # `conductor status` presents the token from its file, or says how to give it
+            address = ["status", "--address", conductor.grpc_address]
+            assert conductor_cli(address, environ={}) == 1
+            assert "refused the call" in capsys.readouterr().err
+            token_file = _token_file(tmp_path, CONDUCTOR_TOKEN)
+            assert conductor_cli([*address, "--token-file", str(token_file), "--json"], environ={}) == 0
+            assert [n["node_id"] for n in json.loads(capsys.readouterr().out)["nodes"]] == ["a"]
     finally:
         conductor.shutdown()
 
@@ -582,3 +602,11 @@ def test_with_tls_on_both_sides_nodes_register_and_the_index_follows_them(tmp_pa
             channel.close()
     finally:
         conductor.shutdown()
+
+
+def test_conductor_status_names_a_conductor_it_cannot_reach(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{unused.getsockname()[1]}"
+    assert conductor_cli(["status", "--address", address, "--timeout", "1"], environ={}) == 1
+    assert f"cannot reach the conductor at {address}" in capsys.readouterr().err
