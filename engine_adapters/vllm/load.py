@@ -52,10 +52,31 @@ class LoadTracker:
         self._step_s = 0.0  # moving average of the intervals between steps that had decodes
 
     def step(self, requests: Iterable[Any]) -> EngineLoad:
-        """The load at this step, from the requests the connector holds (vLLM's `Request`s)."""
+        """The load at a scheduler step, from the requests the connector holds (vLLM's
+        `Request`s); the step's time goes into the average step."""
         now = self._clock()
+        counts, decoding = self._scan(requests, now)
+        if decoding and self._last_step_s is not None:
+            interval = now - self._last_step_s
+            self._step_s = interval if not self._step_s else self._step_s + STEP_SMOOTHING * (interval - self._step_s)
+        self._last_step_s = now if decoding else None
+        return EngineLoad(*counts, self._budget_s(now, decoding))
+
+    def load(self, requests: Iterable[Any]) -> EngineLoad:
+        """The load between steps (a request finished): the same figures, no step counted. With
+        nothing left decoding the engine may idle, so the next step's interval is not timed."""
+        now = self._clock()
+        counts, decoding = self._scan(requests, now)
+        if not decoding:
+            self._last_step_s = None
+        return EngineLoad(*counts, self._budget_s(now, decoding))
+
+    def _scan(self, requests: Iterable[Any], now: float) -> tuple[tuple[int, int, int], list[tuple[int, float]]]:
+        """(queued prefill tokens, decoding requests, their KV tokens), and for each decoding
+        request (tokens generated, when its first was seen); finished and preempted requests
+        drop out of the first-token times."""
         queued = decodes = kv_tokens = 0
-        decoding: list[tuple[int, float]] = []  # (tokens generated, when the first was seen)
+        decoding: list[tuple[int, float]] = []
         first_token_s: dict[str, float] = {}
         for request in requests:
             computed, prompt = request.num_computed_tokens, request.num_prompt_tokens
@@ -67,12 +88,8 @@ class LoadTracker:
             first = self._first_token_s.get(request.request_id, now)
             first_token_s[request.request_id] = first
             decoding.append((max(1, request.num_output_tokens), first))
-        self._first_token_s = first_token_s  # finished and preempted requests drop out
-        if decodes and self._last_step_s is not None:
-            interval = now - self._last_step_s
-            self._step_s = interval if not self._step_s else self._step_s + STEP_SMOOTHING * (interval - self._step_s)
-        self._last_step_s = now if decodes else None
-        return EngineLoad(queued, decodes, kv_tokens, self._budget_s(now, decoding))
+        self._first_token_s = first_token_s
+        return (queued, decodes, kv_tokens), decoding
 
     def _budget_s(self, now: float, decoding: list[tuple[int, float]]) -> float:
         slo = self._tbt_slo_s

@@ -147,6 +147,8 @@ class SchedulerSide:
 
     def finished(self, request: Any) -> None:
         self._requests.pop(request.request_id, None)
+        if self._reporter is not None:  # no step may follow soon: an idle engine reports itself idle
+            self._reporter.update(self._tracker.load(state.request for state in self._requests.values()))
 
     def close(self) -> None:
         if self._reporter is not None:

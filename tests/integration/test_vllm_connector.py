@@ -347,3 +347,8 @@ def test_the_disaggregated_example_routes_prefill_and_decode_and_matches_colocat
     # the second session's first turn shares the system prompt the first one left on the prefill node
     assert "96 tok held there" in lines[1]
     assert "0 answers differ from the colocated run" in result.stdout
+    # the conductor holds both nodes' loads as the vLLM servers' connectors report them
+    names = ("prefill-node", "decode-node")
+    members = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith(names)}
+    assert set(members) == set(names)
+    assert all(" reported " in members[name] for name in names)

@@ -17,7 +17,7 @@ import pytest
 
 from engine_adapters.kernels.paged import CacheLayout
 from engine_adapters.vllm.config import ConnectorConfig
-from engine_adapters.vllm.load import LoadReporter
+from engine_adapters.vllm.load import IDLE_BUDGET_S, LoadReporter
 from engine_adapters.vllm.metadata import BlockTransfer
 from engine_adapters.vllm.scheduler import SchedulerSide
 from engine_adapters.vllm.spec import CacheSpec
@@ -194,10 +194,10 @@ def test_with_a_reporter_each_step_tells_the_node_the_engines_load(tmp_path: Pat
         load = node.node.engine_loads.engines()["vllm-test"]
         assert (load.queued_prefill_tokens, load.running_decodes, load.decode_kv_tokens) == (10, 1, 11)
         assert 0.0 < load.decode_pause_budget_s <= 0.5 * 4  # d's 4 tokens came within this step
-        scheduler.finished(decoding)
+        scheduler.finished(decoding)  # finished in its last step: no step follows
         scheduler.finished(waiting)
-        scheduler.build(step())
-        assert eventually(lambda: node.node.engine_loads.engines()["vllm-test"].running_decodes == 0)
+        idle = EngineLoad(decode_pause_budget_s=IDLE_BUDGET_S)
+        assert eventually(lambda: node.node.engine_loads.engines()["vllm-test"] == idle)
         scheduler.close()  # stops the reporter, then closes the client
         assert reporter.failures == 0
 

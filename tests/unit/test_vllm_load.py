@@ -56,3 +56,18 @@ def test_a_preempted_request_queues_again_and_restarts_its_clock() -> None:
     assert tracker.step([request("a", 100, 0, 1)]) == EngineLoad(100, 0, 0, IDLE_BUDGET_S)  # recomputed in full
     # decoding again: its first token counts from now, and no step interval is known yet
     assert tracker.step([request("a", 100, 100, 1)]).decode_pause_budget_s == pytest.approx(0.1)
+
+
+def test_between_steps_the_load_follows_the_requests_and_counts_no_step() -> None:
+    clock = Clock()
+    tracker = LoadTracker(tbt_slo_s=0.1, clock=clock)
+    tracker.step([request("a", 100, 100, 1), request("b", 50, 50, 1)])
+    clock.now += 0.02
+    tracker.step([request("a", 100, 101, 2), request("b", 50, 51, 2)])  # one 0.02 s step
+    clock.now += 5.0  # b finishes 5 s later, after its last step
+    assert tracker.load([request("a", 100, 101, 2)]) == EngineLoad(0, 1, 101, 0.0)  # a is 4.8 s past its SLO
+    assert tracker.load([]) == EngineLoad(decode_pause_budget_s=IDLE_BUDGET_S)
+    # the 5 s without a step did not enter the step time: the next step's interval is 0.02 s again
+    clock.now += 0.02
+    load = tracker.step([request("c", 10, 10, 1)])
+    assert load.decode_pause_budget_s == pytest.approx(0.1 - 0.02)

@@ -11,7 +11,9 @@ would: computes the prompt's block keys (`engine_adapters.vllm.keys`), asks the 
 where to run it (`Route`), has the prefill server compute the first token, has the decode
 node fetch the blocks from the prefill node (`Fetch`, over the data plane), and has the decode
 server generate. It checks every answer against the prefill server generating the same prompt
-by itself, and exits 1 on any difference. Without `--model` a tiny model is built.
+by itself, and exits 1 on any difference; then it prints what the conductor holds of the two
+nodes (`conductor status`), whose loads the vLLM servers' connectors report. Without `--model`
+a tiny model is built.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any
 
 import grpc
 
+from conductor.status_cli import status_text
 from engine_adapters.demo import conductor_settings, daemon, node_settings, wait_for_members
 from engine_adapters.reference.tiny import VLLM_CPU, make_tiny_model
 from engine_adapters.vllm.config import transfer_config
@@ -97,6 +100,17 @@ def workload(args: argparse.Namespace) -> Iterator[tuple[str, int, int, list[int
         for session in range(args.sessions):
             histories[session] += [generator.randrange(3, 500) for _ in range(generator.randrange(20, 60))]
             yield f"session {session} turn {turn}", session, turn, histories[session]
+
+
+def reported_status(route: pb_grpc.ConductorStub, timeout_s: float = 5.0) -> pb.ClusterStatusResponse:
+    """The conductor's `ClusterStatus` once every member's load is its engines' report (a node's
+    heartbeat carries it within a second of the connector's first report), or after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        reply = route.ClusterStatus(pb.ClusterStatusRequest())
+        if all(member.load_reported for member in reply.nodes) or time.monotonic() > deadline:
+            return reply
+        time.sleep(0.2)
 
 
 def main() -> int:
@@ -176,6 +190,9 @@ def main() -> int:
                 flush=True,
             )
         print(f"{differences} answers differ from the colocated run", flush=True)
+        # What the conductor holds of the two nodes: their loads come from the vLLM servers'
+        # connectors (`reported`), through the nodes' heartbeats.
+        print(status_text(conductor.ready["grpc"], reported_status(route)), flush=True)
         return 1 if differences else 0
 
 
