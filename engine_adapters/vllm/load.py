@@ -3,8 +3,8 @@ docs/conductor.md, Load).
 
 vLLM does not hand a connector its queues, but the scheduler side holds every request it was
 asked about (`get_num_new_matched_tokens`: each request the scheduler takes up from its waiting
-queue) until it finishes, and sees every step (`build_connector_meta`). At each step,
-`LoadTracker` works out from those requests:
+queue) until it finishes, and sees every step (`build_connector_meta`). At each step, and
+when a request finishes (no step may follow soon), `LoadTracker` works out from those requests:
 
 - queued prefill tokens: prompt tokens not computed yet, over the requests taken up and not
   finished (a preempted request counts in full again). Requests still waiting behind the
