@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import queue
 import threading
 import time
@@ -42,7 +41,7 @@ from kvstore.errors import InvalidArgumentError, UnknownNamespaceError
 from kvstore.node.auth import PLAINTEXT, Access
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
-from kvstore.types import BlockKey, NamespaceId, TierKind
+from kvstore.types import BlockKey, EngineLoad, NamespaceId, TierKind
 
 log = logging.getLogger(__name__)
 
@@ -146,17 +145,17 @@ class Conductor:
         self.membership.register(info, ttl_s)
         self.reconcile()
 
-    def heartbeat(self, node_id: str, load: tuple[int, int, int, float] | None) -> bool:
-        """Renew the node's lease and take its load, (queued prefill tokens, running decodes,
-        decode KV tokens, decode pause budget in seconds), when it reports one; False when it
-        must register again. A node that reports no load (its engines report none to it) gets
-        the conductor's own account of its placements; one that reported before starts that
-        account from nothing. A pause budget that is not a finite number >= 0 is refused, and
-        nothing changes."""
-        if load is not None and not 0.0 <= load[3] < math.inf:
-            raise InvalidArgumentError(
-                f"node {node_id!r}: decode_pause_budget_s must be a finite number >= 0, got {load[3]}"
-            )
+    def heartbeat(self, node_id: str, load: EngineLoad | None) -> bool:
+        """Renew the node's lease and take its load (the sum of its engines' reports), when it
+        reports one; False when it must register again. A node that reports no load (its
+        engines report none to it) gets the conductor's own account of its placements; one that
+        reported before starts that account from nothing. A load out of range (`EngineLoad.check`:
+        a pause budget that is not a finite number >= 0) is refused, and nothing changes."""
+        if load is not None:
+            try:
+                load.check()
+            except InvalidArgumentError as error:
+                raise InvalidArgumentError(f"node {node_id!r}: {error}") from None
         if not self.membership.renew(node_id):
             return False
         if load is None:
@@ -164,22 +163,22 @@ class Conductor:
                 with self._lock:
                     self.cluster.stop_reporting(node_id)
             return True
-        queued_prefill_tokens, running_decodes, decode_kv_tokens, pause_budget_s = load
         now = self._clock()
         with self._lock:
             info = self.cluster.nodes.get(node_id)
             if info is None:
                 return True  # live in the membership; the next reconcile adds it
             profile = self.cluster.costs.profile(info.profile)
-            busy_s = profile.prefill.seconds(queued_prefill_tokens) if queued_prefill_tokens else 0.0
+            queued = load.queued_prefill_tokens
+            busy_s = profile.prefill.seconds(queued) if queued else 0.0
             self.cluster.report_load(
                 node_id,
                 NodeLoad(
                     prefill_busy_until_s=now + busy_s,
-                    queued_prefill_tokens=queued_prefill_tokens,
-                    running_decodes=running_decodes,
-                    decode_kv_tokens=decode_kv_tokens,
-                    decode_pause_budget_s=pause_budget_s,
+                    queued_prefill_tokens=queued,
+                    running_decodes=load.running_decodes,
+                    decode_kv_tokens=load.decode_kv_tokens,
+                    decode_pause_budget_s=load.decode_pause_budget_s,
                 ),
             )
         return True

@@ -16,7 +16,7 @@ from kvstore.errors import InvalidArgumentError
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.status import answer
 from kvstore.types import unpack_keys
-from kvstore.wire import namespace_id_from
+from kvstore.wire import load_from_proto, namespace_id_from
 
 Reply = TypeVar("Reply")
 
@@ -50,14 +50,8 @@ class ConductorService:
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
         def handle() -> pb.HeartbeatResponse:
-            load = request.load
-            reported = (
-                load.queued_prefill_tokens,
-                load.running_decodes,
-                load.decode_kv_tokens,
-                load.decode_pause_budget_s,
-            )
-            alive = self._conductor.heartbeat(request.node_id, reported if request.HasField("load") else None)
+            load = load_from_proto(request.load) if request.HasField("load") else None
+            alive = self._conductor.heartbeat(request.node_id, load)
             return pb.HeartbeatResponse(register_again=not alive)
 
         return self._call("Heartbeat", context, handle)
