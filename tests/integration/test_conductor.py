@@ -604,9 +604,14 @@ def test_with_tls_on_both_sides_nodes_register_and_the_index_follows_them(tmp_pa
         conductor.shutdown()
 
 
-def test_conductor_status_names_a_conductor_it_cannot_reach(capsys: pytest.CaptureFixture[str]) -> None:
+def test_conductor_status_names_a_conductor_it_cannot_reach_and_a_file_it_cannot_read(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{unused.getsockname()[1]}"
     assert conductor_cli(["status", "--address", address, "--timeout", "1"], environ={}) == 1
     assert f"cannot reach the conductor at {address}" in capsys.readouterr().err
+    # a token or CA file that cannot be read is a usage error, before any call
+    assert conductor_cli(["status", "--address", address, "--token-file", "/nonexistent/token"], environ={}) == 2
+    assert "cannot read /nonexistent/token" in capsys.readouterr().err
