@@ -34,9 +34,10 @@ Measured in the simulator (docs/conductor.md), against Algorithm 1 in the same r
    server, and its batch mostly waits on memory, well inside the TBT SLO. When every prefill
    node is busy, a decode-only node that can pause its batch long enough computes the prefill
    itself and then decodes it: no hand-off of the prompt's KV, and no wait. The node says how
-   long its batch can pause with every running or placed sequence still within the TBT SLO
-   (`NodeLoad.decode_pause_budget_s`); the prefills queued there plus this one must fit in
-   it. A node that does not report it is never asked. Algorithm 1 prefills only on prefill
+   long its batch can pause with every running sequence still within the TBT SLO
+   (`NodeLoad.decode_pause_budget_s`), and the conductor lowers that for the sequences it sent
+   there that have not joined yet (`ClusterState.incoming_pause_s`); the prefills queued there
+   plus this one must fit in it. A node that does not report it is never asked. Algorithm 1 prefills only on prefill
    nodes (conditional disaggregation of this kind is what NVIDIA Dynamo's router does for short
    prompts).
 
@@ -127,12 +128,14 @@ class PrefixFlow:
         # of queue is the best, and the others need no scoring.
         options = []
         for info in cluster.decode_nodes:
+            if info.role.prefills:
+                continue  # a prefill candidate already
             budget_s = cluster.loads[info.node_id].decode_pause_budget_s
             queue_s = cluster.loads[info.node_id].queue_s(now_s)
             if budget_s > queue_s:
                 budget_s = min(budget_s, cluster.incoming_pause_s(info.node_id, now_s))
-            if info.role.prefills or budget_s <= queue_s:
-                continue  # a prefill candidate already; or not even the prefills queued there fit
+            if budget_s <= queue_s:
+                continue  # not even the prefills queued there fit
             options.append((info.node_id not in credited, queue_s, info.node_id, budget_s, info))
         options.sort(key=lambda option: option[:3])
         chosen: tuple[PrefillScore, DecodeScore] | None = None

@@ -174,7 +174,6 @@ class SimDecode:
         self.pause_budget = pause_budget
         self.nic = Nic()
         self.reserved_tokens = 0  # placed, not yet joined
-        self._placed: dict[str, int] = {}  # placed, not yet joined: request id -> output tokens
         self.version = 0  # bumps whenever the next finish time changes (older events are stale)
         self._steps = 0.0  # steps made since the start (fractional between events)
         self._at_s = 0.0
@@ -205,13 +204,11 @@ class SimDecode:
     def reserve(self, request: RouteRequest) -> None:
         """`request` was placed here: its KV is reserved until it joins the batch."""
         self.reserved_tokens += request.prompt_tokens + request.max_output_tokens
-        self._placed[request.request_id] = request.max_output_tokens
 
     def join(self, request: RouteRequest, output_tokens: int, now_s: float) -> None:
         self._advance(now_s)
         need = request.prompt_tokens + request.max_output_tokens
         self.reserved_tokens -= need
-        self._placed.pop(request.request_id, None)
         kv = request.prompt_tokens + output_tokens
         heapq.heappush(
             self._batch, _Sequence(self._steps + output_tokens, request.request_id, now_s, output_tokens, kv)
@@ -236,15 +233,18 @@ class SimDecode:
         return done
 
     def pause_budget_s(self, now_s: float, tbt_slo_s: float) -> float:
-        """How long the batch could pause from `now_s` with every sequence still within
+        """How long the batch could pause from `now_s` with every sequence in it still within
         `tbt_slo_s` per token at the current step time (0 when one already cannot), by the
         engine's rule (`pause_budget`):
 
         - KNOWN_OUTPUT: each sequence's mean over its whole output, whose length the engine
-          knows: those running, and those placed here that may join during the pause;
-        - TOKENS_SO_FAR: what an engine that knows neither can promise, as the vLLM connector
-          reports it (engine_adapters/vllm/load.py): each running sequence's mean over its tokens
-          so far, one more step included; sequences not here yet do not count."""
+          knows (the trace's);
+        - TOKENS_SO_FAR: what an engine that does not know it can promise, as the vLLM connector
+          reports it (engine_adapters/vllm/load.py): each sequence's mean over its tokens so far,
+          one more step included.
+
+        Sequences placed here that have not joined are not the engine's to count: the
+        conductor, which sent them, does (`ClusterState.incoming_pause_s`)."""
         self._advance(now_s)
         step_s = self._step_s() if self._batch else self.profile.decode.step_s(1, 0)
         budget = math.inf
@@ -252,12 +252,9 @@ class SimDecode:
             if self.pause_budget == TOKENS_SO_FAR:
                 generated = self._steps - (sequence.done_at_steps - sequence.output_tokens)
                 budget = min(budget, tbt_slo_s * (generated + 1) - (now_s - sequence.joined_s) - step_s)
-                continue
-            finish_s = now_s + max(0.0, sequence.done_at_steps - self._steps) * step_s
-            budget = min(budget, tbt_slo_s * sequence.output_tokens - (finish_s - sequence.joined_s))
-        if self.pause_budget == KNOWN_OUTPUT:
-            for output_tokens in self._placed.values():
-                budget = min(budget, (tbt_slo_s - step_s) * output_tokens)
+            else:
+                finish_s = now_s + max(0.0, sequence.done_at_steps - self._steps) * step_s
+                budget = min(budget, tbt_slo_s * sequence.output_tokens - (finish_s - sequence.joined_s))
         return max(0.0, budget)
 
     def load(self, now_s: float, tbt_slo_s: float) -> NodeLoad:
