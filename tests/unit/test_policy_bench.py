@@ -24,6 +24,13 @@ def test_the_trace_splits_at_the_minute_into_parts_replayed_apart():
     assert rest.name == "t, last 10 min (judge)"
 
 
+def test_a_trace_that_ends_before_the_minute_is_reported_whole_only():
+    (whole,) = split("t", TRACE, 45.0)
+    assert whole.requests == TRACE
+    assert whole.name == "t, whole (40 min)"
+    assert [part.name for part in split("t", TRACE, 0.0)] == ["t, whole (40 min)"]
+
+
 def test_the_default_trace_is_the_shared_one_next_to_the_repository():
     assert DEFAULT_TRACE == REPO / "../shared/data/traces/conversation_trace.jsonl"
 
@@ -39,6 +46,26 @@ def test_a_run_prints_the_tables_and_writes_the_plot(tmp_path, capsys):
     assert "| 2 | leaf-first-lru | 55.56 | 55.56 | 1.00 |" in out
     assert "| 2 | belady (offline optimum) | 55.56 | 55.56 | 1.00 | - |" in out
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_several_traces_are_reported_each_in_its_parts(tmp_path, capsys):
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    write_trace(first, TRACE)
+    write_trace(second, TRACE[:2])
+    argv = ["--capacities", "2", "--policies", "leaf-first-lru", "--plot", str(tmp_path / "p.png")]
+    main(["--trace", str(first), "--trace", str(second), *argv])
+    headings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("### ")]
+    assert headings == [
+        "### first, whole (40 min): 4 requests, 9 blocks",
+        "### first, first 30 min (tune): 2 requests, 5 blocks",
+        "### first, last 10 min (judge): 2 requests, 4 blocks",
+        "### second, whole (10 min): 2 requests, 5 blocks",
+    ]
+
+
+def test_a_negative_split_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="--split-minutes must be 0 or more, got -1"):
+        main(["--trace", str(tmp_path / "x"), "--split-minutes", "-1"])
 
 
 def test_a_malformed_trace_stops_with_its_line_number(tmp_path):

@@ -1,15 +1,17 @@
 """The cache-policy benchmark (issue 4): hit ratios of the store's policies against the offline
 optimum, on Mooncake's conversation trace and on generated traces.
 
-    .venv/bin/python tools/bench/policy.py [--trace PATH] [--capacities 1000,2000,...]
+    .venv/bin/python tools/bench/policy.py [--trace PATH ...] [--capacities 1000,2000,...]
         [--policies a,b] [--split-minutes 30] [--generated] [--plot PATH]
 
 Every policy registered in kvstore.policy is replayed through tools/bench/policy_sim.py (the
 real policy object and block table, as the tier manager drives them) over an empty tier of each
-capacity; Belady with bypass (`policy_sim.belady`) is the ceiling. Each trace is reported whole
-and in two parts replayed separately, each from an empty tier: the first `--split-minutes`
-(where a policy is tuned) and the rest (where it is judged). With `--generated`, two traces
-from tools/traces/generate.py with different shapes are reported the same way.
+capacity; Belady with bypass (`policy_sim.belady`) is the ceiling. Each trace (`--trace` may be
+given several times) is reported whole and, if it runs past `--split-minutes`, in two parts
+replayed separately, each from an empty tier: the first `--split-minutes` (where a policy is
+tuned) and the rest (where it is judged). A shorter trace is reported whole only. With
+`--generated`, two traces from tools/traces/generate.py with different shapes are reported the
+same way.
 
 Prints one markdown table per trace part (block and token hit ratios in percent, and the
 microseconds the policy's calls took per request) and draws hit ratio against capacity.
@@ -76,13 +78,17 @@ class TracePart:
 
 
 def split(name: str, requests: list[TraceRequest], split_minutes: float) -> list[TracePart]:
-    """The whole trace, its first `split_minutes`, and the rest."""
+    """The whole trace, its first `split_minutes`, and the rest; the whole trace alone when either
+    part would be empty (the trace ends before the minute, or the minute is 0)."""
     cut_ms = split_minutes * 60_000
     first = [request for request in requests if request.timestamp_ms < cut_ms]
     rest = requests[len(first) :]
     end_minutes = requests[-1].timestamp_ms / 60_000 if requests else 0.0
+    whole = TracePart(f"{name}, whole ({end_minutes:.0f} min)", requests)
+    if not first or not rest:
+        return [whole]
     return [
-        TracePart(f"{name}, whole ({end_minutes:.0f} min)", requests),
+        whole,
         TracePart(f"{name}, first {split_minutes:g} min (tune)", first),
         TracePart(f"{name}, last {end_minutes - split_minutes:.0f} min (judge)", rest),
     ]
@@ -154,7 +160,12 @@ def plot_hit_ratios(parts: list[tuple[TracePart, list[ReplayResult]]], path: Pat
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Hit ratios of the store's cache policies against Belady.")
-    parser.add_argument("--trace", type=Path, default=DEFAULT_TRACE, help="Mooncake-format trace (JSON lines)")
+    parser.add_argument(
+        "--trace",
+        type=Path,
+        action="append",
+        help=f"Mooncake-format trace (JSON lines); repeat for several (default {DEFAULT_TRACE.name} in ../shared)",
+    )
     parser.add_argument(
         "--capacities",
         default=",".join(map(str, DEFAULT_CAPACITIES)),
@@ -163,7 +174,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--policies", default=",".join(sorted(POLICIES)), help="store policies to replay, comma-separated"
     )
-    parser.add_argument("--split-minutes", type=float, default=30.0, help="tune on the trace before this minute")
+    parser.add_argument(
+        "--split-minutes", type=float, default=30.0, help="tune on the trace before this minute (0: no split)"
+    )
     parser.add_argument("--generated", action="store_true", help="also report two generated traces")
     parser.add_argument("--no-trace", action="store_true", help="skip --trace (with --generated)")
     parser.add_argument("--plot", type=Path, default=Path("policy_hit_ratio.png"), help="PNG to write")
@@ -202,10 +215,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if unknown or not policies:
         wrong = unknown or args.policies
         raise SystemExit(f"--policies must name store policies {sorted(POLICIES)}; unknown: {wrong!r}")
+    if not args.split_minutes >= 0:
+        raise SystemExit(f"--split-minutes must be 0 or more, got {args.split_minutes:g}")
     parts: list[TracePart] = []
     if not args.no_trace:
-        trace_path = args.trace.resolve()
-        parts += split(trace_path.stem, load_trace_or_exit(trace_path), args.split_minutes)
+        for trace_path in [path.resolve() for path in args.trace or [DEFAULT_TRACE]]:
+            parts += split(trace_path.stem, load_trace_or_exit(trace_path), args.split_minutes)
     if args.generated:
         for name, params in GENERATED.items():
             parts += split(name, generate_trace(params), args.split_minutes)
