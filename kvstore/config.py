@@ -102,6 +102,10 @@ class StoreConfig:
                 "need 0 < low_watermark_fraction <= high_watermark_fraction <= 1, got "
                 f"{self.low_watermark_fraction} and {self.high_watermark_fraction}"
             )
+        if not isinstance(self.background_checksum_min_bytes, int) or self.background_checksum_min_bytes < 0:
+            raise ConfigError(
+                f"background_checksum_min_bytes must be an integer >= 0, got {self.background_checksum_min_bytes!r}"
+            )
         for name in ("reservation_ttl_s", "lease_ttl_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")

@@ -71,6 +71,9 @@ class AuthSection:
     tls_key_file: Path | None = None  # its PEM private key
 
 
+_STORE = StoreConfig()  # the defaults: no tier is built by a config
+
+
 @dataclass(frozen=True, slots=True)
 class StoreSection:
     dram_capacity_bytes: int = 1 * GiB  # shared-memory pool, allocated and pre-faulted at start
@@ -81,13 +84,16 @@ class StoreSection:
     nvme_file_bytes: int = 1 * GiB  # one slab file's size
     nvme_slab_bytes: int = 16 * MiB  # carving unit
     nvme_use_direct_io: bool = True  # O_DIRECT where the filesystem allows it
-    write_policy: WritePolicy = WritePolicy.WRITE_BACK  # when memory blocks reach NVMe
-    high_watermark_fraction: float = 0.95  # a tier filled past this evicts ...
-    low_watermark_fraction: float = 0.85  # ... down to this
-    reservation_ttl_s: float = 30.0  # an uncommitted write's slots are freed after this (a dead writer)
-    lease_ttl_s: float = 30.0  # an unreleased read lease is dropped after this (a dead reader)
-    promote_on_hit: bool = True  # NVMe hits are copied up to DRAM
-    eviction_policy: str = "leaf-first-lru"  # which blocks stay: leaf-first-lru, prefix-lrfu, ... (docs/policy.md)
+    # The store's own settings take the store's defaults (kvstore.config.StoreConfig).
+    write_policy: WritePolicy = _STORE.write_policy  # when memory blocks reach NVMe
+    high_watermark_fraction: float = _STORE.high_watermark_fraction  # a tier filled past this evicts ...
+    low_watermark_fraction: float = _STORE.low_watermark_fraction  # ... down to this
+    reservation_ttl_s: float = _STORE.reservation_ttl_s  # an uncommitted write's slots are freed after this
+    lease_ttl_s: float = _STORE.lease_ttl_s  # an unreleased read lease is dropped after this (a dead reader)
+    promote_on_hit: bool = _STORE.promote_on_hit  # NVMe hits are copied up to DRAM
+    eviction_policy: str = _STORE.eviction_policy  # which blocks stay: prefix-lrfu, leaf-first-lru, ...
+    checksum_in_background: bool = _STORE.checksum_in_background  # hash big memory commits off the commit path
+    background_checksum_min_bytes: int = _STORE.background_checksum_min_bytes  # ... from this block size
     event_ring_events: int = 65536  # WatchEvents backlog; a watcher further behind must resync
 
 
@@ -172,6 +178,8 @@ class NodeConfig:
             lease_ttl_s=section.lease_ttl_s,
             promote_on_hit=section.promote_on_hit,
             eviction_policy=section.eviction_policy,
+            checksum_in_background=section.checksum_in_background,
+            background_checksum_min_bytes=section.background_checksum_min_bytes,
         )
 
 

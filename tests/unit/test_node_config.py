@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kvstore.config import GiB, MiB, WritePolicy
+from kvstore.config import GiB, KiB, MiB, StoreConfig, WritePolicy
 from kvstore.errors import ConfigError
 from kvstore.node.config import LogFormat, load_node_config
 
@@ -20,6 +20,34 @@ def test_defaults_are_safe():
     assert config.store.nvme_capacity_bytes == 4 * GiB
     assert config.store_config().nvme.directory == Path("kvstore-data/nvme")
     assert config.token is None
+
+
+def test_the_store_settings_default_to_the_stores_own():
+    node = load_node_config(None, environ={}).store_config()
+    store = StoreConfig()
+    assert node.eviction_policy == store.eviction_policy == "prefix-lrfu"
+    for name in (
+        "write_policy",
+        "high_watermark_fraction",
+        "low_watermark_fraction",
+        "reservation_ttl_s",
+        "lease_ttl_s",
+        "promote_on_hit",
+        "checksum_in_background",
+        "background_checksum_min_bytes",
+    ):
+        assert getattr(node, name) == getattr(store, name), name
+
+
+def test_the_example_file_states_the_defaults():
+    assert load_node_config(EXAMPLE, environ={}) == load_node_config(None, environ={})
+
+
+def test_the_checksum_thread_is_configurable():
+    overrides = ["store.checksum_in_background=false", "store.background_checksum_min_bytes=1MiB"]
+    store = load_node_config(None, environ={}, overrides=overrides).store_config()
+    assert store.checksum_in_background is False
+    assert store.background_checksum_min_bytes == 1024 * KiB
 
 
 def test_the_example_file_loads_and_documents_every_field():
@@ -66,6 +94,7 @@ def test_token_from_a_file_or_the_environment(tmp_path):
         (["store.write_policy=sometimes"], {}, "must be one of ['write_back', 'write_through']"),
         (["store.promote_on_hit=maybe"], {}, "must be true or false"),
         (["store.eviction_policy=mru"], {}, "eviction_policy must be one of ["),
+        (["store.background_checksum_min_bytes=-1"], {}, "store.background_checksum_min_bytes must be"),
         (["auth.tls_cert_file=/nonexistent.pem"], {}, "set both or neither"),
         (["conductor.tls_ca_file=/nonexistent.pem"], {}, "conductor.tls_ca_file: cannot read /nonexistent.pem"),
         (["store.low_watermark_fraction=0.99"], {}, "low_watermark_fraction"),

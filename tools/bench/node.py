@@ -74,6 +74,7 @@ if not __package__:  # run as a script (the documented way): make the `tools` pa
 from kvstore.client import Client, Transport
 from kvstore.errors import ConfigError
 from kvstore.layered_config import parse_size_bytes
+from kvstore.node.config import StoreSection
 from tools.bench import harness, mooncake_ref, node_refs, refs_common
 from tools.bench.harness import Figure, Target, Trial, Unit, median_figures
 from tools.bench.node_engines import (
@@ -583,7 +584,8 @@ def run_once(settings: Settings, progress: tqdm, log: Log) -> RunResult:
             raise
     context |= {
         "daemons": f"2 x `kvstore serve` (python -m kvstore.cli serve), loopback, DRAM pool {DRAM_POOL} in "
-        f"{DRAM_SLAB} slabs, NVMe off, logging at warning",
+        f"{DRAM_SLAB} slabs, NVMe off, eviction policy {StoreSection().eviction_policy} (the default), "
+        "logging at warning",
         "engines": "separate processes (multiprocessing spawn), one Client each: writer and reader through "
         "shared memory (Transport.SHARED_MEMORY); Fetch, TCP get and Redis from this process",
         "grpcio": grpc.__version__,
