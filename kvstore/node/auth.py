@@ -1,8 +1,10 @@
 """Who may talk to a node: the shared token on every gRPC call (DESIGN.md 4).
 
 When a token is configured, a call must carry `authorization: Bearer <token>` metadata, or it
-is answered UNAUTHENTICATED before any handler runs (health and reflection included). The
-comparison takes constant time. The data plane checks the same token in its HELLO frame.
+is answered UNAUTHENTICATED before any handler runs (reflection included). The standard health
+service alone answers without it: orchestrators' probes (Kubernetes' `grpc` probe, load
+balancers) cannot present a token, and it tells only SERVING or NOT_SERVING. The comparison
+takes constant time. The data plane checks the same token in its HELLO frame.
 
 Both ends of every gRPC link (clients and nodes, nodes and the conductor) use the two helpers
 here: `Access` (the token a caller presents and the TLS roots it trusts) opens channels, and
@@ -23,6 +25,7 @@ from kvstore.errors import AuthenticationError
 from kvstore.status import ERROR_METADATA_KEY
 
 AUTHORIZATION_KEY = "authorization"
+OPEN_PREFIX = "/grpc.health.v1.Health/"  # methods that answer without the token
 
 
 def bearer(token: str) -> str:
@@ -78,6 +81,8 @@ class TokenInterceptor(grpc.ServerInterceptor):
                 presented = value if isinstance(value, str) else value.decode("latin-1")
         handler = continuation(handler_call_details)
         if handler is None or hmac.compare_digest(presented.encode(), self._expected):
+            return handler
+        if handler_call_details.method.startswith(OPEN_PREFIX):
             return handler
         return _denying(handler)
 

@@ -409,6 +409,9 @@ def test_a_token_is_required_when_configured(tmp_path: Path, capsys: pytest.Capt
         with pytest.raises(grpc.RpcError) as caught:
             stub(conductor).ClusterStatus(pb.ClusterStatusRequest())
         assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        with grpc.insecure_channel(conductor.grpc_address) as channel:  # probes need no token
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
         with node(tmp_path, "a", conductor, "both", token=CONDUCTOR_TOKEN):
             authorized = (("authorization", bearer(CONDUCTOR_TOKEN)),)
             assert eventually(

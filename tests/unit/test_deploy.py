@@ -49,6 +49,7 @@ def test_the_node_manifest_configures_a_valid_node(tmp_path: Path) -> None:
     assert config.server.bind_host == "0.0.0.0"
     assert config.conductor.address == "kvstore-conductor:50070"
     assert config.node.data_dir == Path("/var/lib/kvstore")
+    assert config.token is not None and config.conductor_token is not None
     ports = {port["containerPort"] for port in container["ports"]}
     assert {config.server.grpc_port, config.server.data_port, config.server.metrics_port} == ports
 
@@ -60,7 +61,8 @@ def test_the_conductor_manifest_configures_a_valid_conductor(tmp_path: Path) -> 
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] == ["conductor"] and "conductor" in SCRIPTS
     config = load_conductor_config(toml, environ=plausible_env(container))
-    assert config.membership.backend.value == "etcd" and config.node_token is not None
+    assert config.membership.backend.value == "etcd"
+    assert config.token is not None and config.node_token is not None
     ports = {port["containerPort"] for port in container["ports"]}
     assert {config.server.grpc_port, config.server.metrics_port} == ports
     assert {port["targetPort"] for port in service["spec"]["ports"]} == ports
