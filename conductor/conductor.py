@@ -145,6 +145,16 @@ class Conductor:
         self.membership.register(info, ttl_s)
         self.reconcile()
 
+    def leave(self, node_id: str) -> bool:
+        """Remove a member now (it drains or stops): the reconcile that follows drops it from
+        placement and its blocks from the index. False when it was not a live member."""
+        if not node_id:
+            raise InvalidArgumentError("node_id is empty")
+        was_member = node_id in self.membership.live()
+        self.membership.remove(node_id)
+        self.reconcile()
+        return was_member
+
     def heartbeat(self, node_id: str, load: EngineLoad | None) -> bool:
         """Renew the node's lease and take its load (the sum of its engines' reports), when it
         reports one; False when it must register again. A node that reports no load (its

@@ -4,8 +4,10 @@ The conductor holds each node's membership as a lease of `conductor.ttl_s`; ever
 renews it and reports the node's load. A conductor that answers "register again" (the lease
 lapsed, or the conductor restarted with in-memory membership) gets a fresh registration. A
 conductor that cannot be reached does not stop the node: the link logs, backs off, and keeps
-trying; the node serves its clients meanwhile. A node that stops simply stops heartbeating,
-and the conductor drops it when the lease runs out.
+trying; the node serves its clients meanwhile. A node that drains (`kvctl drain`, or SIGTERM)
+`leave`s: it stops heartbeating and tells the conductor, which stops placing requests on it
+and drops its blocks from the global index at once rather than when its lease runs out (which
+is still what happens if the conductor cannot be told).
 
 Each heartbeat carries the node's load, the sum of what its engines last reported
 (`ReportLoad`; engine_loads.py), or no load when none has reported within the membership
@@ -66,6 +68,8 @@ class ConductorLink:
         self._access = access  # the conductor's token and the roots its certificate chains to
         self._metadata = access.metadata
         self._stop = threading.Event()
+        self._leaving = threading.Lock()
+        self._left = False
         self.registered = threading.Event()  # set while the conductor holds this node's registration
         self._thread = threading.Thread(target=self._run, name="conductor-link", daemon=True)
 
@@ -73,8 +77,36 @@ class ConductorLink:
         self._thread.start()
 
     def stop(self) -> None:
+        """No more heartbeats: the conductor drops the node when its lease runs out."""
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def leave(self) -> None:
+        """Stop heartbeating and leave the cluster now. Once only; a conductor that does not
+        answer is logged, and drops the node when its lease runs out."""
+        with self._leaving:
+            if self._left:
+                return
+            self._left = True
+        self.stop()
+        settings = self._settings
+        try:
+            with self._access.channel(settings.address) as channel:
+                pb_grpc.ConductorStub(channel).Leave(
+                    pb.LeaveRequest(node_id=self._description.node_id),
+                    timeout=max(1.0, settings.heartbeat_interval_s),
+                    metadata=self._metadata,
+                )
+            self.registered.clear()
+            log.info("left the cluster of the conductor at %s", settings.address)
+        except grpc.RpcError as error:
+            log.warning(
+                "could not tell the conductor at %s that this node leaves (%s); it drops the node after %.0f s",
+                settings.address,
+                error.code().name,
+                settings.ttl_s,
+            )
 
     def _run(self) -> None:
         settings = self._settings

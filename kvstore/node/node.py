@@ -92,6 +92,8 @@ class Node:
         self._dram = dram
         self._peers = peers
         self._draining = threading.Event()
+        self._drain_lock = threading.Lock()
+        self._drain_listeners: list[Callable[[], None]] = []
         self._started = time.monotonic()
         self._lookup_lock = threading.Lock()
         self._lookups = LookupCounts(0, 0, 0)
@@ -302,10 +304,20 @@ class Node:
         return self._draining.is_set()
 
     def drain(self, *, flush: bool) -> int:
-        """Refuse new reads and writes from now on; with `flush`, copy memory-only blocks to
+        """Refuse new reads and writes from now on, and call the drain listeners (the first time
+        only; the conductor link leaves the cluster); with `flush`, copy memory-only blocks to
         NVMe. Returns how many were flushed."""
-        self._draining.set()
+        with self._drain_lock:
+            first = not self._draining.is_set()
+            self._draining.set()
+        if first:
+            for listener in self._drain_listeners:
+                listener()
         return self.store.manager.flush() if flush else 0
+
+    def add_drain_listener(self, listener: Callable[[], None]) -> None:
+        """Call `listener` when the node starts draining (from the thread that drains it)."""
+        self._drain_listeners.append(listener)
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no lease or reservation is held (True), or `timeout_s` passes (False)."""

@@ -5,8 +5,9 @@ the token interceptor, optional TLS), the data-plane server, the local control s
 shared-memory path's Unix socket), the Prometheus endpoint and a housekeeping thread that
 expires the leases and reservations of clients that died.
 
-Shutdown (`shutdown`, called on SIGTERM): health turns NOT_SERVING and new reads and writes
-are refused; leases and writes in flight get up to `drain_timeout_s` to finish; memory-only
+Shutdown (`shutdown`, called on SIGTERM): health turns NOT_SERVING, new reads and writes
+are refused and the node leaves its conductor's cluster (as on a `Drain` call); leases and
+writes in flight get up to `drain_timeout_s` to finish; memory-only
 blocks are flushed to NVMe; then the servers stop and the store closes (unlinking its
 shared memory). Owner: the process's main thread.
 """
@@ -140,6 +141,7 @@ class NodeServer:
                 load=self.node.engine_loads.total,
             )
             self.conductor_link.start()
+            self.node.add_drain_listener(self.conductor_link.leave)  # draining: leave the cluster now
         log.info(
             "node serving",
             extra={
@@ -174,7 +176,7 @@ class NodeServer:
 
     def _close_parts(self) -> None:
         if self.conductor_link is not None:
-            self.conductor_link.stop()  # no more heartbeats: the conductor drops this node after its ttl
+            self.conductor_link.stop()  # left already when the drain began; stop() is idempotent
         self._stop_housekeeping.set()
         self.store.manager.events.close()  # open WatchEvents streams end now, not after the grace period
         if self._grpc is not None:

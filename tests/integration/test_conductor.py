@@ -179,6 +179,35 @@ def test_a_node_that_stops_heartbeating_lapses_and_gets_nothing(cluster) -> None
     assert eventually(lambda: index.stale_mask == 0 and not any(key in index.snapshot_keys() for key in keys), 10)
 
 
+def test_a_node_that_drains_leaves_at_once(tmp_path: Path) -> None:
+    conductor = conductor_server()
+    try:
+        # b's lease would take 10 minutes to lapse: only its leaving can make it go sooner
+        with (
+            node(tmp_path, "a", conductor, "both"),
+            node(tmp_path, "b", conductor, "prefill", conductor__ttl_s=600) as b,
+        ):
+            namespace_id, keys = put_chain(b, 4, seed=5)
+            assert eventually(lambda: status(conductor).get("b", pb.ClusterNode()).indexed_blocks == 4, 10)
+            with Client(b.grpc_address) as client:
+                client.drain(flush=False)
+            assert set(status(conductor)) == {"a"}  # gone before Drain returned
+            reply = stub(conductor).Route(route_message(namespace_id, keys))
+            assert reply.prefill.node_id == "a" and reply.prefill.local_tokens == 0
+            assert conductor.conductor.cluster.index.blocks_of("b") == 0
+            time.sleep(1.0)  # b sends no more heartbeats, so it does not register again
+            assert set(status(conductor)) == {"a"}
+            # leaving again, or a node never seen, is no error
+            assert not stub(conductor).Leave(pb.LeaveRequest(node_id="b")).was_member
+            assert not stub(conductor).Leave(pb.LeaveRequest(node_id="nobody")).was_member
+            with pytest.raises(grpc.RpcError) as caught:
+                stub(conductor).Leave(pb.LeaveRequest())
+            assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert "node_id is empty" in (caught.value.details() or "")
+    finally:
+        conductor.shutdown()
+
+
 def report(server: NodeServer, engine_id: str, load: EngineLoad) -> None:
     with Client(server.grpc_address) as client:
         client.report_load(engine_id, load)
