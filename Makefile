@@ -8,7 +8,15 @@ GENERATED := kvstore/proto/kvstore_pb2.py
 # torch is pinned: 2.13.0 is the CPU build on this machine's disk; a range would pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: run test lint typecheck unit bench clean
+.PHONY: run test lint typecheck unit bench clean system-deps
+
+# Debian packages the tests need: etcd (the conductor's membership tests start their own),
+# installed with apt-get when missing (as root, or through sudo).
+system-deps:
+	@command -v etcd >/dev/null || { \
+		if [ "$$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		echo "installing etcd-server (apt-get) for the membership tests"; \
+		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q etcd-server; }
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +40,7 @@ lint: $(GENERATED)
 typecheck: $(GENERATED)
 	$(VENV)/bin/mypy
 
-test: lint typecheck $(GENERATED)
+test: system-deps lint typecheck $(GENERATED)
 	$(PY) -m pytest -q tests
 
 bench: $(GENERATED)

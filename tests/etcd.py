@@ -28,7 +28,7 @@ class EtcdProcess:
     def __init__(self, data_dir: Path) -> None:
         binary = shutil.which("etcd")
         if binary is None:
-            pytest.fail("etcd is not installed: apt-get install etcd-server (CI does this in .ci/run)")
+            pytest.fail("etcd is not installed: apt-get install etcd-server (`make test` does this)")
         self.client_port, peer_port = free_port(), free_port()
         self.endpoint = f"127.0.0.1:{self.client_port}"
         client_url, peer_url = f"http://{self.endpoint}", f"http://127.0.0.1:{peer_port}"
