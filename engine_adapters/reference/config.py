@@ -1,7 +1,9 @@
 """A model folder in Hugging Face's format: `config.json` (a LlamaForCausalLM) and
-`model.safetensors`. Everything is checked when the folder is opened: a missing folder or
-file, a field missing or out of range, a weight missing or of the wrong shape is an
-`InvalidArgumentError` naming it, before any weight is used."""
+`model.safetensors`, or shards listed in `model.safetensors.index.json`. Everything is checked
+when the folder is opened: a missing folder or file, a field missing or out of range, a
+feature this model does not implement (RoPE scaling, biases, another activation), a weight
+missing or of the wrong shape is an `InvalidArgumentError` naming it, before any weight is
+used: a config that would load but compute something else is refused, never approximated."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from kvstore.errors import InvalidArgumentError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"  # sharded weights: {"weight_map": {tensor: file}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +48,7 @@ class ModelConfig:
         architectures = data.get("architectures") or ["LlamaForCausalLM"]
         if "LlamaForCausalLM" not in architectures:
             raise InvalidArgumentError(f"{where}: architectures {architectures} is not a LlamaForCausalLM")
+        _refuse_unimplemented(data, where)
         heads = field("num_attention_heads", int)
         hidden = field("hidden_size", int)
         config = cls(
@@ -107,6 +111,49 @@ class ModelConfig:
                 prefix + "mlp.down_proj.weight": (hidden, inner),
             }
         return shapes
+
+
+def _refuse_unimplemented(data: dict[str, Any], where: str) -> None:
+    """Fields of a Llama config that change what it computes, in the values this model does
+    not implement."""
+    scaling = data.get("rope_scaling")
+    if scaling is not None and not (
+        isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) == "default"
+    ):
+        raise InvalidArgumentError(f"{where}: rope_scaling {scaling!r} is not implemented (only plain RoPE)")
+    for name in ("attention_bias", "mlp_bias"):
+        if data.get(name, False) is not False:
+            raise InvalidArgumentError(f"{where}: {name} {data[name]!r} is not implemented (no biases)")
+    activation = data.get("hidden_act", "silu")
+    if activation != "silu":
+        raise InvalidArgumentError(f"{where}: hidden_act {activation!r} is not implemented (only 'silu')")
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files holding the weights: `model.safetensors`, or the shards its
+    index names (each once, each inside the folder)."""
+    index = folder / WEIGHTS_INDEX_FILE
+    if not index.is_file():
+        path = folder / WEIGHTS_FILE
+        if not path.is_file():
+            raise InvalidArgumentError(f"model folder {folder} has no {WEIGHTS_FILE} (nor {WEIGHTS_INDEX_FILE})")
+        return [path]
+    try:
+        data = json.loads(index.read_text())
+    except json.JSONDecodeError as error:
+        raise InvalidArgumentError(f"{index} is not JSON: {error}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise InvalidArgumentError(f"{index}: needs a non-empty 'weight_map' of tensor name to file")
+    files = []
+    for name in dict.fromkeys(weight_map.values()):
+        if not isinstance(name, str) or Path(name).name != name:
+            raise InvalidArgumentError(f"{index}: shard {name!r} must be a file name in the folder")
+        path = folder / name
+        if not path.is_file():
+            raise InvalidArgumentError(f"{index}: shard {name} is missing")
+        files.append(path)
+    return files
 
 
 def read_config(folder: Path) -> ModelConfig:

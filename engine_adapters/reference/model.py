@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine_adapters.kernels.paged import CacheLayout, PagedKV
-from engine_adapters.reference.config import WEIGHTS_FILE, ModelConfig, read_config
+from engine_adapters.reference.config import ModelConfig, read_config, weight_files
 from kvstore.errors import InvalidArgumentError
 
 
@@ -82,13 +82,16 @@ class LlamaModel:
     def load(cls, folder: Path | str, dtype: torch.dtype = torch.float32) -> LlamaModel:
         folder = Path(folder)
         config = read_config(folder)
-        path = folder / WEIGHTS_FILE
-        if not path.is_file():
-            raise InvalidArgumentError(f"model folder {folder} has no {WEIGHTS_FILE}")
-        try:
-            weights = load_file(str(path))
-        except Exception as error:  # safetensors raises its own types for a malformed file
-            raise InvalidArgumentError(f"{path} is not a readable safetensors file: {error}") from None
+        weights: dict[str, torch.Tensor] = {}
+        for path in weight_files(folder):
+            try:
+                shard = load_file(str(path))
+            except Exception as error:  # safetensors raises its own types for a malformed file
+                raise InvalidArgumentError(f"{path} is not a readable safetensors file: {error}") from None
+            repeated = shard.keys() & weights.keys()
+            if repeated:
+                raise InvalidArgumentError(f"{path}: tensor {min(repeated)!r} is also in another shard")
+            weights |= shard
         return cls(config, weights, dtype)
 
     # -- the paged path ------------------------------------------------------------------------

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from engine_adapters.kernels.reference import gather, scatter
-from engine_adapters.reference.config import CONFIG_FILE, WEIGHTS_FILE
+from engine_adapters.reference.config import CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE
 from engine_adapters.reference.engine import Engine
 from engine_adapters.reference.model import LlamaModel, PagedCache
 from engine_adapters.reference.tiny import make_tiny_model
@@ -107,6 +108,9 @@ def test_bad_model_folders_are_refused_with_their_reason(tmp_path: Path, folder:
         ({"num_key_value_heads": 3}, "multiple of num_key_value_heads"),
         ({"architectures": ["GPT2LMHeadModel"]}, "not a LlamaForCausalLM"),
         ({"vocab_size": "many"}, "'vocab_size' must be of type int"),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling .* is not implemented"),
+        ({"attention_bias": True}, "attention_bias True is not implemented"),
+        ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not implemented"),
     ):
         bad = tmp_path / f"bad-{len(message)}"
         bad.mkdir()
@@ -120,8 +124,35 @@ def test_bad_model_folders_are_refused_with_their_reason(tmp_path: Path, folder:
     no_weights = tmp_path / "no-weights"
     no_weights.mkdir()
     (no_weights / CONFIG_FILE).write_text((folder / CONFIG_FILE).read_text())
-    with pytest.raises(InvalidArgumentError, match=r"has no model\.safetensors"):
+    with pytest.raises(InvalidArgumentError, match=r"has no model\.safetensors \(nor model\.safetensors\.index"):
         LlamaModel.load(no_weights)
+
+
+def test_sharded_weights_load_as_one(folder: Path, model: LlamaModel, tmp_path: Path) -> None:
+    weights = load_file(str(folder / WEIGHTS_FILE))
+    names = sorted(weights)
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    (sharded / CONFIG_FILE).write_text((folder / CONFIG_FILE).read_text())
+    weight_map = {}
+    for number, part in enumerate((names[::2], names[1::2])):
+        shard = f"model-{number + 1:05d}-of-00002.safetensors"
+        save_file({name: weights[name] for name in part}, str(sharded / shard))
+        weight_map |= dict.fromkeys(part, shard)
+    (sharded / WEIGHTS_INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    loaded = LlamaModel.load(sharded)
+    assert all(torch.equal(loaded.w[name], model.w[name]) for name in model.w)
+    for index, message in (
+        ({"weight_map": {}}, "non-empty 'weight_map'"),
+        ({"weight_map": {names[0]: "../elsewhere.safetensors"}}, "must be a file name in the folder"),
+        (
+            {"weight_map": {names[0]: "model-00009-of-00009.safetensors"}},
+            "shard model-00009-of-00009.safetensors is missing",
+        ),
+    ):
+        (sharded / WEIGHTS_INDEX_FILE).write_text(json.dumps(index))
+        with pytest.raises(InvalidArgumentError, match=message):
+            LlamaModel.load(sharded)
 
 
 def test_a_forward_past_its_blocks_is_refused(model: LlamaModel) -> None:
