@@ -57,9 +57,7 @@ class ConductorService:
         return self._call("Heartbeat", context, handle)
 
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveResponse:
-        return self._call(
-            "Leave", context, lambda: pb.LeaveResponse(was_member=self._conductor.leave(request.node_id))
-        )
+        return self._call("Leave", context, lambda: pb.LeaveResponse(was_member=self._conductor.leave(request.node_id)))
 
     def Route(self, request: pb.RouteRequest, context: grpc.ServicerContext) -> pb.RouteResponse:
         def handle() -> pb.RouteResponse:

@@ -44,12 +44,14 @@ class NodeMetrics:
         self._rpc_children: dict[tuple[str, str], Histogram] = {}
         self.local_bytes = Counter(
             "kvstore_local_bytes",
-            "bytes handed to same-host clients through shared memory (reserved for writes, leased for reads)",
+            "bytes handed to same-host clients through shared memory (reserved for writes, leased for "
+            "reads, copied: read without a lease through the shared index, as the clients report it)",
             ["direction"],
             registry=registry,
         )
         self.local_reserved_bytes = self.local_bytes.labels("reserved")  # bound once: called per batch
         self.local_leased_bytes = self.local_bytes.labels("leased")
+        self.local_copied_bytes = self.local_bytes.labels("copied")
         self.dataplane_bytes = Counter(
             "kvstore_dataplane_bytes", "bytes moved over the TCP data plane", ["direction"], registry=registry
         )

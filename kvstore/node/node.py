@@ -205,7 +205,9 @@ class Node:
 
     def touch(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> None:
         """A same-host client read these blocks without a lease (through the shared index)."""
-        self.store.manager.touch(namespace_id, keys)
+        count = self.store.manager.touch(namespace_id, keys)
+        if count:
+            self.metrics.local_copied_bytes.inc(count * self.store.manager.namespace(namespace_id).block_bytes)
 
     # -- data plane (this node serving) --------------------------------------------------------
 

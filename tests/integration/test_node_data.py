@@ -141,6 +141,8 @@ def test_metrics_endpoint_reports_tiers_and_calls(node):
         keys = factories.chain(namespace_id, 2)
         client.put_blocks(namespace_id, keys, factories.payloads(namespace, 2))
         client.lookup(namespace_id, keys + factories.chain(namespace_id, 1, seed=3))
+        dests = [np.empty(namespace.block_bytes, dtype=np.uint8) for _ in keys]
+        assert client.get_into(namespace_id, keys, dests) == 2  # through the shared index, no lease
 
     def scrape() -> str:
         return urllib.request.urlopen(f"http://127.0.0.1:{node.metrics_port}/metrics", timeout=5).read().decode()
@@ -152,6 +154,9 @@ def test_metrics_endpoint_reports_tiers_and_calls(node):
     assert f'kvstore_tier_used_bytes{{tier="dram"}} {2 * namespace.block_bytes:.1f}' in text
     assert 'kvstore_tier_blocks{tier="dram"} 2.0' in text
     assert 'kvstore_rpc_seconds_count{code="OK",method="Commit"} 1.0' in text
+    assert f'kvstore_local_bytes_total{{direction="reserved"}} {2 * namespace.block_bytes:.1f}' in text
+    copied = f'kvstore_local_bytes_total{{direction="copied"}} {2 * namespace.block_bytes:.1f}'
+    assert eventually(lambda: copied in scrape())
 
 
 def test_async_client_round_trip(node):
