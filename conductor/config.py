@@ -26,6 +26,7 @@ from conductor.cluster import Slo
 from conductor.costs import DEFAULT_COSTS, CostModel, DecodeModel, Link, PrefillModel, Profile
 from conductor.membership import MAX_TTL_S, MIN_TTL_S
 from conductor.placement import PLACEMENTS
+from conductor.replication import HotPrefixSettings
 from kvstore.errors import ConfigError
 from kvstore.layered_config import check_tls_files, coerce, load_layers, read_pem, read_token, read_toml
 from kvstore.node.config import LogFormat
@@ -140,6 +141,7 @@ _SECTIONS: dict[str, type] = {
     "network": NetworkSection,
     "auth": AuthSection,
     "logging": LoggingSection,
+    "replication": HotPrefixSettings,
 }
 
 
@@ -152,6 +154,7 @@ class ConductorConfig:
     network: NetworkSection
     auth: AuthSection
     logging: LoggingSection
+    replication: HotPrefixSettings
     profiles: tuple[Profile, ...] = ()  # from the file's [profiles.<name>] tables
     token: str | None = None
     node_token: str | None = None
@@ -259,3 +262,12 @@ def _validate(config: ConductorConfig) -> None:
         raise ConfigError(f"logging.level must be debug, info, warning or error, got {config.logging.level!r}")
     if not config.network.bytes_per_s > 0 or config.network.latency_s < 0:
         raise ConfigError("network.bytes_per_s must be positive and network.latency_s not negative")
+    replication = config.replication
+    for name in ("half_life_s", "min_rate_per_s", "cooldown_s", "max_tracked"):
+        if not getattr(replication, name) > 0:
+            raise ConfigError(f"replication.{name} must be positive, got {getattr(replication, name)}")
+    if not replication.busy_s >= 0 or replication.max_copies_per_round < 0:
+        raise ConfigError(
+            "replication.busy_s and replication.max_copies_per_round must not be negative, got "
+            f"{replication.busy_s} and {replication.max_copies_per_round}"
+        )

@@ -3,8 +3,10 @@
 `HotPrefixes` is policy only: it counts, per reused prefix, how often requests reuse it (a
 count that halves every `half_life_s`), and `plan` names copies to make: for a prefix reused
 at least `min_rate_per_s` whose every holder's prefill queue is longer than `busy_s`, the
-least busy prefill node that lacks it pulls it from the holder with the shortest queue. The
-conductor carries the plan out with the target node's `Fetch` (conductor/conductor.py).
+least busy prefill node that lacks it pulls it from the holder with the shortest queue, at
+most `max_copies_per_round` a plan (0: never). The conductor asks for a plan every reconcile
+round and carries it out with the target node's `Fetch` (conductor/conductor.py). The
+settings are the conductor's `[replication]` section (`HotPrefixSettings`).
 
 Placement already pulls a prefix when a request lands away from its holder; this moves it
 before the requests come, so they find it local instead of waiting for the transfer.
@@ -31,6 +33,16 @@ class Replication:
     target: str  # node id that pulls it
 
 
+@dataclass(frozen=True, slots=True)
+class HotPrefixSettings:
+    half_life_s: float = 60.0  # a prefix's reuse count halves in this long
+    min_rate_per_s: float = 0.5  # hot: reused at least this often (a decayed rate)
+    busy_s: float = 2.0  # copy only when every holder's prefill queue is longer than this
+    cooldown_s: float = 30.0  # at most one copy of a prefix in this long
+    max_copies_per_round: int = 4  # copies started per reconcile round; 0: replication off
+    max_tracked: int = 4096  # prefixes counted (the least recently reused are forgotten)
+
+
 @dataclass(slots=True)
 class _Prefix:
     namespace_id: NamespaceId
@@ -41,22 +53,13 @@ class _Prefix:
 
 
 class HotPrefixes:
-    def __init__(
-        self,
-        *,
-        half_life_s: float = 60.0,
-        min_rate_per_s: float = 0.5,
-        busy_s: float = 2.0,
-        cooldown_s: float = 30.0,
-        max_tracked: int = 4096,
-        max_per_plan: int = 4,
-    ) -> None:
-        self._decay = math.log(2) / half_life_s
-        self._min_count = min_rate_per_s / self._decay  # the steady count of that rate
-        self._busy_s = busy_s
-        self._cooldown_s = cooldown_s
-        self._max_tracked = max_tracked
-        self._max_per_plan = max_per_plan
+    def __init__(self, settings: HotPrefixSettings = HotPrefixSettings()) -> None:
+        self._decay = math.log(2) / settings.half_life_s
+        self._min_count = settings.min_rate_per_s / self._decay  # the steady count of that rate
+        self._busy_s = settings.busy_s
+        self._cooldown_s = settings.cooldown_s
+        self._max_tracked = settings.max_tracked
+        self._max_per_plan = settings.max_copies_per_round
         self._prefixes: OrderedDict[BlockKey, _Prefix] = OrderedDict()
 
     def observe(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
@@ -77,6 +80,8 @@ class HotPrefixes:
 
     def plan(self, cluster: ClusterState, now_s: float) -> list[Replication]:
         copies: list[Replication] = []
+        if not self._max_per_plan:
+            return copies
         for prefix in reversed(self._prefixes.values()):  # most recently reused first
             if len(copies) >= self._max_per_plan:
                 break

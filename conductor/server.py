@@ -19,6 +19,7 @@ from conductor.config import ConductorConfig, MembershipBackend
 from conductor.membership import InMemoryMembership, Membership
 from conductor.metrics import ConductorMetrics
 from conductor.placement import make_placement
+from conductor.replication import HotPrefixes
 from conductor.service import ConductorService
 from kvstore.node.auth import Access, TokenInterceptor, bind
 from kvstore.node.service import generic_handler
@@ -52,6 +53,7 @@ class ConductorServer:
             default_ttl_s=config.membership.node_ttl_s,
             on_resync=lambda node_id, reason: self.metrics.resyncs.labels(node_id).inc(),
             on_replicate=lambda copy, done: self.metrics.replications.labels("done" if done else "failed").inc(),
+            hot_prefixes=HotPrefixes(config.replication),
         )
         self._health = health.HealthServicer()
         self._grpc, self.grpc_port = self._build_grpc()

@@ -60,6 +60,8 @@ def test_defaults_then_file_then_environment_then_flags(tmp_path: Path) -> None:
         (["membership.etcd_endpoints= , "], {}, "membership.etcd_endpoints must be host:port"),
         (["logging.format=xml"], {}, "flags: logging.format must be one of"),
         (["profiles.small.kv_bytes_per_token=1"], {}, r"flags: \[profiles\] can only be given in the config file"),
+        (["replication.half_life_s=0"], {}, "replication.half_life_s must be positive, got 0"),
+        (["replication.max_copies_per_round=-1"], {}, "replication.busy_s and replication.max_copies_per_round must"),
     ],
 )
 def test_mistakes_are_named(overrides: list[str], environ: dict[str, str], message: str) -> None:
@@ -126,7 +128,7 @@ def test_the_example_file_documents_every_field_and_loads_to_the_defaults() -> N
     config = load_conductor_config(example, environ={})
     assert config == load_conductor_config(None, environ={})
     text = example.read_text()
-    for section in ("server", "placement", "slo", "membership", "network", "auth", "logging"):
+    for section in ("server", "placement", "slo", "membership", "network", "auth", "logging", "replication"):
         for name in getattr(config, section).__dataclass_fields__:
             assert f"{name} =" in text, f"{section}.{name} is not documented"
     for name in ProfileSection.__dataclass_fields__:
