@@ -12,6 +12,7 @@ Owner: the node server. Thread-safe: every call may come from any gRPC or data-p
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -48,6 +49,8 @@ from kvstore.types import (
     ReservationId,
     TierKind,
 )
+
+log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
 WATCH_POLL_S = 0.5  # how often a watch stream checks that its client is still there
@@ -314,7 +317,10 @@ class Node:
             self._draining.set()
         if first:
             for listener in self._drain_listeners:
-                listener()
+                try:
+                    listener()
+                except Exception:  # the drain goes on whatever a listener does
+                    log.exception("a drain listener failed")
         return self.store.manager.flush() if flush else 0
 
     def add_drain_listener(self, listener: Callable[[], None]) -> None:

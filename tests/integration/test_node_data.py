@@ -122,12 +122,22 @@ def test_watch_starts_with_a_snapshot_then_streams_numbered_events(node):
 
 def test_a_draining_node_refuses_new_work_and_flushes_to_nvme(node):
     namespace = factories.namespace()
+    told: list[str] = []
+
+    def failing() -> None:
+        told.append("failing")
+        raise RuntimeError("a listener that fails does not stop the drain")
+
+    node.node.add_drain_listener(failing)
+    node.node.add_drain_listener(lambda: told.append("next"))
     with Client(node.grpc_address) as client:
         namespace_id = client.register_namespace(namespace)
         keys = factories.chain(namespace_id, 3)
         client.put_blocks(namespace_id, keys, factories.payloads(namespace, 3))
         assert client.drain(flush=True) == 3
         assert client.status().is_draining
+        assert client.drain(flush=False) == 0
+        assert told == ["failing", "next"]  # each once, the first drain only
         with pytest.raises(NodeDrainingError, match="draining"):
             client.put_blocks(namespace_id, factories.chain(namespace_id, 2, seed=5), factories.payloads(namespace, 2))
         assert client.lookup(namespace_id, keys).num_hits == 3  # the index still answers
