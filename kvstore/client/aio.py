@@ -4,6 +4,7 @@ Each call runs the blocking `Client`'s call on a small thread pool and awaits it
 loop never blocks: not on gRPC, and not on the payload copies, which are CPU and memory work
 that would stall a loop whichever gRPC API issued the metadata calls. One implementation of
 the protocol logic serves both clients. `watch_events` relays the stream through a queue.
+`lease_in_place` has no async form: its lease is held around a GPU kernel's own launch.
 
 Owner: one event loop. Close it with `await client.close()` or `async with`.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -80,6 +82,9 @@ class AsyncClient:
     async def register_namespace(self, namespace: Namespace) -> NamespaceId:
         return await self._run(self._client.register_namespace, namespace)
 
+    async def namespaces(self) -> tuple[Namespace, ...]:
+        return await self._run(self._client.namespaces)
+
     async def lookup(self, namespace_id: NamespaceId, keys: Sequence[BlockKey]) -> LookupResult:
         return await self._run(self._client.lookup, namespace_id, keys)
 
@@ -123,6 +128,18 @@ class AsyncClient:
 
     async def inspect(self, keys: Sequence[BlockKey]) -> list[BlockInfo]:
         return await self._run(self._client.inspect, keys)
+
+    async def list_blocks(
+        self, namespace_id: NamespaceId | None = None, *, page_size: int = 1000
+    ) -> AsyncIterator[BlockInfo]:
+        """As `Client.list_blocks`: every stored block, a page of calls at a time off the loop."""
+        blocks = self._client.list_blocks(namespace_id, page_size=page_size)
+        while page := await self._run(lambda: list(itertools.islice(blocks, page_size))):
+            for info in page:
+                yield info
+
+    async def drain(self, *, flush: bool = True) -> int:
+        return await self._run(functools.partial(self._client.drain, flush=flush))
 
     async def watch_events(self) -> AsyncIterator[BlockEvent]:
         """As `Client.watch_events`; stop iterating to end the stream."""

@@ -178,7 +178,13 @@ def test_async_client_round_trip(node):
             keys = factories.chain(namespace_id, 3)
             await client.put_blocks(namespace_id, keys, factories.payloads(namespace, 3))
             assert (await client.lookup(namespace_id, keys)).num_hits == 3
-            return await client.get_blocks(namespace_id, keys)
+            assert await client.namespaces() == (namespace,)
+            listed = [info.key async for info in client.list_blocks(namespace_id, page_size=2)]
+            assert sorted(listed) == sorted(keys)
+            got = await client.get_blocks(namespace_id, keys)
+            assert await client.drain(flush=False) == 0
+            assert (await client.status()).is_draining
+            return got
 
     got = asyncio.run(scenario())
     for block, payload in zip(got, factories.payloads(namespace, 3), strict=True):
