@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -131,6 +132,53 @@ class ProfileSection:
                 Link(self.nvme_load_bytes_per_s, self.nvme_load_latency_s),
             ),
         )
+
+    @classmethod
+    def of(cls, profile: Profile) -> ProfileSection:
+        hbm, dram, nvme = profile.tier_loads
+        return cls(
+            kv_bytes_per_token=profile.kv_bytes_per_token,
+            kv_capacity_tokens=profile.kv_capacity_tokens,
+            prefill_fixed_s=profile.prefill.fixed_s,
+            prefill_per_token_s=profile.prefill.per_token_s,
+            prefill_per_pair_s=profile.prefill.per_pair_s,
+            decode_fixed_s=profile.decode.fixed_s,
+            decode_per_sequence_s=profile.decode.per_sequence_s,
+            decode_per_kv_token_s=profile.decode.per_kv_token_s,
+            hbm_load_bytes_per_s=hbm.bytes_per_s,
+            hbm_load_latency_s=hbm.latency_s,
+            dram_load_bytes_per_s=dram.bytes_per_s,
+            dram_load_latency_s=dram.latency_s,
+            nvme_load_bytes_per_s=nvme.bytes_per_s,
+            nvme_load_latency_s=nvme.latency_s,
+        )
+
+
+def profile_toml(profile: Profile) -> str:
+    """`profile` as the `[profiles.<name>]` table `load_profiles` reads (a measured profile
+    written for a conductor's config file)."""
+    check_profile_name(profile.name)
+    section = ProfileSection.of(profile)
+    _check_profile(section, f"profile {profile.name}")
+    lines = [f"[{PROFILES}.{profile.name}]"]
+    for field in dataclasses.fields(section):
+        value = getattr(section, field.name)
+        lines.append(f"{field.name} = {value if isinstance(value, int) else _toml_float(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def check_profile_name(name: str) -> None:
+    """A profile's name is a bare TOML key."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        raise ConfigError(f"a profile name is letters, digits, '-' and '_', got {name!r}")
+
+
+def _toml_float(value: float) -> str:
+    if math.isinf(value) and value > 0:
+        return "inf"
+    if not math.isfinite(value):
+        raise ConfigError(f"a profile's numbers are finite (or a free link's inf), got {value}")
+    return repr(float(value))  # the shortest text that reads back the same, and valid TOML
 
 
 _SECTIONS: dict[str, type] = {

@@ -43,15 +43,11 @@ class PrefillModel:
     def fit(cls, samples: Sequence[tuple[int, int, float]]) -> PrefillModel:
         """Least-squares fit to measured (new tokens, cached tokens, seconds); coefficients are
         clipped at zero (a negative cost is a fitting artefact, never a speed-up)."""
-        if len(samples) < 3:
-            raise ConfigError(f"fitting a prefill model needs at least 3 measurements, got {len(samples)}")
-        rows = [(1.0, float(n), n * c + n * n / 2) for n, c, _ in samples]
-        for (n, c, seconds), _row in zip(samples, rows, strict=True):
+        for n, c, seconds in samples:
             if n <= 0 or c < 0 or not math.isfinite(seconds) or seconds <= 0:
                 raise ConfigError(f"bad prefill measurement (new={n}, cached={c}, seconds={seconds})")
-        coefficients, *_ = np.linalg.lstsq(np.array(rows), np.array([s for *_, s in samples]), rcond=None)
-        fixed, per_token, per_pair = (max(0.0, float(value)) for value in coefficients)
-        return cls(fixed, per_token, per_pair)
+        rows = [(1.0, float(n), n * c + n * n / 2) for n, c, _ in samples]
+        return cls(*_fit_non_negative("a prefill model", rows, [seconds for *_, seconds in samples]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +63,26 @@ class DecodeModel:
         if sequences <= 0:
             return 0.0
         return self.fixed_s + self.per_sequence_s * sequences + self.per_kv_token_s * kv_tokens
+
+    @classmethod
+    def fit(cls, samples: Sequence[tuple[int, int, float]]) -> DecodeModel:
+        """Least-squares fit to measured (sequences in the batch, KV tokens read, seconds of the
+        step); coefficients clipped at zero as for the prefill."""
+        for sequences, kv_tokens, seconds in samples:
+            if sequences <= 0 or kv_tokens < 0 or not math.isfinite(seconds) or seconds <= 0:
+                raise ConfigError(
+                    f"bad decode measurement (sequences={sequences}, kv_tokens={kv_tokens}, seconds={seconds})"
+                )
+        rows = [(1.0, float(sequences), float(kv_tokens)) for sequences, kv_tokens, _ in samples]
+        return cls(*_fit_non_negative("a decode model", rows, [seconds for *_, seconds in samples]))
+
+
+def _fit_non_negative(what: str, rows: Sequence[tuple[float, ...]], seconds: Sequence[float]) -> list[float]:
+    """Least-squares coefficients of `rows` (three columns) against `seconds`, each clipped at zero."""
+    if len(rows) < 3:
+        raise ConfigError(f"fitting {what} needs at least 3 measurements, got {len(rows)}")
+    coefficients, *_ = np.linalg.lstsq(np.array(rows), np.array(seconds), rcond=None)
+    return [max(0.0, float(value)) for value in coefficients]
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,8 @@
 """`kvstore demo` (what `make run` runs): a disaggregated cluster on one machine, end to end.
 
-It starts a conductor, a prefill node and a decode node (`conductor serve` and two
+It measures the model's cost profile on this machine (engine_adapters/reference/profile.py),
+so that the conductor predicts what the workers will take, then starts a conductor with it, a
+prefill node and a decode node (`conductor serve` and two
 `kvstore serve` daemons, separate processes on loopback, temporary data directories) and one
 reference-engine worker per node (engine_adapters/reference/worker.py), builds the tiny model
 if there is none, and runs a workload of multi-turn conversations behind shared system
@@ -30,17 +32,24 @@ import grpc
 import torch
 from tokenizers import Tokenizer
 
+from conductor.config import profile_toml
+from conductor.costs import Profile
 from engine_adapters.demo_arguments import add_arguments
 from engine_adapters.reference.engine import Engine
 from engine_adapters.reference.model import LlamaModel, PagedCache
+from engine_adapters.reference.profile import MIN_PROFILE_TOKENS, profile_model
+from engine_adapters.reference.profile import Settings as ProfileSettings
 from engine_adapters.reference.tiny import make_tiny_model
 from engine_adapters.reference.worker import worker_main
 from kvstore.client import Client
-from kvstore.errors import KVStoreError
+from kvstore.errors import InvalidArgumentError, KVStoreError
 from kvstore.hashing import block_keys
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.types import NamespaceId
+
+DEMO_PROFILE = "demo-model"  # the conductor's cost profile of the model, measured at start
+WORKER_CACHE_BLOCKS = 512  # each engine worker's paged KV cache
 
 SYSTEM_PROMPTS = (
     "You are a careful assistant for a storage company. Answer briefly, cite the manual, and never "
@@ -70,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
             "kvstore demo: --requests, --sessions, --block-size and --max-new-tokens must be positive", file=sys.stderr
         )
         return 2
+    if args.profile_tokens < MIN_PROFILE_TOKENS:
+        print(f"kvstore demo: --profile-tokens must be at least {MIN_PROFILE_TOKENS}", file=sys.stderr)
+        return 2
     stop_after = args.stop_prefill_node_after
     if stop_after is not None and not 1 <= stop_after < args.requests:
         print(f"kvstore demo: --stop-prefill-node-after must be in 1..{args.requests - 1}", file=sys.stderr)
@@ -82,18 +94,22 @@ def run(args: argparse.Namespace) -> int:
             make_tiny_model(folder)
         try:
             return _run(args, folder, root)
-        except (RuntimeError, grpc.RpcError) as error:
+        except (RuntimeError, grpc.RpcError, InvalidArgumentError) as error:
             print(f"kvstore demo: {error}", file=sys.stderr)
             return 1
 
 
 def _run(args: argparse.Namespace, folder: Path, root: Path) -> int:
     with contextlib.ExitStack() as stack:
+        config = root / "conductor.toml"
+        config.write_text(profile_toml(_measured_profile(folder, args.block_size, args.profile_tokens)))
         print("starting a conductor, a prefill node and a decode node ...", flush=True)
-        conductor = stack.enter_context(daemon("conductor.cli", conductor_settings()))
+        conductor = stack.enter_context(daemon("conductor.cli", conductor_settings(), config=config))
         address = conductor.ready["grpc"]
         nodes = {
-            role: stack.enter_context(daemon("kvstore.cli", node_settings(root / role, role, address)))
+            role: stack.enter_context(
+                daemon("kvstore.cli", node_settings(root / role, role, address, profile=DEMO_PROFILE))
+            )
             for role in ("prefill", "decode")
         }
         workers = {
@@ -104,7 +120,7 @@ def _run(args: argparse.Namespace, folder: Path, root: Path) -> int:
         wait_for_members(route, 2)
         decode_client = stack.enter_context(Client(nodes["decode"].ready["grpc"]))
         model = LlamaModel.load(folder)
-        colocated = Engine(model, PagedCache(model.config, 512, args.block_size))
+        colocated = Engine(model, PagedCache(model.config, WORKER_CACHE_BLOCKS, args.block_size))
         tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         print(f"model {folder} ({model.config.num_hidden_layers} layers), {args.block_size}-token blocks\n", flush=True)
         totals = {"requests": 0, "mismatches": 0, "reused": 0, "prompt": 0, "moved": 0}
@@ -112,15 +128,42 @@ def _run(args: argparse.Namespace, folder: Path, root: Path) -> int:
         for number, (label, tokens) in enumerate(_workload(args, tokenizer)):
             totals["mismatches"] += not cluster.request(number, label, tokens)
             if number + 1 == args.stop_prefill_node_after:
-                nodes["prefill"].process.terminate()
-                nodes["prefill"].process.wait(30)
-                print("       -- stopped the prefill node's daemon: what follows runs without it --", flush=True)
+                _crash(nodes["prefill"])
+                print(
+                    "       -- killed the prefill node's daemon (a crash: the conductor still counts it until its "
+                    "lease lapses): what follows runs without it --",
+                    flush=True,
+                )
         print(
             f"\n{totals['requests']} requests: {totals['reused']} of {totals['prompt']} prompt tokens reused "
             f"({totals['reused'] / max(1, totals['prompt']):.0%}), {totals['moved'] / 1e6:.2f} MB of KV moved, "
             f"{totals['mismatches']} outputs differing from the colocated run"
         )
         return 1 if totals["mismatches"] else 0
+
+
+def _crash(node: Daemon) -> None:
+    """Kill a node daemon as a crash would (no drain, no Leave: the conductor learns only when
+    its lease lapses), then remove the shared memory it could not."""
+    node.process.kill()
+    node.process.wait(30)
+    segment = node.ready["segment"]
+    for name in (segment, f"{segment}.index"):
+        Path("/dev/shm", name).unlink(missing_ok=True)
+
+
+def _measured_profile(folder: Path, block_size: int, max_tokens: int) -> Profile:
+    """The conductor's cost profile of this model on this machine, so that its predictions are
+    of what the workers will take (a second or two)."""
+    print("profiling the model on this machine for the conductor's predictions ...", flush=True)
+    settings = ProfileSettings(max_tokens, repeats=3, kv_capacity_tokens=WORKER_CACHE_BLOCKS * block_size)
+    profile = profile_model(folder, DEMO_PROFILE, settings, show=True)
+    print(
+        f"  prefill {profile.prefill.seconds(256) * 1e3:.1f} ms for 256 tokens, "
+        f"a decode step {profile.decode.step_s(1, 256) * 1e3:.1f} ms",
+        flush=True,
+    )
+    return profile
 
 
 @dataclass
@@ -227,8 +270,10 @@ def _call(pipe: Any, command: dict[str, Any]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def daemon(module: str, settings: list[str]) -> Iterator[Daemon]:
+def daemon(module: str, settings: list[str], *, config: Path | None = None) -> Iterator[Daemon]:
     command = [sys.executable, "-m", module, "serve"]
+    if config is not None:
+        command += ["--config", str(config)]
     for item in settings:
         command += ["--set", item]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -253,7 +298,8 @@ def daemon(module: str, settings: list[str]) -> Iterator[Daemon]:
 def _worker(folder: Path, node_address: str, block_size: int) -> Iterator[tuple[Any, bytes]]:
     context = multiprocessing.get_context("spawn")
     parent, child = context.Pipe()
-    process = context.Process(target=worker_main, args=(child, str(folder), node_address, block_size, 512), daemon=True)
+    arguments = (child, str(folder), node_address, block_size, WORKER_CACHE_BLOCKS)
+    process = context.Process(target=worker_main, args=arguments, daemon=True)
     process.start()
     try:
         if not parent.poll(120):
@@ -277,7 +323,7 @@ def conductor_settings() -> list[str]:
     ]
 
 
-def node_settings(data_dir: Path, role: str, conductor: str) -> list[str]:
+def node_settings(data_dir: Path, role: str, conductor: str, *, profile: str = "default") -> list[str]:
     return [
         f"node.data_dir={data_dir}",
         f"node.node_id={role}-node",
@@ -289,6 +335,7 @@ def node_settings(data_dir: Path, role: str, conductor: str) -> list[str]:
         "store.nvme_capacity_bytes=0",
         f"conductor.address={conductor}",
         f"conductor.role={role}",
+        f"conductor.profile={profile}",
         "conductor.ttl_s=5",
         "conductor.heartbeat_interval_s=1",
         "logging.level=warning",

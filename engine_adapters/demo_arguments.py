@@ -17,8 +17,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, help="model folder (built with tools/make_tiny_model.py if missing)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the workload's order")
     parser.add_argument(
+        "--profile-tokens",
+        type=int,
+        default=512,
+        metavar="N",
+        help="profile the model's prefills up to N tokens for the conductor's predictions (default 512; "
+        "lower it for a large model on CPU)",
+    )
+    parser.add_argument(
         "--stop-prefill-node-after",
         type=int,
         metavar="N",
-        help="stop the prefill node's daemon after request N, to show requests still served (computed, not loaded)",
+        help="kill the prefill node's daemon after request N (a crash), to show requests still served "
+        "(computed, not loaded)",
     )

@@ -31,7 +31,7 @@ def test_the_demo_serves_and_reports_requests_after_the_prefill_node_is_gone() -
     lines = [line for line in result.stdout.splitlines() if line.startswith("req ")]
     assert len(lines) == 4
     assert all(line.endswith("same as colocated") or "rejected" in line for line in lines)
-    after = result.stdout.split("stopped the prefill node's daemon")[1]
+    after = result.stdout.split("killed the prefill node's daemon")[1]
     assert "the prefill engine's node failed: " in after
     assert "moving the KV to the decode node failed" in after
     assert "0 outputs differing" in result.stdout

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from conductor.config import MembershipBackend, ProfileSection, load_conductor_config
-from conductor.costs import DEFAULT_COSTS, LLAMA2_70B_8XA800, Link
+from conductor.config import MembershipBackend, ProfileSection, load_conductor_config, load_profiles, profile_toml
+from conductor.costs import DEFAULT_COSTS, LLAMA2_70B_8XA800, Link, PrefillModel
 from kvstore.errors import ConfigError
 
 PROFILE = """
@@ -133,3 +134,12 @@ def test_the_example_file_documents_every_field_and_loads_to_the_defaults() -> N
             assert f"{name} =" in text, f"{section}.{name} is not documented"
     for name in ProfileSection.__dataclass_fields__:
         assert f"# {name} =" in text, f"profiles.<name>.{name} is not documented"
+
+
+def test_a_profile_written_as_toml_reads_back_the_same(tmp_path: Path) -> None:
+    path = tmp_path / "conductor.toml"
+    measured = dataclasses.replace(LLAMA2_70B_8XA800, name="measured_1", prefill=PrefillModel(1 / 3, 2e-7, 0.0))
+    path.write_text(profile_toml(LLAMA2_70B_8XA800) + "\n" + profile_toml(measured))
+    assert load_profiles(path) == (LLAMA2_70B_8XA800, measured)
+    with pytest.raises(ConfigError, match="a profile name is letters"):
+        profile_toml(dataclasses.replace(measured, name="a b"))

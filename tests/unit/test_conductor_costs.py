@@ -32,6 +32,18 @@ def test_fit_refuses_too_few_or_bad_measurements() -> None:
         PrefillModel.fit([(1, 0, 0.1), (2, 0, 0.2), (3, 0, math.nan)])
 
 
+def test_decode_fit_recovers_its_coefficients_and_refuses_bad_measurements() -> None:
+    truth = DecodeModel(0.014, 1e-4, 3.4e-8)
+    samples = [(b, b * k, truth.step_s(b, b * k)) for b in (1, 4, 16) for k in (512, 4096)]
+    fitted = DecodeModel.fit(samples)
+    for b, kv, seconds in samples:
+        assert fitted.step_s(b, kv) == pytest.approx(seconds, rel=1e-6)
+    with pytest.raises(ConfigError, match="fitting a decode model needs at least 3"):
+        DecodeModel.fit(samples[:2])
+    with pytest.raises(ConfigError, match=r"bad decode measurement \(sequences=0"):
+        DecodeModel.fit([(0, 0, 0.1), *samples])
+
+
 def test_decode_step_and_links() -> None:
     assert DecodeModel(0.01, 0.001, 1e-6).step_s(0, 0) == 0.0
     assert DecodeModel(0.01, 0.001, 1e-6).step_s(4, 1000) == pytest.approx(0.015)
