@@ -25,7 +25,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -35,7 +35,7 @@ from conductor.membership import Membership, check_ttl
 from conductor.placement.base import PlacementPolicy
 from conductor.replication import HotPrefixes, Replication
 from conductor.router import Router
-from conductor.types import Decision, NodeInfo, NodeLoad, RouteRequest
+from conductor.types import Decision, NodeInfo, NodeLoad, PrefixHolding, RouteRequest
 from conductor.watch import NodeFeed
 from kvstore.errors import InvalidArgumentError, UnknownNamespaceError
 from kvstore.node.auth import PLAINTEXT, Access
@@ -341,6 +341,12 @@ class Conductor:
                 self.cluster.namespaces.add(namespace)
 
     # -- routing ---------------------------------------------------------------------------------
+
+    def locate(self, keys: Sequence[BlockKey]) -> list[PrefixHolding]:
+        """The nodes holding a leading run of `keys`, the longest first (then by node id)."""
+        with self._lock:
+            holdings = self.cluster.index.match(keys)
+        return sorted(holdings.values(), key=lambda held: (-held.blocks, held.node_id))
 
     def route(self, request: RouteRequest) -> Decision:
         if request.namespace_id not in self.cluster.namespaces and self._clock() >= self._next_learn_s:

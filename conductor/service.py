@@ -15,7 +15,7 @@ from conductor.types import Decision, DecodeScore, NodeInfo, PrefillScore, Role,
 from kvstore.errors import InvalidArgumentError
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.status import answer
-from kvstore.types import unpack_keys
+from kvstore.types import TierKind, unpack_keys
 from kvstore.wire import load_from_proto, namespace_id_from
 
 Reply = TypeVar("Reply")
@@ -58,6 +58,24 @@ class ConductorService:
 
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveResponse:
         return self._call("Leave", context, lambda: pb.LeaveResponse(was_member=self._conductor.leave(request.node_id)))
+
+    def Locate(self, request: pb.LocateRequest, context: grpc.ServicerContext) -> pb.LocateResponse:
+        def handle() -> pb.LocateResponse:
+            keys = unpack_keys(request.keys, max_keys=MAX_ROUTE_KEYS, what="Locate: keys")
+            return pb.LocateResponse(
+                holders=[
+                    pb.PrefixHolder(
+                        node_id=held.node_id,
+                        blocks=held.blocks,
+                        hbm_blocks=held.by_tier[TierKind.HBM],
+                        dram_blocks=held.by_tier[TierKind.DRAM],
+                        nvme_blocks=held.by_tier[TierKind.NVME],
+                    )
+                    for held in self._conductor.locate(keys)
+                ]
+            )
+
+        return self._call("Locate", context, handle)
 
     def Route(self, request: pb.RouteRequest, context: grpc.ServicerContext) -> pb.RouteResponse:
         def handle() -> pb.RouteResponse:

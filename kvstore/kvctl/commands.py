@@ -15,8 +15,9 @@ from collections.abc import Sequence
 from kvstore.client import Client
 from kvstore.hashing import block_keys
 from kvstore.kvctl import render
+from kvstore.kvctl.cluster import Conductor, Holder
 from kvstore.kvctl.inputs import select_namespace
-from kvstore.kvctl.render import JsonObject, Outcome
+from kvstore.kvctl.render import JsonObject, JsonValue, Outcome
 from kvstore.types import BlockKey, LookupResult, TierKind
 
 
@@ -61,8 +62,16 @@ def tiers(client: Client) -> Outcome:
     return Outcome(render.tiers_table(node.tiers), {"tiers": [render.tier_json(tier) for tier in node.tiers]})
 
 
-def lookup(client: Client, selector: str | None, tokens: Sequence[int], *, verbose: bool) -> Outcome:
-    """Which leading blocks of a prompt the node holds, and in which tier."""
+def lookup(
+    client: Client,
+    selector: str | None,
+    tokens: Sequence[int],
+    *,
+    verbose: bool,
+    conductor: Conductor | None = None,
+) -> Outcome:
+    """Which leading blocks of a prompt the node holds, and in which tier; with `conductor`,
+    also every node of the cluster holding part of it (the conductor's global index)."""
     namespace = select_namespace(client.namespaces(), selector)
     keys = block_keys(namespace.namespace_id, tokens, namespace.block_tokens)
     result = client.lookup(namespace.namespace_id, keys) if keys else LookupResult(0, ())
@@ -80,6 +89,9 @@ def lookup(client: Client, selector: str | None, tokens: Sequence[int], *, verbo
         lines.append(f"({_count(leftover, 'trailing token')} not in a full {block_tokens}-token block)")
     if verbose:
         lines += ["", _lookup_blocks_table(keys, result, block_tokens)]
+    holders = conductor.locate(keys) if conductor is not None and keys else []
+    if conductor is not None:
+        lines += ["", _cluster_text(conductor.address, holders, len(keys), block_tokens)]
     document: JsonObject = {
         "namespace_id": namespace.namespace_id.hex(),
         "block_tokens": block_tokens,
@@ -94,7 +106,38 @@ def lookup(client: Client, selector: str | None, tokens: Sequence[int], *, verbo
             for index, key in enumerate(keys)
         ],
     }
+    if conductor is not None:
+        document = {**document, "cluster": _cluster_json(holders, block_tokens)}
     return Outcome("\n".join(lines), document)
+
+
+def _cluster_json(holders: Sequence[Holder], block_tokens: int) -> list[JsonValue]:
+    return [
+        {
+            "node_id": holder.node_id,
+            "blocks": holder.blocks,
+            "cached_tokens": holder.blocks * block_tokens,
+            "tiers": {kind.label: count for kind, count in holder.by_tier.items() if count},
+        }
+        for holder in holders
+    ]
+
+
+def _cluster_text(address: str, holders: Sequence[Holder], num_blocks: int, block_tokens: int) -> str:
+    if not holders:
+        return f"cluster (conductor {address}): no node holds its first block"
+    rows = [
+        [
+            holder.node_id,
+            f"{holder.blocks} of {num_blocks}",
+            str(holder.blocks * block_tokens),
+            *(str(holder.by_tier[kind]) for kind in TierKind),
+        ]
+        for holder in holders
+    ]
+    headers = ["NODE", "BLOCKS", "TOKENS", *(render.tier_name(kind).upper() for kind in TierKind)]
+    summary = f"cluster (conductor {address}): {_count(len(holders), 'node')} holding its leading blocks"
+    return summary + "\n" + render.table(headers, rows, right=[False, True, True, True, True, True])
 
 
 def _lookup_blocks_table(keys: Sequence[BlockKey], result: LookupResult, block_tokens: int) -> str:

@@ -1,7 +1,8 @@
 """`kvctl`'s entry point (the `kvctl` console script): flags, settings, dispatch and exit codes.
 
 Settings are read once, here: a flag wins over the environment (`KVCTL_NODE` for the node's
-address, `KVSTORE_AUTH_TOKEN` for the token), which wins over the defaults. Input given on the
+address, `KVSTORE_AUTH_TOKEN` for the token; `CONDUCTOR_AUTH_TOKEN` for `lookup --cluster`),
+which wins over the defaults. Input given on the
 command line (keys, token ids, files) is checked before the node is contacted.
 
 Exit codes: 0 success; 1 the node refused or could not be reached, or an asked-for block is not
@@ -22,8 +23,11 @@ from dataclasses import dataclass
 from kvstore.client import Client, Transport
 from kvstore.errors import AuthenticationError, KVStoreError, PeerUnavailableError
 from kvstore.kvctl import commands, inputs, top
+from kvstore.kvctl.cluster import TOKEN_ENV as CONDUCTOR_TOKEN_ENV
+from kvstore.kvctl.cluster import Conductor
 from kvstore.kvctl.errors import KvctlError, UsageError
 from kvstore.kvctl.render import Outcome
+from kvstore.node.auth import Access
 from kvstore.types import BlockKey, TierKind
 
 DEFAULT_NODE = "127.0.0.1:50051"
@@ -40,6 +44,7 @@ class Settings:
     tls_root_certificates: bytes | None  # PEM roots to check the node's certificate; None: plaintext
     timeout_s: float  # deadline of each call (drain waits for its flush regardless)
     as_json: bool  # machine-readable output on stdout
+    conductor_token: str | None = None  # for `lookup --cluster`: the conductor's token
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
@@ -53,7 +58,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     token = args.token or environment.get("KVSTORE_AUTH_TOKEN") or None
     try:
         ca = inputs.read_file_bytes(args.tls_ca, "--tls-ca") if args.tls_ca else None
-        return run(args, Settings(address, token, ca, args.timeout, args.json))
+        conductor_token = environment.get(CONDUCTOR_TOKEN_ENV) or None
+        return run(args, Settings(address, token, ca, args.timeout, args.json, conductor_token))
     except KvctlError as error:
         return _fail(str(error), error.exit_code)
     except AuthenticationError as error:
@@ -72,6 +78,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     command: str = args.command
     keys = inputs.parse_keys(args.keys) if command in ("inspect", "evict", "pin", "unpin") else []
     tokens = _read_tokens(args) if command == "lookup" else []
+    conductor = None
+    if command == "lookup" and args.cluster:
+        access = Access(settings.conductor_token, settings.tls_root_certificates)
+        conductor = Conductor(args.cluster, access, settings.timeout_s)
     with Client(
         settings.address,
         token=settings.token,
@@ -89,7 +99,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 clock=time.monotonic,
                 sleep=time.sleep,
             )
-        outcome = _dispatch(client, command, args, keys, tokens)
+        outcome = _dispatch(client, command, args, keys, tokens, conductor=conductor)
     if settings.as_json:
         print(json.dumps(outcome.document, indent=2))
     else:
@@ -98,14 +108,20 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _dispatch(
-    client: Client, command: str, args: argparse.Namespace, keys: list[BlockKey], tokens: list[int]
+    client: Client,
+    command: str,
+    args: argparse.Namespace,
+    keys: list[BlockKey],
+    tokens: list[int],
+    *,
+    conductor: Conductor | None,
 ) -> Outcome:
     if command == "status":
         return commands.status(client)
     if command == "tiers":
         return commands.tiers(client)
     if command == "lookup":
-        return commands.lookup(client, args.namespace, tokens, verbose=args.verbose)
+        return commands.lookup(client, args.namespace, tokens, verbose=args.verbose, conductor=conductor)
     if command == "ls":
         tier = TierKind[args.tier.upper()] if args.tier else None
         return commands.list_blocks(client, args.namespace, limit=args.limit, tier=tier)
@@ -160,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     lookup.add_argument("--tokenizer", metavar="DIR", help="Hugging Face tokenizer folder (with tokenizer.json)")
     lookup.add_argument("--no-special-tokens", action="store_true", help="do not add BOS/EOS when tokenizing --text")
     lookup.add_argument("-v", "--verbose", action="store_true", help="also list every block with its tier")
+    lookup.add_argument(
+        "--cluster",
+        metavar="HOST:PORT",
+        help=f"also ask this conductor which nodes hold the prefix (token from {CONDUCTOR_TOKEN_ENV})",
+    )
 
     ls = add("ls", "list stored blocks")
     ls.add_argument("--namespace", metavar="ID", help="only this namespace (its id or a hex prefix of it)")
