@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from conductor.cluster import ClusterState
+from conductor.conductor import ClusterSnapshot
 from conductor.types import Decision
 
 
@@ -60,3 +65,44 @@ def reason_kind(reason: str) -> str:
         if needle in reason:
             return kind
     return "other"
+
+
+class MemberLoads(Collector):
+    """Each member's load as the conductor holds it, read from one `ClusterStatus` snapshot per
+    scrape (members come and go, so the series are built at each scrape, not kept)."""
+
+    def __init__(self, snapshot: Callable[[], ClusterSnapshot]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        labels = ["node", "role", "source"]
+        families = {
+            "queue": GaugeMetricFamily(
+                "conductor_node_prefill_queue_seconds", "Predicted wait before a new prefill starts", labels=labels
+            ),
+            "queued": GaugeMetricFamily(
+                "conductor_node_queued_prefill_tokens", "Prompt tokens queued or running, not computed", labels=labels
+            ),
+            "decodes": GaugeMetricFamily("conductor_node_running_decodes", "Sequences decoding", labels=labels),
+            "kv": GaugeMetricFamily(
+                "conductor_node_decode_kv_tokens", "KV tokens of the decoding sequences", labels=labels
+            ),
+            "budget": GaugeMetricFamily(
+                "conductor_node_decode_pause_budget_seconds",
+                "How long the decode batch could pause for a prefill (0: not reported)",
+                labels=labels,
+            ),
+            "blocks": GaugeMetricFamily(
+                "conductor_node_indexed_blocks", "Blocks the global index holds for the node", labels=labels
+            ),
+        }
+        for member in self._snapshot().members:
+            values = [member.info.node_id, member.info.role.value, "reported" if member.load_reported else "own"]
+            load = member.load
+            families["queue"].add_metric(values, member.prefill_queue_s)
+            families["queued"].add_metric(values, load.queued_prefill_tokens)
+            families["decodes"].add_metric(values, load.running_decodes)
+            families["kv"].add_metric(values, load.decode_kv_tokens)
+            families["budget"].add_metric(values, load.decode_pause_budget_s)
+            families["blocks"].add_metric(values, member.indexed_blocks)
+        yield from families.values()

@@ -17,7 +17,7 @@ from conductor.cluster import ClusterState
 from conductor.conductor import Conductor
 from conductor.config import ConductorConfig, MembershipBackend
 from conductor.membership import InMemoryMembership, Membership
-from conductor.metrics import ConductorMetrics
+from conductor.metrics import ConductorMetrics, MemberLoads
 from conductor.placement import make_placement
 from conductor.replication import HotPrefixes
 from conductor.service import ConductorService
@@ -55,6 +55,7 @@ class ConductorServer:
             on_replicate=lambda copy, done: self.metrics.replications.labels("done" if done else "failed").inc(),
             hot_prefixes=HotPrefixes(config.replication),
         )
+        self.registry.register(MemberLoads(self.conductor.status))
         self._health = health.HealthServicer()
         self._grpc, self.grpc_port = self._build_grpc()
         self._metrics_server: Any = None

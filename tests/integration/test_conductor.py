@@ -223,6 +223,13 @@ def test_the_engines_loads_reach_the_conductor_through_their_nodes_until_they_go
     summed = pb.NodeLoad(running_decodes=4, decode_kv_tokens=1000, decode_pause_budget_s=0.5)
     assert eventually(lambda: status(conductor)["d"].load == summed, 10)  # the next heartbeat carries it
     assert status(conductor)["d"].load_reported and not status(conductor)["a"].load_reported
+    assert eventually(lambda: status(conductor)["a"].indexed_blocks == 2, 10)
+    metrics = scrape(conductor)  # each member's load, and whose account it is
+    reported = '{node="d",role="decode",source="reported"}'
+    assert metrics["conductor_node_running_decodes" + reported] == 4
+    assert metrics["conductor_node_decode_kv_tokens" + reported] == 1000
+    assert metrics["conductor_node_decode_pause_budget_seconds" + reported] == 0.5
+    assert metrics['conductor_node_indexed_blocks{node="a",role="prefill",source="own"}'] == 2
     assert conductor_cli(["status", "--address", conductor.grpc_address], environ={}) == 0
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
     # NODE ROLE PROFILE | PREFILL WAIT (2 words) | QUEUED DECODING KV | PAUSE BUDGET (2 words, or -) | LOAD ...
