@@ -1,6 +1,6 @@
 """Fixtures of the integration tests: the node under fuzz (tests/integration/test_fuzz_*.py),
 one per module; the capture of exceptions that escape any thread; a real etcd
-(tests/etcd.py)."""
+(tests/etcd.py); a conductor with three nodes (tests/conductors.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 from kvstore.client import Client, Transport
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from tests import factories
+from tests.conductors import cluster  # noqa: F401 - a fixture, for the conductor's tests
 from tests.etcd import etcd  # noqa: F401 - a fixture, for the conductor's tests
 from tests.fuzzing import (
     CHAIN_BLOCKS,

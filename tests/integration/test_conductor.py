@@ -1,8 +1,7 @@
 """The conductor with real node daemons on loopback: nodes register themselves, their events
-build the global index, requests go where their prefix is, lapsed nodes get nothing, a
-restarted conductor rebuilds from etcd (or the nodes' re-registrations) and the nodes'
-snapshots, a feed that falls behind resyncs; `conductor serve` as a process; and every bad
-input."""
+build the global index, requests go where their prefix is, engines' loads arrive through
+their nodes, a feed that falls behind resyncs; `conductor serve` as a process; and every bad
+input. Membership (lapses, leaving, restarts) is in test_conductor_membership.py."""
 
 from __future__ import annotations
 
@@ -15,8 +14,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import grpc
@@ -24,116 +21,27 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conductor.cli import main as conductor_cli
-from conductor.config import load_conductor_config
 from conductor.replication import Replication
-from conductor.server import ConductorServer
 from kvstore.client import Client
 from kvstore.errors import InvalidArgumentError
 from kvstore.node.auth import bearer
-from kvstore.node.server import NodeServer
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.types import BlockKey, EngineLoad, NamespaceId
 from tests import factories
-from tests.etcd import EtcdProcess
-from tests.nodes import eventually, running_node, self_signed_certificate
-
-CONDUCTOR_TOKEN = "conductor-token-0123456789"
-
-
-def conductor_server(
-    *,
-    etcd: EtcdProcess | None = None,
-    token: str | None = None,
-    policy: str = "prefix-flow",
-    grpc_port: int = 0,
-    config_file: Path | None = None,
-    extra: tuple[str, ...] = (),
-) -> ConductorServer:
-    overrides = [
-        f"server.grpc_port={grpc_port}",
-        "server.metrics_port=0",
-        "membership.reconcile_interval_s=0.2",
-        f"placement.policy={policy}",
-        *extra,
-    ]
-    if etcd is not None:
-        overrides += ["membership.backend=etcd", f"membership.etcd_endpoints={etcd.endpoint}"]
-    environ = {"CONDUCTOR_AUTH_TOKEN": token} if token else {}
-    server = ConductorServer(load_conductor_config(config_file, environ=environ, overrides=overrides))
-    server.start()
-    return server
-
-
-@contextmanager
-def node(
-    tmp_path: Path, name: str, conductor: ConductorServer, role: str, *, token: str | None = None, **settings: object
-) -> Iterator[NodeServer]:
-    extra = {
-        "node__node_id": name,
-        "conductor__address": conductor.grpc_address,
-        "conductor__role": role,
-        "conductor__ttl_s": 2,
-        "conductor__heartbeat_interval_s": 0.3,
-        **settings,
-    }
-    if token:
-        extra["conductor__token_file"] = str(_token_file(tmp_path, token))
-    with running_node(tmp_path / name, **extra) as server:
-        yield server
-
-
-def _token_file(tmp_path: Path, token: str) -> Path:
-    path = tmp_path / "conductor-token"
-    path.write_text(token)
-    return path
-
-
-def stub(server: ConductorServer) -> pb_grpc.ConductorStub:
-    return pb_grpc.ConductorStub(grpc.insecure_channel(server.grpc_address))
-
-
-def status(server: ConductorServer) -> dict[str, pb.ClusterNode]:
-    # wait_for_ready: after a conductor restarts on the same port, this process's connections
-    # to it (shared by every channel) may still be backing off from the old one's departure.
-    reply = stub(server).ClusterStatus(pb.ClusterStatusRequest(), wait_for_ready=True, timeout=10)
-    return {n.node.node_id: n for n in reply.nodes}
-
-
-def route_message(namespace_id: NamespaceId, keys: list[bytes], request_id: str = "r") -> pb.RouteRequest:
-    return pb.RouteRequest(
-        request_id=request_id,
-        namespace_id=namespace_id,
-        keys=b"".join(keys),
-        prompt_tokens=len(keys) * factories.BLOCK_TOKENS,
-        max_output_tokens=8,
-        block_tokens=factories.BLOCK_TOKENS,
-    )
-
-
-def put_chain(server: NodeServer, blocks: int, seed: int = 0) -> tuple[NamespaceId, list[bytes]]:
-    with Client(server.grpc_address) as client:
-        namespace = factories.namespace()
-        namespace_id = client.register_namespace(namespace)
-        keys = factories.chain(namespace_id, blocks, seed=seed)
-        client.put_blocks(namespace_id, keys, factories.payloads(namespace, blocks))
-    return namespace_id, list(keys)
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[tuple[ConductorServer, dict[str, NodeServer]]]:
-    conductor = conductor_server()
-    with ExitStack() as stack:
-        nodes = {
-            name: stack.enter_context(node(tmp_path, name, conductor, role))
-            for name, role in (("a", "prefill"), ("b", "prefill"), ("d", "decode"))
-        }
-        assert eventually(lambda: set(status(conductor)) == {"a", "b", "d"}, 10)
-        try:
-            yield conductor, nodes
-        finally:
-            conductor.shutdown()  # first: its feeds' open WatchEvents would hold each node's stop a grace period
-            stack.close()
+from tests.conductors import (
+    CONDUCTOR_TOKEN,
+    conductor_server,
+    node,
+    put_chain,
+    report,
+    route_message,
+    scrape,
+    status,
+    stub,
+    token_file_of,
+)
+from tests.nodes import eventually, self_signed_certificate
 
 
 def test_a_request_goes_to_the_node_holding_its_prefix(cluster) -> None:
@@ -161,56 +69,6 @@ def test_removed_blocks_leave_the_index(cluster) -> None:
     with Client(nodes["a"].grpc_address) as client:
         client.remove(namespace_id, keys[2:])
     assert eventually(lambda: status(conductor)["a"].indexed_blocks == 2, 10)
-
-
-def test_a_node_that_stops_heartbeating_lapses_and_gets_nothing(cluster) -> None:
-    conductor, nodes = cluster
-    namespace_id, keys = put_chain(nodes["b"], 5, seed=4)
-    assert eventually(lambda: status(conductor)["b"].indexed_blocks == 5, 10)
-    assert nodes["b"].conductor_link is not None
-    nodes["b"].conductor_link.stop()  # b is alive but silent
-    assert eventually(lambda: "b" not in status(conductor), 10)
-    replies = [stub(conductor).Route(route_message(namespace_id, keys, request_id=str(n))) for n in range(5)]
-    assert {reply.prefill.node_id for reply in replies} == {"a"}  # b held the whole prefix, but it is gone
-    assert replies[0].prefill.local_tokens == 0  # (later ones are credited with the first, queued on a)
-    index = conductor.conductor.cluster.index
-    assert index.blocks_of("b") == 0
-    # the reconcile thread sweeps b's entries out of the index afterwards
-    assert eventually(lambda: index.stale_mask == 0 and not any(key in index.snapshot_keys() for key in keys), 10)
-
-
-def test_a_node_that_drains_leaves_at_once(tmp_path: Path) -> None:
-    conductor = conductor_server()
-    try:
-        # b's lease would take 10 minutes to lapse: only its leaving can make it go sooner
-        with (
-            node(tmp_path, "a", conductor, "both"),
-            node(tmp_path, "b", conductor, "prefill", conductor__ttl_s=600) as b,
-        ):
-            namespace_id, keys = put_chain(b, 4, seed=5)
-            assert eventually(lambda: status(conductor).get("b", pb.ClusterNode()).indexed_blocks == 4, 10)
-            with Client(b.grpc_address) as client:
-                client.drain(flush=False)
-            assert set(status(conductor)) == {"a"}  # gone before Drain returned
-            reply = stub(conductor).Route(route_message(namespace_id, keys))
-            assert reply.prefill.node_id == "a" and reply.prefill.local_tokens == 0
-            assert conductor.conductor.cluster.index.blocks_of("b") == 0
-            time.sleep(1.0)  # b sends no more heartbeats, so it does not register again
-            assert set(status(conductor)) == {"a"}
-            # leaving again, or a node never seen, is no error
-            assert not stub(conductor).Leave(pb.LeaveRequest(node_id="b")).was_member
-            assert not stub(conductor).Leave(pb.LeaveRequest(node_id="nobody")).was_member
-            with pytest.raises(grpc.RpcError) as caught:
-                stub(conductor).Leave(pb.LeaveRequest())
-            assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-            assert "node_id is empty" in (caught.value.details() or "")
-    finally:
-        conductor.shutdown()
-
-
-def report(server: NodeServer, engine_id: str, load: EngineLoad) -> None:
-    with Client(server.grpc_address) as client:
-        client.report_load(engine_id, load)
 
 
 def test_the_engines_loads_reach_the_conductor_through_their_nodes_until_they_go_quiet(
@@ -288,46 +146,6 @@ def test_a_decode_node_reporting_a_pause_budget_computes_prefills_when_the_prefi
     assert status(conductor)["d"].load.decode_pause_budget_s == 600.0
 
 
-def test_with_etcd_a_restarted_conductor_rebuilds_and_a_silent_node_lapses(tmp_path: Path, etcd: EtcdProcess) -> None:
-    first = conductor_server(etcd=etcd)
-    restarted = None
-    with node(tmp_path, "a", first, "prefill") as a, node(tmp_path, "d", first, "decode"):
-        assert eventually(lambda: set(status(first)) == {"a", "d"}, 10)
-        namespace_id, keys = put_chain(a, 5, seed=5)
-        assert eventually(lambda: status(first)["a"].indexed_blocks == 5, 10)
-        first.shutdown()
-        # A new conductor on the same port: the nodes' heartbeats renew their etcd leases; the
-        # members come from etcd and the index from the nodes' snapshots.
-        overrides_port = first.grpc_port
-        restarted = ConductorServer(
-            load_conductor_config(
-                None,
-                environ={},
-                overrides=[
-                    f"server.grpc_port={overrides_port}",
-                    "server.metrics_port=-1",
-                    "membership.reconcile_interval_s=0.2",
-                    "membership.backend=etcd",
-                    f"membership.etcd_endpoints={etcd.endpoint}",
-                ],
-            )
-        )
-        restarted.start()
-        try:
-            assert set(status(restarted)) == {"a", "d"}  # from etcd, before any re-registration
-            assert eventually(lambda: status(restarted)["a"].indexed_blocks == 5, 10)
-            reply = stub(restarted).Route(route_message(namespace_id, keys))
-            assert reply.prefill.node_id == "a" and reply.prefill.local_tokens == 5 * factories.BLOCK_TOKENS - 1
-            # a stops heartbeating: its etcd lease runs out and the conductor drops it.
-            assert a.conductor_link is not None
-            a.conductor_link.stop()
-            assert eventually(lambda: set(status(restarted)) == {"d"}, 10)
-            assert restarted.conductor.cluster.index.blocks_of("a") == 0
-            assert stub(restarted).Route(route_message(namespace_id, keys)).rejected == "no live prefill node"
-        finally:
-            restarted.shutdown()
-
-
 def test_bad_routes_are_refused_and_change_nothing(cluster) -> None:
     conductor, nodes = cluster
     namespace_id, keys = put_chain(nodes["a"], 3, seed=6)
@@ -399,21 +217,6 @@ def test_no_live_decode_node_is_an_explicit_rejection_and_counted(tmp_path: Path
         conductor.shutdown()
 
 
-def scrape(conductor: ConductorServer) -> dict[str, float]:
-    """The conductor's /metrics as {'name{labels}': value} (labels sorted by name)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{conductor.metrics_port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            if "{" in name:
-                base, _, labels = name.partition("{")
-                name = base + "{" + ",".join(sorted(labels.rstrip("}").split(","))) + "}"
-            values[name] = float(value)
-    return values
-
-
 @pytest.mark.parametrize(
     ("description", "ttl", "text"),
     [
@@ -458,7 +261,7 @@ def test_a_token_is_required_when_configured(tmp_path: Path, capsys: pytest.Capt
             address = ["status", "--address", conductor.grpc_address]
             assert conductor_cli(address, environ={}) == 1
             assert "refused the call" in capsys.readouterr().err
-            token_file = _token_file(tmp_path, CONDUCTOR_TOKEN)
+            token_file = token_file_of(tmp_path, CONDUCTOR_TOKEN)
             assert conductor_cli([*address, "--token-file", str(token_file), "--json"], environ={}) == 0
             assert [n["node_id"] for n in json.loads(capsys.readouterr().out)["nodes"]] == ["a"]
     finally:
@@ -487,28 +290,6 @@ def test_a_replication_makes_the_target_pull_the_prefix(cluster) -> None:
     with Client(nodes["b"].grpc_address) as client:
         assert client.lookup(namespace_id, keys).num_hits == 4
     assert not conductor.conductor.replicate(Replication(namespace_id, copy.keys, source="a", target="gone"))
-
-
-def test_a_restarted_conductor_without_etcd_is_rebuilt_by_the_nodes(tmp_path: Path) -> None:
-    first = conductor_server()
-    with node(tmp_path, "a", first, "prefill") as a, node(tmp_path, "d", first, "decode"):
-        assert eventually(lambda: set(status(first)) == {"a", "d"}, 10)
-        namespace_id, keys = put_chain(a, 5, seed=10)
-        assert eventually(lambda: status(first)["a"].indexed_blocks == 5, 10)
-        first.shutdown()
-        restarted = conductor_server(grpc_port=first.grpc_port)  # knows nothing: memory membership
-        try:
-            heartbeat = pb.HeartbeatRequest(node_id="nobody")
-            assert stub(restarted).Heartbeat(heartbeat, wait_for_ready=True, timeout=10).register_again
-            # The nodes' next heartbeats are told to register again (or fail, and they retry);
-            # their registrations start the feeds, and the feeds' snapshots rebuild the index.
-            assert eventually(lambda: set(status(restarted)) == {"a", "d"}, 10)
-            assert eventually(lambda: status(restarted)["a"].indexed_blocks == 5, 10)
-            reply = stub(restarted).Route(route_message(namespace_id, keys))
-            assert reply.prefill.node_id == "a" and reply.prefill.local_tokens == 5 * factories.BLOCK_TOKENS - 1
-            assert reply.decode.node_id == "d"
-        finally:
-            restarted.shutdown()
 
 
 def test_a_feed_that_falls_behind_resyncs_from_a_fresh_snapshot(tmp_path: Path, caplog) -> None:
@@ -595,24 +376,6 @@ def test_conductor_serve_runs_until_sigterm_then_ends_its_streams_and_exits_0(tm
         for stream_ in (process.stdout, process.stderr):
             if stream_ is not None:
                 stream_.close()
-
-
-def test_a_node_serves_while_its_conductor_is_down_and_joins_when_it_comes(tmp_path: Path) -> None:
-    with socket.socket() as probe:  # a port nothing listens on (yet)
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    settings = {"node__node_id": "a", "conductor__address": f"127.0.0.1:{port}", "conductor__role": "both"}
-    settings |= {"conductor__ttl_s": 2, "conductor__heartbeat_interval_s": 0.3}
-    with running_node(tmp_path / "a", **settings) as a:
-        namespace_id, keys = put_chain(a, 3, seed=12)  # the node works without its conductor
-        assert a.conductor_link is not None and not a.conductor_link.registered.is_set()
-        conductor = conductor_server(grpc_port=port)
-        try:
-            assert eventually(lambda: "a" in status(conductor), 15)  # its retries find the conductor
-            assert eventually(lambda: status(conductor)["a"].indexed_blocks == 3, 10)
-            assert stub(conductor).Route(route_message(namespace_id, keys)).prefill.node_id == "a"
-        finally:
-            conductor.shutdown()
 
 
 def test_with_tls_on_both_sides_nodes_register_and_the_index_follows_them(tmp_path: Path) -> None:

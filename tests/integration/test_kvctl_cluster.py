@@ -15,7 +15,7 @@ from kvstore.hashing import block_keys
 from kvstore.kvctl.main import main as kvctl
 from kvstore.proto import kvstore_pb2 as pb
 from tests import factories
-from tests.integration.test_conductor import CONDUCTOR_TOKEN, conductor_server, node, status, stub
+from tests.conductors import CONDUCTOR_TOKEN, conductor_server, node, status, stub
 from tests.nodes import eventually
 
 TOKENS = np.arange(6 * factories.BLOCK_TOKENS, dtype=np.uint32)
