@@ -49,3 +49,6 @@ def test_bad_demo_settings_are_refused() -> None:
     command = [sys.executable, "-m", "kvstore.cli", "demo", "--requests", "4", "--stop-prefill-node-after", "4"]
     result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "--stop-prefill-node-after must be in 1..3" in result.stderr
+    command = [sys.executable, "-m", "kvstore.cli", "demo", "--profile-tokens", "8"]
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--profile-tokens must be at least 64" in result.stderr
