@@ -12,7 +12,8 @@ tensor_parallel_size=8`, ...) and times whole `generate` calls:
   what vLLM reports as cached (whole blocks);
 - a decode step of b sequences of k tokens: b prompts generated with 2 and with 2 + s output
   tokens, the step being the difference over s.
-The KV bytes per token and the KV capacity come from the engine's own config. The DRAM tier's
+The KV bytes per token come from the engine's own config, and the KV capacity when that
+config states it (`num_gpu_blocks`; else `--kv-capacity-tokens`). The DRAM tier's
 load into the engine (the connector's path: the node's shared memory, then the block-copy
 kernels) is `--dram-load-bytes-per-s`, not measured here; tools/bench/kernels.py measures the
 kernels on the GPU.
