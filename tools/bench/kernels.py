@@ -15,10 +15,7 @@ plain copy. Prints Markdown (also to --out); medians of --repeats runs.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -29,18 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from engine_adapters.kernels import cuda
 from engine_adapters.kernels.paged import CacheLayout, PagedKV
 from engine_adapters.kernels.reference import gather, scatter
+from engine_adapters.profiling import median_seconds
 from tools.bench import kernels_cuda
-
-
-def timed(action: Callable[[], object], repeats: int) -> float:
-    """Median seconds of `repeats` calls, after one warm-up."""
-    action()
-    samples = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        action()
-        samples.append(time.perf_counter() - started)
-    return statistics.median(samples)
 
 
 def main() -> int:
@@ -105,9 +92,9 @@ def cpu_report(args: argparse.Namespace) -> list[str]:
             payloads = torch.zeros(blocks * kv.block_bytes, dtype=torch.uint8)
             plain_source = torch.zeros_like(payloads)
             num_bytes = payloads.numel()
-            gather_s = timed(partial(gather, kv, ids, payloads), args.repeats)
-            scatter_s = timed(partial(scatter, kv, ids, payloads), args.repeats)
-            copy_s = timed(partial(payloads.copy_, plain_source), args.repeats)
+            gather_s = median_seconds(partial(gather, kv, ids, payloads), args.repeats)
+            scatter_s = median_seconds(partial(scatter, kv, ids, payloads), args.repeats)
+            copy_s = median_seconds(partial(payloads.copy_, plain_source), args.repeats)
             gb = num_bytes / 1e9
             lines.append(
                 f"| {layout.value} | {block_tokens} | {blocks} | {gb / gather_s:.2f} | {gb / scatter_s:.2f} | "
