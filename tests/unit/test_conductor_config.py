@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,5 @@ def test_a_profile_written_as_toml_reads_back_the_same(tmp_path: Path) -> None:
     assert load_profiles(path) == (LLAMA2_70B_8XA800, measured)
     with pytest.raises(ConfigError, match="a profile name is letters"):
         profile_toml(dataclasses.replace(measured, name="a b"))
+    with pytest.raises(ConfigError, match=r"profile measured_1.prefill_fixed_s must be a finite number"):
+        profile_toml(dataclasses.replace(measured, prefill=PrefillModel(math.nan, 0.0, 0.0)))

@@ -43,6 +43,11 @@ def test_the_example_file_states_the_defaults():
     assert load_node_config(EXAMPLE, environ={}) == load_node_config(None, environ={})
 
 
+def test_a_negative_background_checksum_size_is_refused_by_the_store():
+    with pytest.raises(ConfigError, match="background_checksum_min_bytes must be an integer >= 0, got -1"):
+        StoreConfig(background_checksum_min_bytes=-1)
+
+
 def test_the_checksum_thread_is_configurable():
     overrides = ["store.checksum_in_background=false", "store.background_checksum_min_bytes=1MiB"]
     store = load_node_config(None, environ={}, overrides=overrides).store_config()

@@ -153,6 +153,15 @@ def test_sharded_weights_load_as_one(folder: Path, model: LlamaModel, tmp_path: 
         (sharded / WEIGHTS_INDEX_FILE).write_text(json.dumps(index))
         with pytest.raises(InvalidArgumentError, match=message):
             LlamaModel.load(sharded)
+    (sharded / WEIGHTS_INDEX_FILE).write_text("{not json")
+    with pytest.raises(InvalidArgumentError, match=r"index\.json is not JSON"):
+        LlamaModel.load(sharded)
+    # a tensor in two shards: which one is meant is not knowable
+    save_file({names[0]: weights[names[0]]}, str(sharded / "extra.safetensors"))
+    weight_map["extra-name"] = "extra.safetensors"
+    (sharded / WEIGHTS_INDEX_FILE).write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(InvalidArgumentError, match=f"tensor '{names[0]}' is also in another shard"):
+        LlamaModel.load(sharded)
 
 
 def test_a_forward_past_its_blocks_is_refused(model: LlamaModel) -> None:
